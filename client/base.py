@@ -1,0 +1,156 @@
+"""What the sync and asyncio clients share: options, request frames, reply parsing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import zmq
+
+from . import protocol as P
+from .errors import (
+    ClientUsageError,
+    ConnectTimeout,
+    ProtocolError,
+    ProtocolMismatch,
+    ServerError,
+    VersionMismatch,
+    error_from_wire,
+)
+from .version import __version__
+
+__all__ = ["ClientOptions", "Reply", "Response", "check_hello", "parse_reply", "request_frames"]
+
+#: Longest the connection handshake may take when the call timeout is longer.
+CONNECT_TIMEOUT_MS = 10_000
+
+
+class Response(NamedTuple):
+    """One fetched result, shaped as in the seed: ``error_code`` 0 means success."""
+
+    id: int
+    embedding: Any
+    error_code: int
+    error_message: str
+
+    @property
+    def result(self) -> Any:
+        return self.embedding
+
+
+class Reply(NamedTuple):
+    """A parsed reply: ``value`` (decoded items or a command's value) or ``error``."""
+
+    req_id: int
+    value: Any
+    error: ServerError | None
+
+
+class ClientOptions:
+    """Validated connection options shared by :class:`WKRClient` and the asyncio client."""
+
+    def __init__(self, ip: str, port: int, port_out: int, protocol: str,
+                 identity: bytes | str | None, timeout: int | None,
+                 connect_timeout: int | None) -> None:
+        if protocol not in P.PROTOCOLS:
+            raise ClientUsageError(f"protocol must be one of {P.PROTOCOLS}, got {protocol!r}")
+        for name, value in (("port", port), ("port_out", port_out)):
+            if not isinstance(value, int) or not 0 < value < 65536:
+                raise ClientUsageError(f"{name} must be a TCP port number, got {value!r}")
+        if identity is None:
+            identity = uuid.uuid4().hex
+        if isinstance(identity, str):
+            identity = identity.encode()
+        if not isinstance(identity, bytes) or not 1 <= len(identity) <= 255 or identity[0] == 0:
+            raise ClientUsageError(
+                "identity must be 1..255 bytes and must not start with a zero byte")
+        if timeout is not None and timeout < 0:
+            timeout = None  # the seed's -1: no deadline on results
+        self.ip = ip
+        self.port = port
+        self.port_out = port_out
+        self.protocol = protocol
+        self.identity = identity
+        self.timeout = timeout
+        limit = CONNECT_TIMEOUT_MS if timeout is None else min(timeout, CONNECT_TIMEOUT_MS)
+        self.connect_timeout = connect_timeout if connect_timeout is not None else limit
+
+    @property
+    def address_in(self) -> str:
+        return f"tcp://{_host(self.ip)}:{self.port}"
+
+    @property
+    def address_out(self) -> str:
+        return f"tcp://{_host(self.ip)}:{self.port_out}"
+
+    def configure(self, socket: zmq.Socket) -> zmq.Socket:
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.IDENTITY, self.identity)
+        if ":" in self.ip:
+            socket.setsockopt(zmq.IPV6, 1)
+        return socket
+
+
+def _host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip and not ip.startswith("[") else ip
+
+
+def request_frames(req_id: int, timeout_ms: int | None, items: Sequence[Any],
+                   protocol: str) -> list[Any]:
+    """Frames of a REQUEST carrying ``items``."""
+    metas = []
+    frames: list[Any] = [b""]
+    for item in items:
+        meta, buf = P.encode_item(item, protocol)
+        metas.append(meta)
+        frames.append(buf)
+    frames[0] = P.pack([P.PROTOCOL_VERSION, P.REQUEST, req_id, int(timeout_ms or 0), metas])
+    return frames
+
+
+def command_frame(req_id: int, timeout_ms: int | None, name: str, args: Any = None) -> bytes:
+    return P.pack([P.PROTOCOL_VERSION, P.COMMAND, req_id, int(timeout_ms or 0), name, args])
+
+
+def hello_frame(req_id: int) -> bytes:
+    return P.pack([P.PROTOCOL_VERSION, P.HELLO, req_id])
+
+
+def parse_reply(frames: list[Any]) -> Reply:
+    """Parse one message from the sink; raise :class:`ProtocolError` if malformed."""
+    header = P.unpack_header(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+    kind, req_id = header[1], header[2]
+    if kind == P.RESULT:
+        metas = header[3]
+        if not isinstance(metas, list) or len(metas) != len(frames) - 1:
+            raise ProtocolError("result metas do not match its payload frames")
+        values = [P.decode_item(m, f.buffer if hasattr(f, "buffer") else f)
+                  for m, f in zip(metas, frames[1:])]
+        return Reply(req_id, values, None)
+    if kind == P.ERROR:
+        return Reply(req_id, None, error_from_wire(header[3], req_id))
+    if kind == P.REPLY:
+        return Reply(req_id, header[3], None)
+    raise ProtocolError(f"unexpected reply kind {kind}")
+
+
+def check_hello(info: Any, options: ClientOptions, check_version: bool) -> dict[str, Any]:
+    """Validate the server's handshake answer against this client's settings."""
+    if not isinstance(info, dict):
+        raise ProtocolError(f"unexpected handshake answer {info!r}")
+    if info.get("protocol") != options.protocol:
+        raise ProtocolMismatch(
+            f'protocol mismatch: the server uses "{info.get("protocol")}" and this client '
+            f'"{options.protocol}"; create the client with protocol="{info.get("protocol")}"')
+    if check_version and info.get("server_version") != __version__:
+        raise VersionMismatch(
+            f"version mismatch: server {info.get('server_version')}, client {__version__}; "
+            "upgrade both, or pass check_version=False")
+    return info
+
+
+def connect_timeout_error(options: ClientOptions, step: str) -> ConnectTimeout:
+    return ConnectTimeout(
+        f"no answer from the server within {options.connect_timeout} ms ({step}): is it "
+        f"running and reachable at {options.address_in} / {options.address_out}?")

@@ -1,0 +1,451 @@
+"""The blocking Python client.
+
+One client holds two DEALER sockets with the same identity: requests go to the
+ventilator (``port``), replies come from the sink (``port_out``). Requests are pipelined:
+any number may be outstanding and replies are matched by integer request id.
+
+A client may be shared between threads: sends are serialised by a lock, and one waiting
+thread at a time reads the reply socket for everybody (leader/followers), handing
+other threads' replies over through a condition variable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import warnings
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .base import (
+    ClientOptions,
+    Reply,
+    Response,
+    check_hello,
+    command_frame,
+    connect_timeout_error,
+    hello_frame,
+    parse_reply,
+    request_frames,
+)
+from .errors import ClientUsageError, ProtocolError, ServerError, WKRTimeoutError
+from .version import __version__
+
+__all__ = ["ConcurrentWKRClient", "WKRClient"]
+
+#: Most replies one reading thread takes off the socket before handing over.
+READ_BATCH = 1024
+#: Replies remembered for requests whose caller gave up (bounded, oldest forgotten).
+ABANDONED_LIMIT = 100_000
+#: Longest single poll (ms) of the reading thread, so close() never waits long for it.
+READ_SLICE_MS = 200
+
+_ONE = "one"  # encode(): the reply is one item
+_MANY = "many"  # encode_batch(): the reply is a list of items
+_VALUE = "value"  # commands: the reply is a value
+
+
+class WKRClient:
+    """Client of a WKR server.
+
+    :param ip: server address.
+    :param port: the server's ``-port`` (requests); ``port_out``: its ``-port_out``.
+    :param protocol: ``"obj"`` or ``"numpy"``, as the server was started with.
+    :param identity: this client's ZeroMQ identity (random by default); two clients must
+        not share one.
+    :param timeout: milliseconds a call waits for its reply (``-1``/None: no limit).
+    :param connect_timeout: milliseconds for the connection handshake (default:
+        ``min(timeout, 10000)``).
+    :param check_version: refuse a server of another version.
+    :param ignore_all_checks: skip the handshake at construction (use when the server
+        may not be up yet); it then happens before the first request.
+    """
+
+    def __init__(self, ip: str = "localhost", port: int = 5555, port_out: int = 5556,
+                 protocol: str = "obj", identity: bytes | str | None = None,
+                 timeout: int | None = 60_000, check_version: bool = True,
+                 ignore_all_checks: bool = False, show_server_config: bool = False,
+                 connect_timeout: int | None = None, **_seed_options: Any) -> None:
+        self.options = ClientOptions(ip, port, port_out, protocol, identity, timeout,
+                                     connect_timeout)
+        self.check_version = check_version
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._expected: dict[int, str] = {}  # sent, no reply yet: id -> reply shape
+        self._replies: dict[int, Reply] = {}  # arrived, not yet taken
+        self._abandoned: OrderedDict[int, None] = OrderedDict()
+        self._unfetched: deque[int] = deque()  # non-blocking requests, in send order
+        self._errors: dict[int, ServerError] = {}  # failed fetched requests, for fetch_all
+        self._reading = False
+        self._closed = False
+        self._connected = False
+        self._server_info: dict[str, Any] = {}
+        self.num_requests = 0
+        context = zmq.Context.instance()
+        self.sender = self.options.configure(context.socket(zmq.DEALER))
+        self.receiver = self.options.configure(context.socket(zmq.DEALER))
+        self.sender.connect(self.options.address_in)
+        self.receiver.connect(self.options.address_out)
+        if not ignore_all_checks:
+            try:
+                self._connect()
+            except BaseException:
+                self.close()
+                raise
+            if show_server_config:
+                for key, value in self.server_status.items():
+                    print(f"{key:>30} = {value}")
+
+    # -- properties (seed API) ----------------------------------------------------------
+
+    @property
+    def identity(self) -> bytes:
+        return self.options.identity
+
+    @property
+    def protocol(self) -> str:
+        return self.options.protocol
+
+    @property
+    def timeout(self) -> int | None:
+        return self.options.timeout
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """This client's own state."""
+        with self._lock:
+            pending = len(self._expected)
+        return {"identity": self.identity, "num_request": self.num_requests,
+                "num_pending_request": pending, "server_ip": self.options.ip,
+                "port": self.options.port, "port_out": self.options.port_out,
+                "protocol": self.protocol, "client_version": __version__,
+                "timeout": self.timeout, "server_version": self._server_info.get(
+                    "server_version")}
+
+    @property
+    def server_status(self) -> dict[str, Any]:
+        """The server's configuration, versions, workers, queue and statistics."""
+        return self._command("status")
+
+    # -- requests -----------------------------------------------------------------------
+
+    def encode(self, data: Any, blocking: bool = True, target_request_id: int | None = None,
+               timeout: int | None = None) -> Any:
+        """Send one input; return its result (or, with ``blocking=False``, its request id
+        for :meth:`fetch`). Raises the server's error as a typed exception."""
+        req_id = self._send_items([data], _ONE, timeout, target_request_id)
+        if not blocking:
+            self._unfetched.append(req_id)
+            return req_id
+        return self._result(req_id, timeout)
+
+    def encode_batch(self, items: Sequence[Any], blocking: bool = True,
+                     timeout: int | None = None) -> Any:
+        """Send several inputs as one request; return their results as a list. The server
+        may spread them over several batches and reassembles them in order."""
+        if isinstance(items, np.ndarray):
+            items = list(items)
+        if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not items:
+            raise ClientUsageError("encode_batch takes a non-empty sequence of inputs")
+        req_id = self._send_items(items, _MANY, timeout, None)
+        if not blocking:
+            self._unfetched.append(req_id)
+            return req_id
+        return self._result(req_id, timeout)
+
+    def fetch(self, delay: float = 0.0) -> Iterator[Response]:
+        """Yield the replies of non-blocking requests, in the order they were sent."""
+        if delay:
+            threading.Event().wait(delay)
+        while self._unfetched:
+            req_id = self._unfetched.popleft()
+            yield self._response(req_id)
+
+    def fetch_all(self, sort: bool = True, concat: bool = False,
+                  parse_id_func: Callable[[Response], Any] | None = None,
+                  return_id: bool = False, on_error: str = "raise") -> list[Any]:
+        """All replies of non-blocking requests, in send order.
+
+        ``on_error``: ``"raise"`` raises the first failed request's error once every reply
+        is in; ``"return"`` puts the exception in its place; ``"warn"`` (the seed's way)
+        warns and puts None.
+        """
+        if on_error not in ("raise", "return", "warn"):
+            raise ClientUsageError("on_error must be 'raise', 'return' or 'warn'")
+        responses = list(self.fetch())
+        if sort and parse_id_func is not None:
+            responses.sort(key=parse_id_func)
+        out: list[Any] = []
+        first_error: ServerError | None = None
+        for r in responses:
+            value = r.embedding
+            if r.error_code:
+                error = self._errors.pop(r.id)
+                first_error = first_error or error
+                if on_error == "warn":
+                    warnings.warn(f"request {r.id} failed: {r.error_message}", stacklevel=2)
+                value = error if on_error == "return" else None
+            out.append((r.id, value) if return_id else value)
+        if first_error is not None and on_error == "raise":
+            self._errors.clear()
+            raise first_error
+        self._errors.clear()
+        if concat and not return_id:
+            return (np.concatenate([np.atleast_1d(v) for v in out]) if self.protocol == "numpy"
+                    else [x for v in out for x in (v if isinstance(v, list) else [v])])
+        return out
+
+    def encode_async(self, batch_generator: Iterable[Any], max_num_batch: int | None = None,
+                     delay: float = 0.0, max_in_flight: int = 64,
+                     **kwargs: Any) -> Iterator[Response]:
+        """Send every input of ``batch_generator`` (pipelined, at most ``max_in_flight``
+        outstanding) and yield their :class:`Response` in order."""
+        if delay:
+            threading.Event().wait(delay)
+        in_flight: deque[int] = deque()
+        timeout = kwargs.get("timeout")
+        for n, data in enumerate(batch_generator):
+            if max_num_batch is not None and n >= max_num_batch:
+                break
+            in_flight.append(self._send_items([data], _ONE, timeout, None))
+            if len(in_flight) >= max_in_flight:
+                yield self._response(in_flight.popleft())
+        while in_flight:
+            yield self._response(in_flight.popleft())
+
+    def close(self) -> None:
+        """Close both sockets. Safe to call twice."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            while self._reading:  # the reading thread returns within READ_SLICE_MS
+                self._cond.wait(READ_SLICE_MS / 1000.0)
+        self.sender.close(0)
+        self.receiver.close(0)
+
+    def __enter__(self) -> WKRClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Handshake: HELLO to the sink, then a ping through the ventilator."""
+        deadline = time.monotonic() + self.options.connect_timeout / 1000.0
+        req_id = next(self._ids)
+        with self._lock:
+            self._check_open()
+            self._expected[req_id] = _VALUE
+            self.receiver.send(hello_frame(req_id))
+        info = self._wait(req_id, deadline, "handshake with port_out")
+        self._server_info = check_hello(info.value, self.options, self.check_version)
+        req_id = next(self._ids)
+        with self._lock:
+            self._expected[req_id] = _VALUE
+            self._send_frames([command_frame(req_id, self.options.connect_timeout, "ping")])
+        self._wait(req_id, deadline, "ping through port")
+        self._connected = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientUsageError("this WKRClient is closed")
+
+    def _send_items(self, items: Sequence[Any], shape: str, timeout: int | None,
+                    req_id: int | None) -> int:
+        if not self._connected:
+            self._connect()
+        req_id = next(self._ids) if req_id is None else req_id
+        budget = self.timeout if timeout is None else timeout
+        frames = request_frames(req_id, budget, items, self.protocol)
+        with self._lock:
+            self._check_open()
+            if req_id in self._expected:
+                raise ClientUsageError(f"request id {req_id} is already in flight")
+            self._expected[req_id] = shape
+            self._send_frames(frames)
+            self.num_requests += 1
+        return req_id
+
+    def _send_frames(self, frames: list[Any]) -> None:
+        """Send under the lock; a full send queue waits at most the call timeout."""
+        budget = self.options.timeout
+        try:
+            self.sender.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return
+        except zmq.Again:
+            pass
+        if not self.sender.poll(budget if budget is not None else -1, zmq.POLLOUT):
+            raise WKRTimeoutError(f"could not send within {budget} ms: the server is not "
+                                  "reading requests")
+        self.sender.send_multipart(frames, copy=False)
+
+    def _command(self, name: str, args: Any = None) -> Any:
+        if not self._connected:
+            self._connect()
+        req_id = next(self._ids)
+        with self._lock:
+            self._check_open()
+            self._expected[req_id] = _VALUE
+            self._send_frames([command_frame(req_id, self.timeout, name, args)])
+        reply = self._wait(req_id, self._deadline(None), f"command {name!r}")
+        if reply.error is not None:
+            raise reply.error
+        return reply.value
+
+    def _deadline(self, timeout: int | None) -> float | None:
+        budget = self.timeout if timeout is None else timeout
+        return None if budget is None or budget < 0 else time.monotonic() + budget / 1000.0
+
+    def _result(self, req_id: int, timeout: int | None) -> Any:
+        reply = self._wait(req_id, self._deadline(timeout), "result")
+        if reply.error is not None:
+            raise reply.error
+        return reply.value
+
+    def _response(self, req_id: int) -> Response:
+        reply = self._wait(req_id, self._deadline(None), "result")
+        if reply.error is not None:
+            self._errors[req_id] = reply.error
+            return Response(req_id, None, 1, str(reply.error))
+        return Response(req_id, reply.value, 0, "")
+
+    def _wait(self, req_id: int, deadline: float | None, what: str) -> Reply:
+        """Wait for one reply, reading the socket for every thread when no one else is."""
+        with self._cond:
+            while True:
+                reply = self._replies.pop(req_id, None)
+                if reply is not None:
+                    return reply
+                self._check_open()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self._give_up(req_id)
+                    raise self._timeout_error(req_id, what)
+                if self._reading:
+                    self._cond.wait(remaining)
+                    continue
+                self._reading = True
+                self._lock.release()
+                arrived: list[Reply] = []
+                try:
+                    slice_ms = READ_SLICE_MS if remaining is None else max(
+                        1, min(READ_SLICE_MS, int(remaining * 1000)))
+                    arrived = self._read(slice_ms)
+                finally:
+                    self._lock.acquire()
+                    self._reading = False
+                    self._store(arrived)
+                    self._cond.notify_all()
+
+    def _read(self, timeout_ms: int) -> list[Reply]:
+        if self._closed or not self.receiver.poll(timeout_ms):
+            return []
+        replies = []
+        for _ in range(READ_BATCH):
+            try:
+                frames = self.receiver.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                replies.append(parse_reply(frames))
+            except ProtocolError as exc:
+                warnings.warn(f"dropped a malformed reply from the server: {exc}",
+                              stacklevel=2)
+        return replies
+
+    def _store(self, replies: list[Reply]) -> None:
+        """Keep replies someone is waiting for (lock held); drop late or unknown ones."""
+        for reply in replies:
+            shape = self._expected.pop(reply.req_id, None)
+            if shape is None:
+                self._abandoned.pop(reply.req_id, None)
+                continue
+            if shape == _ONE and reply.error is None:
+                reply = Reply(reply.req_id, reply.value[0], None)
+            self._replies[reply.req_id] = reply
+
+    def _give_up(self, req_id: int) -> None:
+        if self._expected.pop(req_id, None) is not None:
+            self._abandoned[req_id] = None
+            while len(self._abandoned) > ABANDONED_LIMIT:
+                self._abandoned.popitem(last=False)
+
+    def _timeout_error(self, req_id: int, what: str) -> WKRTimeoutError:
+        if not self._connected:
+            return connect_timeout_error(self.options, what)
+        return WKRTimeoutError(
+            f"no {what} for request {req_id} within {self.timeout} ms from "
+            f"{self.options.address_in} / {self.options.address_out}: is the server up, "
+            "and is the timeout long enough for this input?")
+
+
+class ConcurrentWKRClient:
+    """A pool of :class:`WKRClient`, for many threads issuing calls in parallel.
+
+    Each call borrows one client for its duration; when all are busy it waits at most
+    the call timeout for one to come back.
+    """
+
+    def __init__(self, max_concurrency: int = 10, **kwargs: Any) -> None:
+        if max_concurrency < 1:
+            raise ClientUsageError("max_concurrency must be >= 1")
+        self._pool: queue.LifoQueue[WKRClient] = queue.LifoQueue()
+        self._clients = [WKRClient(**kwargs) for _ in range(max_concurrency)]
+        for client in self._clients:
+            self._pool.put(client)
+        self.max_concurrency = max_concurrency
+        timeout = self._clients[0].timeout
+        self._borrow_timeout = None if timeout is None else timeout / 1000.0
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            client = self._pool.get(timeout=self._borrow_timeout)
+        except queue.Empty:
+            raise WKRTimeoutError(f"all {self.max_concurrency} clients stayed busy") from None
+        try:
+            return getattr(client, method)(*args, **kwargs)
+        finally:
+            self._pool.put(client)
+
+    def encode(self, data: Any, **kwargs: Any) -> Any:
+        if kwargs.get("blocking") is False:
+            raise ClientUsageError("ConcurrentWKRClient only supports blocking calls")
+        return self._call("encode", data, **kwargs)
+
+    def encode_batch(self, items: Sequence[Any], **kwargs: Any) -> Any:
+        return self._call("encode_batch", items, **kwargs)
+
+    @property
+    def server_status(self) -> dict[str, Any]:
+        return self._call("_command", "status")
+
+    @property
+    def status(self) -> list[dict[str, Any]]:
+        return [c.status for c in self._clients]
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+    def __enter__(self) -> ConcurrentWKRClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

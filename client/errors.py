@@ -1,0 +1,148 @@
+"""The exception hierarchy shared by client and server.
+
+Errors raised inside the server cross process boundaries as data (a code, a message and
+traceback text, see :func:`ServerError.to_wire`) and are rebuilt here as typed
+exceptions, so a caller can ``except Overloaded`` instead of parsing strings.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadInput",
+    "ClientUsageError",
+    "ConnectTimeout",
+    "DeadlineExceeded",
+    "ModelError",
+    "Overloaded",
+    "ProtocolError",
+    "ProtocolMismatch",
+    "ServerError",
+    "ShuttingDown",
+    "UnknownCommand",
+    "VersionMismatch",
+    "WKRError",
+    "WKRTimeoutError",
+    "WorkerDied",
+    "error_from_wire",
+]
+
+
+class WKRError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ClientUsageError(WKRError, ValueError):
+    """The client was called in a way it cannot honour (bad argument, closed client)."""
+
+
+class ProtocolError(WKRError, ValueError):
+    """A message does not follow the wire protocol."""
+
+
+class WKRTimeoutError(WKRError, TimeoutError):
+    """No reply arrived before the call's deadline."""
+
+
+class ConnectTimeout(WKRTimeoutError):
+    """The server did not answer the connection handshake in time (down or unreachable)."""
+
+
+class ProtocolMismatch(WKRError, AttributeError):
+    """Client and server were configured with different ``protocol`` values."""
+
+
+class VersionMismatch(WKRError, AttributeError):
+    """Client and server versions differ and ``check_version`` was requested."""
+
+
+class ServerError(WKRError):
+    """An error reported by the server for one request.
+
+    ``code`` names the cause, ``message`` is the server's message and ``traceback`` the
+    server-side traceback text (empty when there is none).
+    """
+
+    code = "server_error"
+
+    def __init__(self, message: str, traceback: str = "", request_id: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.traceback = traceback
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        if self.traceback:
+            return f"{self.message}\n--- server traceback ---\n{self.traceback}"
+        return self.message
+
+    def to_wire(self) -> list[str]:
+        return [self.code, self.message, self.traceback]
+
+
+class ModelError(ServerError):
+    """The model's ``predict`` (or its pre/post-processing) raised for this request."""
+
+    code = "model_error"
+
+
+class BadInput(ServerError):
+    """The request could not be decoded or validated."""
+
+    code = "bad_input"
+
+
+class UnknownCommand(BadInput):
+    """The request named a control command the server does not know."""
+
+    code = "unknown_command"
+
+
+class DeadlineExceeded(ServerError):
+    """The request's deadline passed before it could be computed."""
+
+    code = "deadline_exceeded"
+
+
+class Overloaded(ServerError):
+    """The server's queue is full; retry later."""
+
+    code = "overloaded"
+
+
+class WorkerDied(ServerError):
+    """The worker process holding this request died."""
+
+    code = "worker_died"
+
+
+class ShuttingDown(ServerError):
+    """The server is stopping and accepts no new work."""
+
+    code = "shutting_down"
+
+
+_BY_CODE: dict[str, type[ServerError]] = {
+    cls.code: cls
+    for cls in (
+        ServerError,
+        ModelError,
+        BadInput,
+        UnknownCommand,
+        DeadlineExceeded,
+        Overloaded,
+        WorkerDied,
+        ShuttingDown,
+    )
+}
+
+
+def error_from_wire(info: object, request_id: int | None = None) -> ServerError:
+    """Rebuild a typed exception from ``[code, message, traceback]``.
+
+    Anything malformed becomes a plain :class:`ServerError` that still carries the text.
+    """
+    if isinstance(info, (list, tuple)) and len(info) == 3:
+        code, message, tb = info
+        cls = _BY_CODE.get(code, ServerError) if isinstance(code, str) else ServerError
+        return cls(str(message), str(tb), request_id)
+    return ServerError(f"malformed error reply: {info!r}", "", request_id)

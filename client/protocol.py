@@ -1,0 +1,248 @@
+"""The wire protocol: every frame layout used between clients and server roles.
+
+Every message is a ZeroMQ multipart message: one small msgpack *header* frame, then zero
+or more raw *payload* frames that are sent and received without copies. A header is a
+msgpack array whose first two fields are always ``[PROTOCOL_VERSION, kind]``. Request
+ids are integers chosen by the client, unique per client identity; results are routed
+by the client's exact ZeroMQ identity (ROUTER sockets), never by string prefixes.
+
+Public messages (``port_in`` is the ventilator's ROUTER, ``port_out`` the sink's ROUTER;
+a client connects one DEALER to each, both with the same identity)::
+
+    kind      direction                  header fields after [V, kind]     payload
+    REQUEST   client  -> ventilator      req_id, timeout_ms, metas         one frame per item
+    COMMAND   client  -> ventilator      req_id, timeout_ms, name, args    -
+    HELLO     client  -> sink            req_id                            -
+    RESULT    sink    -> client          req_id, metas                     one frame per item
+    ERROR     sink    -> client          req_id, [code, message, tb]       -
+    REPLY     sink    -> client          req_id, value                     -
+
+Internal messages (loopback IPC between the roles of one server)::
+
+    BATCH     ventilator -> worker       batch_id, segments                item frames
+    READY     worker  -> ventilator      worker_index, pid, device_id      -
+    DONE      worker  -> sink            batch_id, worker_index, parts,    result frames
+                                         user_stats, busy_seconds
+    FORWARD   ventilator -> sink         client, req_id, kind, value       -
+    EVENT     role    -> supervisor      name, value                       -
+    CONTROL   supervisor -> role         name, value                       -
+
+``timeout_ms`` is the client's budget for the request (0 means none); the ventilator turns
+it into an absolute deadline on arrival, so client and server clocks never meet.
+
+A *segment* (in BATCH) is ``[client, req_id, offset, total, count, t_recv, deadline,
+metas]``: ``count`` consecutive items, starting at ``offset``, of a request that has
+``total`` items. A *part* (in DONE) is ``[client, req_id, offset, total, count, t_recv,
+metas, error]`` with ``metas`` None when ``error`` is set.
+
+Items are encoded one frame each by :func:`encode_item`. An item's *meta* is ``0`` for a
+msgpack-encoded value, or ``[dtype, shape]`` for an ndarray carried as its raw buffer.
+Inside msgpack values, ndarrays travel as extension type :data:`EXT_NDARRAY`. Pickle is
+never used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import ProtocolError
+from .version import PROTOCOL_VERSION
+
+__all__ = [
+    "BATCH",
+    "COMMAND",
+    "CONTROL",
+    "DONE",
+    "ERROR",
+    "EVENT",
+    "EXT_NDARRAY",
+    "FORWARD",
+    "HELLO",
+    "PROTOCOL_VERSION",
+    "PROTOCOLS",
+    "READY",
+    "REPLY",
+    "REQUEST",
+    "RESULT",
+    "decode_item",
+    "encode_item",
+    "pack",
+    "unpack_header",
+]
+
+REQUEST = 1
+COMMAND = 2
+HELLO = 3
+RESULT = 4
+ERROR = 5
+REPLY = 6
+BATCH = 10
+READY = 11
+DONE = 12
+FORWARD = 13
+EVENT = 20
+CONTROL = 21
+
+#: How many fields (after ``[version, kind]``) each kind's header carries.
+HEADER_FIELDS = {
+    REQUEST: 3,
+    COMMAND: 4,
+    HELLO: 1,
+    RESULT: 2,
+    ERROR: 2,
+    REPLY: 2,
+    BATCH: 2,
+    READY: 3,
+    DONE: 5,
+    FORWARD: 4,
+    EVENT: 2,
+    CONTROL: 2,
+}
+
+PROTOCOLS = ("obj", "numpy")
+EXT_NDARRAY = 1
+
+# dtype kinds that hold plain data: bool, ints, floats, complex, bytes, str, datetimes.
+_SAFE_DTYPE_KINDS = frozenset("biufcSUMm")
+MSGPACK_ITEM = 0
+
+
+def pack(header: Sequence[Any]) -> bytes:
+    """Serialise a header (or any protocol value) with msgpack."""
+    return msgpack.packb(header, use_bin_type=True, default=_ext_default)
+
+
+def unpack_header(buf: Any, expect: int | None = None) -> list[Any]:
+    """Parse and check one header frame; raise :class:`ProtocolError` if it is not valid.
+
+    ``buf`` is bytes or a buffer; ``expect`` restricts the message kind.
+    """
+    try:
+        header = msgpack.unpackb(buf, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(header, list) or len(header) < 2:
+        raise ProtocolError("header must be a msgpack array [version, kind, ...]")
+    version, kind = header[0], header[1]
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    fields = HEADER_FIELDS.get(kind) if isinstance(kind, int) else None
+    if fields is None:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    if expect is not None and kind != expect:
+        raise ProtocolError(f"unexpected message kind {kind} (expected {expect})")
+    if len(header) != fields + 2:
+        raise ProtocolError(f"message kind {kind} needs {fields} header fields, got {len(header) - 2}")
+    return header
+
+
+# -- items -------------------------------------------------------------------------------
+
+
+def encode_item(value: Any, protocol: str) -> tuple[Any, Any]:
+    """Encode one item as ``(meta, buffer)``; ``buffer`` may be sent with ``copy=False``.
+
+    With ``protocol="numpy"`` every item becomes an ndarray; with ``"obj"`` ndarrays still
+    travel raw and anything else is msgpack.
+    """
+    if protocol == "numpy" and not isinstance(value, np.ndarray):
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray):
+        _check_dtype(value.dtype)
+        if not value.flags.c_contiguous:
+            value = np.ascontiguousarray(value)
+        # A flat uint8 view exports a plain byte buffer for every dtype (datetimes included).
+        return [value.dtype.str, list(value.shape)], value.reshape(-1).view(np.uint8)
+    try:
+        return MSGPACK_ITEM, msgpack.packb(value, use_bin_type=True, default=_ext_default)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(
+            f"cannot encode a value of type {type(value).__name__} with protocol 'obj' "
+            f"(msgpack-able values and ndarrays only): {exc}"
+        ) from None
+
+
+def decode_item(meta: Any, buf: Any) -> Any:
+    """Decode one item from its meta and buffer; raise :class:`ProtocolError` on bad data.
+
+    Raw ndarrays are zero-copy, read-only views over ``buf``.
+    """
+    if meta == MSGPACK_ITEM:
+        try:
+            return msgpack.unpackb(buf, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"item is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(meta, list) and len(meta) == 2):
+        raise ProtocolError(f"item meta must be 0 or [dtype, shape], got {meta!r}")
+    return _array_from(meta[0], meta[1], buf)
+
+
+def _array_from(dtype_str: Any, shape: Any, buf: Any) -> np.ndarray:
+    dtype = _parse_dtype(dtype_str)
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ProtocolError(f"array shape must be a list of non-negative ints, got {shape!r}")
+    expected = math.prod(shape) * dtype.itemsize
+    nbytes = memoryview(buf).nbytes
+    if nbytes != expected:
+        raise ProtocolError(
+            f"array declared as {dtype.str}{tuple(shape)} needs {expected} bytes, got {nbytes}"
+        )
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_dtype(dtype_str: Any) -> np.dtype:
+    if not isinstance(dtype_str, str) or len(dtype_str) > 16:
+        raise ProtocolError(f"bad dtype {dtype_str!r}")
+    try:
+        dtype = np.dtype(dtype_str)
+    except Exception:
+        raise ProtocolError(f"bad dtype {dtype_str!r}") from None
+    _check_dtype(dtype)
+    return dtype
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    if dtype.kind not in _SAFE_DTYPE_KINDS or dtype.fields is not None or dtype.subdtype:
+        raise ProtocolError(
+            f"dtype {dtype} cannot travel on the wire (plain numeric, bool, bytes, str "
+            "and datetime dtypes only; object arrays are refused)"
+        )
+
+
+def _ext_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        _check_dtype(obj.dtype)
+        data = np.ascontiguousarray(obj).tobytes()
+        return msgpack.ExtType(
+            EXT_NDARRAY, msgpack.packb([obj.dtype.str, list(obj.shape), data], use_bin_type=True)
+        )
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != EXT_NDARRAY:
+        raise ProtocolError(f"unknown msgpack extension type {code}")
+    try:
+        dtype_str, shape, raw = msgpack.unpackb(data, raw=False)
+    except Exception:
+        raise ProtocolError("malformed ndarray extension") from None
+    return _array_from(dtype_str, shape, raw)

@@ -1,0 +1,91 @@
+"""Pure batching core: the ventilator's queue and its dispatch policy (no sockets, no clock).
+
+Items from different clients share a batch. A request of several items may be split
+across batches; :meth:`BatchQueue.take` hands out ``(request, offset, count)`` segments.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BatchQueue", "Request", "Segment", "dispatch_wait", "should_dispatch"]
+
+
+@dataclass(slots=True)
+class Request:
+    """One client request waiting for (part of) its items to be dispatched."""
+
+    client: bytes
+    req_id: int
+    t_recv: float
+    deadline: float  # absolute monotonic time; 0.0 means none
+    metas: list[Any]
+    frames: list[Any]
+    taken: int = field(default=0)
+
+    @property
+    def total(self) -> int:
+        return len(self.metas)
+
+
+#: ``(request, offset, count)``: ``count`` items of ``request`` starting at ``offset``.
+Segment = tuple[Request, int, int]
+
+
+class BatchQueue:
+    """FIFO of requests, measured in items."""
+
+    __slots__ = ("_requests", "items")
+
+    def __init__(self) -> None:
+        self._requests: deque[Request] = deque()
+        self.items = 0
+
+    def __len__(self) -> int:
+        return self.items
+
+    def push(self, request: Request) -> None:
+        if request.total == 0:
+            raise ValueError("a request needs at least one item")
+        self._requests.append(request)
+        self.items += request.total - request.taken
+
+    def oldest(self) -> float | None:
+        """Arrival time of the oldest queued item, or None when empty."""
+        return self._requests[0].t_recv if self._requests else None
+
+    def take(self, limit: int) -> list[Segment]:
+        """Remove up to ``limit`` items, oldest first, as segments."""
+        segments: list[Segment] = []
+        room = limit
+        while room and self._requests:
+            req = self._requests[0]
+            count = min(room, req.total - req.taken)
+            segments.append((req, req.taken, count))
+            req.taken += count
+            room -= count
+            if req.taken == req.total:
+                self._requests.popleft()
+        self.items -= limit - room
+        return segments
+
+
+def should_dispatch(queued: int, waited: float, busy_workers: int, batch_size: int,
+                    group_timeout: float) -> bool:
+    """Whether to hand a batch to an idle worker now.
+
+    Dispatch at once when the batch is full, when the server is otherwise idle (a lone
+    request pays no batching delay), or when the oldest item has waited
+    ``group_timeout`` seconds. Otherwise other workers are busy, more items are likely
+    on their way, and waiting a little fills the batch.
+    """
+    if queued <= 0:
+        return False
+    return queued >= batch_size or busy_workers == 0 or waited >= group_timeout
+
+
+def dispatch_wait(waited: float, group_timeout: float) -> float:
+    """Seconds until a partly filled batch must go, given how long its oldest item waited."""
+    return max(0.0, group_timeout - waited)

@@ -1,0 +1,202 @@
+"""The server's configuration: one frozen, validated object and the CLI generated from it.
+
+Every option is a field of :class:`ServerConfig`; its flag is ``-<field name>`` (single
+dash, as in the seed), with the seed's aliases where it had them. Values come, lowest
+precedence first, from the field default, a YAML file (``-config``), ``WKR_<NAME>``
+environment variables, and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wkr_serving.client.protocol import PROTOCOLS
+from wkr_serving.client.version import __version__
+
+__all__ = ["ConfigError", "ServerConfig", "build_parser", "config_from_args", "load_config"]
+
+ENV_PREFIX = "WKR_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid."""
+
+
+def _opt(default: Any, help: str, *aliases: str, kind: type = str, **extra: Any) -> Any:
+    return field(default=default,
+                 metadata={"help": help, "aliases": aliases, "kind": kind, **extra})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """All server settings. Times are in the unit their name or help states."""
+
+    model_dir: str = _opt(".", "directory of the model files")
+    model_name: str | None = _opt(None, "file name of the model inside model_dir")
+    tmp_folder: str = _opt("tmp_wkr", "scratch folder for workers, created inside model_dir")
+    port: int = _opt(5555, "port receiving requests from clients (0: any free port)",
+                     "-port_in", "-port_data", kind=int)
+    port_out: int = _opt(5556, "port returning results to clients (0: any free port)",
+                         "-port_result", kind=int)
+    bind: str = _opt("0.0.0.0", "address the public ports bind to")
+    protocol: str = _opt("obj", "wire protocol: 'obj' (any msgpack-able value) or 'numpy'",
+                         choices=PROTOCOLS)
+    num_worker: int = _opt(1, "number of worker processes", kind=int)
+    batch_size: int = _opt(10, "most items in one batch given to predict", kind=int)
+    batch_group_timeout: int = _opt(
+        5, "most extra time (ms), from the first queued item, to wait for a batch to fill", kind=int)
+    device_map: tuple[int, ...] | None = _opt(
+        None, "GPU ids assigned to workers round-robin, -1 for CPU (default: free GPUs, "
+        "else CPU)", nargs="+", kind=int)
+    cpu: bool = _opt(False, "run every worker on the CPU", kind=bool)
+    gpu_memory_fraction: float = _opt(0.2, "fraction of GPU memory a worker may use", kind=float)
+    startup_timeout: float = _opt(600.0, "seconds to wait for every worker to load its model", kind=float)
+    graceful_timeout: float = _opt(30.0, "seconds to drain in-flight work when stopping", kind=float)
+    log_dir: str | None = _opt(None, "write <log_name>.log and <log_name>.err here "
+                               "instead of stderr")
+    log_name: str | None = _opt(None, "base name of the log files (default: WKRServer)")
+    verbose: bool = _opt(False, "debug logging", kind=bool)
+    http_port: int | None = _opt(None, "port of the HTTP bridge (not served by this version)", kind=int)
+    http_max_connect: int = _opt(20, "client pool size of the HTTP bridge", kind=int)
+    cors: str = _opt("*", "Access-Control-Allow-Origin of the HTTP bridge")
+
+    def __post_init__(self) -> None:
+        for name, value in (("num_worker", self.num_worker), ("batch_size", self.batch_size),
+                            ("http_max_connect", self.http_max_connect)):
+            if value < 1:
+                raise ConfigError(f"-{name} must be at least 1, got {value}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"-protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.batch_group_timeout < 0:
+            raise ConfigError("-batch_group_timeout must be >= 0 ms")
+        for name, port in (("port", self.port), ("port_out", self.port_out),
+                           ("http_port", self.http_port)):
+            if port is not None and not 0 <= port <= 65535:
+                raise ConfigError(f"-{name} must be a TCP port number, got {port}")
+        if self.port and self.port == self.port_out:
+            raise ConfigError("-port and -port_out must differ")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ConfigError("-gpu_memory_fraction must be in (0, 1]")
+        if self.startup_timeout <= 0 or self.graceful_timeout < 0:
+            raise ConfigError("-startup_timeout must be > 0 and -graceful_timeout >= 0")
+        if self.device_map is not None:
+            if not self.device_map or any(d < -1 for d in self.device_map):
+                raise ConfigError("-device_map takes GPU ids >= 0, or -1 for CPU")
+            object.__setattr__(self, "device_map", tuple(self.device_map))
+
+    @property
+    def tmp_dir(self) -> str:
+        return os.path.join(self.model_dir, self.tmp_folder)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Turn a YAML or environment value into the field's type."""
+    f = _FIELDS[name]
+    kind = f.metadata["kind"]
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+        return None
+    try:
+        if f.metadata.get("nargs"):
+            items = raw.replace(",", " ").split() if isinstance(raw, str) else raw
+            return tuple(int(x) for x in items)
+        if kind is bool:
+            if isinstance(raw, str):
+                if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(raw)
+                return raw.lower() in ("1", "true", "yes", "on")
+            return bool(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot read {raw!r} as {kind.__name__}") from None
+
+
+def _file_and_env_values(config_file: str | None, environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if config_file:
+        import yaml
+
+        try:
+            with open(config_file, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping")
+        unknown = sorted(set(loaded) - set(_FIELDS) - {"worker_class"})
+        if unknown:
+            raise ConfigError(f"unknown keys in {config_file}: {', '.join(unknown)}")
+        values.update({k: _coerce(k, v) for k, v in loaded.items() if k in _FIELDS})
+        if "worker_class" in loaded:
+            values["worker_class"] = str(loaded["worker_class"])
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            values[name] = _coerce(name, environ[key])
+    return values
+
+
+def build_parser(with_worker_class: bool = True, defaults: Mapping[str, Any] | None = None,
+                 ) -> argparse.ArgumentParser:
+    """The ``wkr-serving-start`` parser, generated from :class:`ServerConfig`."""
+    defaults = defaults or {}
+    parser = argparse.ArgumentParser(
+        prog="wkr-serving-start", description="Start a WKRServer serving a worker class.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if with_worker_class:
+        parser.add_argument("worker_class", nargs="?" if "worker_class" in defaults else None,
+                            default=defaults.get("worker_class"),
+                            help="<file>.<Class> of the worker, file in the current directory")
+    parser.add_argument("-config", default=None, help="YAML file with any of these options")
+    for name, f in _FIELDS.items():
+        kind = f.metadata["kind"]
+        flags = [f"-{name}", *f.metadata["aliases"]]
+        default = defaults.get(name, f.default)
+        if kind is bool:
+            parser.add_argument(*flags, dest=name, action="store_true", default=default,
+                                help=f.metadata["help"])
+            continue
+        kwargs: dict[str, Any] = {"dest": name, "type": kind, "default": default,
+                                  "help": f.metadata["help"]}
+        for key in ("choices", "nargs"):
+            if key in f.metadata:
+                kwargs[key] = f.metadata[key]
+        parser.add_argument(*flags, **kwargs)
+    parser.add_argument("-version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+                ) -> tuple[ServerConfig, str | None]:
+    """Parse a command line into ``(config, worker_class)``, applying YAML and env values."""
+    environ = os.environ if environ is None else environ
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    defaults = _file_and_env_values(known.config, environ)
+    args = build_parser(defaults=defaults).parse_args(argv)
+    return config_from_args(args), getattr(args, "worker_class", None)
+
+
+def config_from_args(args: Any) -> ServerConfig:
+    """Build a config from an argparse namespace, a mapping or a config (seed compatibility)."""
+    if isinstance(args, ServerConfig):
+        return args
+    source = args if isinstance(args, Mapping) else vars(args)
+    values = {k: v for k, v in source.items() if k in _FIELDS}
+    if values.get("device_map") is not None:
+        values["device_map"] = tuple(values["device_map"])
+    return ServerConfig(**values)

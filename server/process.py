@@ -1,0 +1,141 @@
+"""Plumbing shared by the role processes: endpoints, the supervisor link, the child entry.
+
+A role object is built in the supervisor with plain data only (config, endpoints,
+indices); everything else (logger, ZeroMQ context, sockets, the model) is created in
+:meth:`Role.run` inside the child, after spawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from wkr_serving.client import protocol as P
+
+from .config import ServerConfig
+from .logs import set_logger
+
+__all__ = ["EXIT_BOOT_FAILED", "Endpoints", "Role", "run_role"]
+
+#: A role that cannot start (bad model, port in use) exits with this code; the
+#: supervisor stops the server instead of restarting it.
+EXIT_BOOT_FAILED = 3
+
+#: Exit code of a role whose supervisor was already gone when it started.
+EXIT_ORPHANED = 4
+PR_SET_PDEATHSIG = 1
+
+#: Milliseconds a closing socket may spend flushing messages already queued.
+LINGER_MS = 2000
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Internal IPC addresses of one server instance."""
+
+    control: str  # supervisor ROUTER; every role connects a DEALER named after itself
+    workers: str  # ventilator ROUTER; workers connect DEALERs
+    sink: str  # sink PULL; workers and the ventilator connect PUSHes
+
+    @classmethod
+    def in_dir(cls, path: str) -> Endpoints:
+        return cls(*(f"ipc://{os.path.join(path, n)}" for n in ("control", "workers", "sink")))
+
+
+class Role:
+    """Base of the ventilator, sink and worker processes."""
+
+    name = "role"
+    color = "white"
+
+    def __init__(self, config: ServerConfig, endpoints: Endpoints) -> None:
+        self.config = config
+        self.endpoints = endpoints
+        self.logger: logging.Logger = logging.getLogger("wkr_serving")
+        self.context: zmq.Context | None = None
+        self.control: zmq.Socket | None = None
+
+    @property
+    def identity(self) -> str:
+        return self.name
+
+    def run(self) -> int:
+        """Child entry: connect to the supervisor, boot, serve; returns the exit code."""
+        # Ctrl-C and SIGTERM reach the whole process group (or cgroup); stopping is the
+        # supervisor's job, so roles ignore them and die only with it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _die_with_parent()
+        self.logger = set_logger(self.identity, self.config.log_dir, self.config.log_name,
+                                 self.config.verbose, self.color)
+        self.context = zmq.Context()
+        self.control = self.context.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.LINGER, LINGER_MS)
+        self.control.setsockopt(zmq.IDENTITY, self.identity.encode())
+        self.control.connect(self.endpoints.control)
+        try:
+            try:
+                info = self.boot()
+            except Exception as exc:
+                text = traceback.format_exc()
+                self.logger.error("failed to start: %s\n%s", exc, text)
+                self.event("boot_failed", {"error": f"{type(exc).__name__}: {exc}",
+                                           "traceback": text, "pid": os.getpid()})
+                return EXIT_BOOT_FAILED
+            self.event("ready", {"pid": os.getpid(), **(info or {})})
+            self.serve()
+            return 0
+        finally:
+            self.shutdown()
+            self.context.destroy(linger=LINGER_MS)
+
+    def event(self, name: str, value: Any = None) -> None:
+        """Tell the supervisor something (ready, boot_failed, drained...)."""
+        assert self.control is not None
+        self.control.send(P.pack([P.PROTOCOL_VERSION, P.EVENT, name, value]))
+
+    def read_control(self) -> tuple[str, Any]:
+        """Receive one CONTROL message from the supervisor as ``(name, value)``."""
+        assert self.control is not None
+        header = P.unpack_header(self.control.recv(), expect=P.CONTROL)
+        return header[2], header[3]
+
+    def boot(self) -> dict[str, Any] | None:
+        """Bind/connect sockets and load what is needed; return info for the ready event."""
+        raise NotImplementedError
+
+    def serve(self) -> None:
+        """The main loop; returns when the supervisor says stop."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Release what :meth:`boot` acquired (sockets close with the context)."""
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the supervisor dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os._exit(EXIT_ORPHANED)
+
+
+def run_role(role: Role) -> None:
+    """Module-level process target, so roles can be started with the spawn method."""
+    code = role.run()
+    if code:
+        sys.exit(code)

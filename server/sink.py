@@ -1,0 +1,193 @@
+"""The sink: the only role that writes to clients.
+
+It receives DONE messages from workers and FORWARD messages from the ventilator,
+reassembles requests that were split across batches, and sends each reply to exactly
+the client identity it came from (a ROUTER socket: exact identity, never a prefix).
+It also keeps the request statistics reported by ``server_status``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import zmq
+
+from wkr_serving.client import errors as E
+from wkr_serving.client import protocol as P
+from wkr_serving.client.version import __version__
+
+from .jobs import Reassembler
+from .process import Role
+from .stats import RateMeter, Summary, Window
+
+__all__ = ["Sink"]
+
+MAX_DRAIN = 256
+V = P.PROTOCOL_VERSION
+
+
+class Sink(Role):
+    name = "sink"
+    color = "green"
+
+    def boot(self) -> dict[str, Any]:
+        assert self.context is not None
+        self.pull = self.context.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, 0)
+        self.pull.bind(self.endpoints.sink)
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.SNDHWM, 0)
+        self.router.setsockopt(zmq.LINGER, 1000)
+        address = f"tcp://{self.config.bind}"
+        if self.config.port_out:
+            self.router.bind(f"{address}:{self.config.port_out}")
+            port_out = self.config.port_out
+        else:
+            port_out = self.router.bind_to_random_port(address)
+
+        self.jobs = Reassembler()
+        self.results = 0
+        self.errors: dict[str, int] = {}
+        self.undeliverable = 0
+        self.latency = Window(4096)
+        self.result_rate = RateMeter()
+        self.worker_stats: dict[int, dict[str, float]] = {}
+        self.statistic: dict[str, Summary] = {}
+        self.hello = {"server_version": __version__, "protocol": self.config.protocol,
+                      "protocol_version": V}
+        self.logger.info("returning results on %s:%d", self.config.bind, port_out)
+        return {"port_out": port_out}
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self.pull in events:
+                self._drain_pull()
+            if self.router in events:
+                for _ in range(MAX_DRAIN):
+                    try:
+                        self._on_client(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+            if self.control in events:
+                name, _ = self.read_control()
+                if name == "stop":
+                    # Roles upstream have stopped: deliver whatever they already sent.
+                    while self._drain_pull():
+                        pass
+                    return
+
+    def _drain_pull(self) -> int:
+        for n in range(MAX_DRAIN):
+            try:
+                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return n
+            self._on_internal(frames)
+        return MAX_DRAIN
+
+    # -- sending ------------------------------------------------------------------------
+
+    def _send(self, client: bytes, frames: list[Any]) -> None:
+        try:
+            self.router.send_multipart([client, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self.undeliverable += 1
+            self.logger.debug("client %r is gone; reply dropped", client)
+
+    def _send_error(self, client: bytes, req_id: int, error: list[Any]) -> None:
+        code = error[0] if isinstance(error, list) and error else "server_error"
+        self.errors[code] = self.errors.get(code, 0) + 1
+        self._send(client, [P.pack([V, P.ERROR, req_id, error])])
+
+    def _on_client(self, frames: list[zmq.Frame]) -> None:
+        client = frames[0].bytes
+        try:
+            if len(frames) != 2:
+                raise E.ProtocolError("a message on port_out must be exactly one header frame")
+            header = P.unpack_header(frames[1].buffer, expect=P.HELLO)
+        except E.ProtocolError as exc:
+            self._send_error(client, -1, E.BadInput(str(exc)).to_wire())
+            return
+        self._send(client, [P.pack([V, P.REPLY, header[2], self.hello])])
+
+    # -- internal messages --------------------------------------------------------------
+
+    def _on_internal(self, frames: list[zmq.Frame]) -> None:
+        header = P.unpack_header(frames[0].buffer)
+        if header[1] == P.DONE:
+            self._on_done(header, frames)
+        elif header[1] == P.FORWARD:
+            _, _, client, req_id, action, value = header
+            if action == "error":
+                self._send_error(client, req_id, value)
+            elif action == "failed":
+                offset, total, count, t_recv, error = value
+                self._finish(client, req_id, offset, total, count, t_recv, None, [], error)
+            elif action == "status":
+                self._send(client, [P.pack([V, P.REPLY, req_id, self._status(value)])])
+            else:
+                self._send(client, [P.pack([V, P.REPLY, req_id, value])])
+
+    def _on_done(self, header: list[Any], frames: list[zmq.Frame]) -> None:
+        _, _, _batch_id, worker, parts, user_stats, busy = header
+        now = time.monotonic()
+        pos = 1
+        for client, req_id, offset, total, count, t_recv, metas, error in parts:
+            part_frames = []
+            if error is None:
+                part_frames = frames[pos:pos + count]
+                pos += count
+            self._finish(client, req_id, offset, total, count, t_recv, metas, part_frames,
+                         error, now)
+        stats = self.worker_stats.setdefault(worker, {"batches_done": 0, "busy_s": 0.0})
+        stats["batches_done"] += 1
+        stats["busy_s"] += busy
+        for key, values in user_stats.items():
+            summary = self.statistic.get(key)
+            if summary is None:
+                summary = self.statistic[key] = Summary()
+            for value in values:
+                summary.add(value)
+
+    def _finish(self, client: bytes, req_id: int, offset: int, total: int, count: int,
+                t_recv: float, metas: list[Any] | None, frames: list[Any], error: Any,
+                now: float | None = None) -> None:
+        """Account one part of a request; reply once the request is decided."""
+        done = self.jobs.add(client, req_id, offset, total, count, metas, frames, error)
+        if done is None:
+            return
+        if done.error is not None:
+            self._send_error(client, req_id, done.error)
+        else:
+            self.results += 1
+            self._send(client, [P.pack([V, P.RESULT, req_id, done.metas]), *done.frames])
+        self.latency.add((now or time.monotonic()) - t_recv)
+        self.result_rate.add(time.time())
+
+    def _status(self, status: dict[str, Any]) -> dict[str, Any]:
+        """Complete the ventilator's status snapshot with what only the sink knows."""
+        now = time.time()
+        latency = {k: v * 1000.0 for k, v in self.latency.percentiles((50, 90, 99)).items()}
+        status.update({
+            "num_results": self.results,
+            "num_errors": dict(self.errors),
+            "num_undeliverable": self.undeliverable,
+            "pending_split_requests": len(self.jobs),
+            "latency_ms": {**latency, "window": len(self.latency)},
+            "throughput_per_s": {"last_1s": self.result_rate.rate(now - 1, 1),
+                                 "last_10s": self.result_rate.rate(now, 10),
+                                 "last_60s": self.result_rate.rate(now, 60)},
+            "statistic": {k: s.snapshot() for k, s in sorted(self.statistic.items())},
+        })
+        for worker in status.get("workers", []):
+            worker.update(self.worker_stats.get(worker["index"], {}))
+        return status

@@ -1,0 +1,272 @@
+"""The supervisor: starts the roles, watches them, restarts dead workers, stops cleanly.
+
+It never touches traffic. Its loop waits on three things at once: events from the roles
+(a ROUTER on an IPC socket), the roles' process sentinels (a readable fd means the
+process ended), and a wake-up pipe written by signal handlers and :meth:`request_stop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from wkr_serving.client import protocol as P
+
+from .config import ServerConfig
+from .devices import assign_devices, describe, discover_gpus
+from .logs import set_logger
+from .process import EXIT_BOOT_FAILED, Endpoints, Role, run_role
+from .sink import Sink
+from .ventilator import Ventilator
+from .worker import WKRHardWorker, WorkerProcess
+
+__all__ = ["StartupError", "Supervisor"]
+
+#: Seconds a role gets to exit after being told to stop, before SIGKILL (roles ignore
+#: SIGTERM: the supervisor orchestrates stopping).
+STOP_GRACE = 5.0
+#: A worker that dies more often than this within RESTART_WINDOW seconds halts the server.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+
+
+class StartupError(RuntimeError):
+    """The server could not start (a model failed to load, a port was taken...)."""
+
+
+@dataclass
+class _Child:
+    role: Role
+    process: Any  # multiprocessing.Process of the spawn context
+    ready: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    restarts: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, config: ServerConfig, worker_class: type[WKRHardWorker],
+                 logger: logging.Logger | None = None) -> None:
+        self.config = config
+        self.worker_class = worker_class
+        self.logger = logger or set_logger("SUPERVISOR", config.log_dir, config.log_name,
+                                           config.verbose, "cyan")
+        self.mp = multiprocessing.get_context("spawn")
+        self.children: dict[str, _Child] = {}
+        self.failure: str | None = None
+        self.stop_reason: str | None = None
+        self.drained = False
+        self.port: int | None = None
+        self.port_out: int | None = None
+        self.started_at = time.time()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # -- public -------------------------------------------------------------------------
+
+    @property
+    def wakeup_fd(self) -> int:
+        """Give this to :func:`signal.set_wakeup_fd` so signals wake the loop."""
+        return self._wake_w
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Ask the loop to drain and stop; safe from signal handlers and other threads."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        try:
+            os.write(self._wake_w, b"s")
+        except (BlockingIOError, OSError):
+            pass
+
+    def serve(self, on_ready: Any = None) -> int:
+        """Start, wait until ready, supervise until stopped; return the exit code."""
+        self._tmp = tempfile.mkdtemp(prefix="wkr-")
+        self.endpoints = Endpoints.in_dir(self._tmp)
+        self.context = zmq.Context()
+        self.control = self.context.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.bind(self.endpoints.control)
+        try:
+            self._start_roles()
+            self._wait_ready()
+            if self.failure is None and self.stop_reason is None:
+                self.logger.info("ready: port %s, port_out %s, %d worker(s)", self.port,
+                                 self.port_out, self.config.num_worker)
+                if on_ready is not None:
+                    on_ready()
+                while self.failure is None and self.stop_reason is None:
+                    self._tick(1000)
+        except Exception as exc:  # a bug here must still stop the children
+            self.failure = f"supervisor error: {type(exc).__name__}: {exc}"
+            self.logger.exception("supervisor error")
+        finally:
+            self._shutdown()
+        if self.failure:
+            self.logger.error("stopped: %s", self.failure)
+            return 1
+        self.logger.info("stopped cleanly (%s)", self.stop_reason)
+        return 0
+
+    # -- start --------------------------------------------------------------------------
+
+    def _start_roles(self) -> None:
+        existing, free = discover_gpus(self.logger)
+        devices = assign_devices(self.config.num_worker, self.config.device_map,
+                                 self.config.cpu, existing, free)
+        self.logger.info("device assignment: %s", ", ".join(
+            f"worker-{i}={describe(d)}" for i, d in enumerate(devices)))
+        self._spawn(Sink(self.config, self.endpoints))
+        self._spawn(Ventilator(self.config, self.endpoints, self.started_at))
+        for index, device_id in enumerate(devices):
+            self._spawn(WorkerProcess(self.config, self.endpoints, index, device_id,
+                                      self.worker_class))
+
+    def _spawn(self, role: Role, restarts: list[float] | None = None) -> None:
+        process = self.mp.Process(target=run_role, args=(role,), name=role.identity)
+        process.start()
+        self.children[role.identity] = _Child(role, process, restarts=restarts or [])
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout
+        while self.failure is None and self.stop_reason is None:
+            if all(c.ready for c in self.children.values()):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                waiting = sorted(n for n, c in self.children.items() if not c.ready)
+                self.failure = (f"not ready after -startup_timeout {self.config.startup_timeout}s"
+                                f": still waiting for {', '.join(waiting)}")
+                return
+            self._tick(min(remaining, 1.0) * 1000)
+
+    # -- loop ---------------------------------------------------------------------------
+
+    def _tick(self, timeout_ms: float) -> None:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        sentinels = {c.process.sentinel: name for name, c in self.children.items()
+                     if c.process.exitcode is None}
+        for fd in sentinels:
+            poller.register(fd, zmq.POLLIN)
+        events = dict(poller.poll(timeout_ms))
+        if self._wake_r in events:
+            self._read_wakeups()
+        if self.control in events:
+            while True:
+                try:
+                    frames = self.control.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_event(frames)
+        for fd, name in sentinels.items():
+            if fd in events:
+                self._on_exit(name)
+
+    def _read_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        if self.stop_reason is None:
+            self.stop_reason = "signal"
+
+    def _on_event(self, frames: list[bytes]) -> None:
+        name = frames[0].decode(errors="replace")
+        _, _, event, value = P.unpack_header(frames[1], expect=P.EVENT)
+        child = self.children.get(name)
+        if child is None:
+            return
+        if event == "ready":
+            child.ready = True
+            child.info = value or {}
+            self.port = child.info.get("port", self.port)
+            self.port_out = child.info.get("port_out", self.port_out)
+        elif event == "boot_failed":
+            self.failure = f"{name} failed to start: {value.get('error')}\n{value.get('traceback')}"
+        elif event == "drained":
+            self.drained = True
+
+    def _on_exit(self, name: str) -> None:
+        child = self.children.get(name)
+        if child is None:
+            return
+        child.process.join(0)
+        code = child.process.exitcode
+        if code is None:
+            return
+        if self.stop_reason is not None or self.failure is not None:
+            return
+        if code == EXIT_BOOT_FAILED or not child.ready or not isinstance(child.role,
+                                                                          WorkerProcess):
+            self.failure = self.failure or f"{name} exited with code {code}"
+            return
+        self._restart_worker(child, code)
+
+    def _restart_worker(self, child: _Child, code: int) -> None:
+        role = child.role
+        assert isinstance(role, WorkerProcess)
+        now = time.monotonic()
+        recent = [t for t in child.restarts if now - t < RESTART_WINDOW] + [now]
+        if len(recent) > MAX_RESTARTS:
+            self.failure = (f"{role.identity} died {len(recent)} times in "
+                            f"{RESTART_WINDOW:.0f}s (last exit code {code}); giving up")
+            return
+        self.logger.error("%s died (exit code %s); restarting it", role.identity, code)
+        self._send("ventilator", "worker_lost", role.index)
+        self._spawn(WorkerProcess(self.config, self.endpoints, role.index, role.device_id,
+                                  self.worker_class), restarts=recent)
+
+    def _send(self, name: str, command: str, value: Any = None) -> bool:
+        try:
+            self.control.send_multipart(
+                [name.encode(), P.pack([P.PROTOCOL_VERSION, P.CONTROL, command, value])],
+                zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    # -- stop ---------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        vent = self.children.get("ventilator")
+        if self.failure is None and vent is not None and vent.ready and self._send(
+                "ventilator", "drain"):
+            deadline = time.monotonic() + self.config.graceful_timeout
+            while (not self.drained and self.failure is None and vent.process.is_alive()
+                   and time.monotonic() < deadline):
+                self._tick(100)
+            if not self.drained:
+                self.logger.warning("in-flight work not drained within %.1fs",
+                                    self.config.graceful_timeout)
+        upstream = [n for n in self.children if n != "sink"]
+        self._stop_children(upstream)
+        self._stop_children(["sink"])
+        self.control.close(0)
+        self.context.term()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _stop_children(self, names: list[str]) -> None:
+        live = [self.children[n] for n in names if n in self.children]
+        for child in live:
+            if child.process.is_alive():
+                self._send(child.role.identity, "stop")
+        deadline = time.monotonic() + STOP_GRACE
+        for child in live:
+            child.process.join(max(0.0, deadline - time.monotonic()))
+            if child.process.is_alive():
+                self.logger.warning("%s did not stop in time; killing it", child.role.identity)
+                child.process.kill()
+                child.process.join()

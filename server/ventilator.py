@@ -1,0 +1,309 @@
+"""The ventilator: receives every client frame, queues items, forms batches, dispatches.
+
+Dispatch is credit-based: a worker sends READY when it is idle, and only then gets a
+batch, so a busy worker never holds a queue. Replies the ventilator makes itself
+(status, errors) travel through the sink, the one place that writes to clients.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from wkr_serving.client import errors as E
+from wkr_serving.client import protocol as P
+from wkr_serving.client.version import __version__
+
+from .batching import BatchQueue, Request, Segment, dispatch_wait, should_dispatch
+from .config import ServerConfig
+from .devices import describe
+from .process import Endpoints, Role
+from .stats import Histogram
+
+__all__ = ["Ventilator"]
+
+#: Most messages read from one socket before dispatching, so a flood on one side
+#: cannot starve the other.
+MAX_DRAIN = 256
+#: Poll interval (ms) when nothing is due; control messages wake the loop anyway.
+IDLE_POLL_MS = 1000
+
+
+@dataclass(slots=True)
+class _WorkerState:
+    index: int
+    pid: int
+    device_id: int
+    busy: bool = False
+    batch: list[Segment] | None = None
+    batches: int = 0
+    items: int = 0
+
+
+def _worker_identity(index: int) -> bytes:
+    return f"worker-{index}".encode()
+
+
+class Ventilator(Role):
+    name = "ventilator"
+    color = "magenta"
+
+    def __init__(self, config: ServerConfig, endpoints: Endpoints, started_at: float) -> None:
+        super().__init__(config, endpoints)
+        self.started_at = started_at
+
+    # -- boot ---------------------------------------------------------------------------
+
+    def boot(self) -> dict[str, Any]:
+        assert self.context is not None
+        self.frontend = self.context.socket(zmq.ROUTER)
+        self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.setsockopt(zmq.RCVHWM, 0)
+        address = f"tcp://{self.config.bind}"
+        if self.config.port:
+            self.frontend.bind(f"{address}:{self.config.port}")
+            port = self.config.port
+        else:
+            port = self.frontend.bind_to_random_port(address)
+        self.backend = self.context.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.LINGER, 0)
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.backend.bind(self.endpoints.workers)
+        self.sink = self.context.socket(zmq.PUSH)
+        self.sink.setsockopt(zmq.SNDHWM, 0)
+        self.sink.connect(self.endpoints.sink)
+
+        self.queue = BatchQueue()
+        self.idle: deque[int] = deque()
+        self.workers: dict[int, _WorkerState] = {}
+        self.busy = 0
+        self.batch_id = 0
+        self.requests = 0
+        self.items = 0
+        self.rejected = 0
+        self.batch_sizes = Histogram()
+        self.draining = False
+        self.drained_reported = False
+        self.port = port
+        self.logger.info("listening for clients on %s:%d", self.config.bind, port)
+        return {"port": port}
+
+    # -- loop ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        timeout: float | None = None
+        group_timeout = self.config.batch_group_timeout / 1000.0
+        while True:
+            wait_ms = IDLE_POLL_MS if timeout is None else max(0, int(timeout * 1000) + 1)
+            events = dict(poller.poll(wait_ms))
+            if self.backend in events:
+                self._drain(self.backend, self._on_worker)
+            if self.frontend in events:
+                self._drain(self.frontend, self._on_client)
+            if self.control in events and self._on_control():
+                return
+            timeout = self._dispatch(time.monotonic(), group_timeout)
+            if self.draining and not self.drained_reported and self._idle_now():
+                self.drained_reported = True
+                self.event("drained", {"requests": self.requests})
+
+    def _drain(self, socket: zmq.Socket, handler: Any) -> None:
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def _idle_now(self) -> bool:
+        return not self.queue.items and self.busy == 0
+
+    # -- clients ------------------------------------------------------------------------
+
+    def _on_client(self, frames: list[zmq.Frame]) -> None:
+        client = frames[0].bytes
+        if len(frames) < 2:
+            self._reject(client, -1, E.BadInput("empty message: a header frame is required"))
+            return
+        try:
+            header = P.unpack_header(frames[1].buffer)
+        except E.ProtocolError as exc:
+            self._reject(client, -1, E.BadInput(str(exc)))
+            return
+        kind, req_id = header[1], header[2]
+        if not isinstance(req_id, int) or isinstance(req_id, bool):
+            self._reject(client, -1, E.BadInput(f"request id must be an integer, got {req_id!r}"))
+        elif kind == P.REQUEST:
+            self._on_request(client, req_id, header, frames)
+        elif kind == P.COMMAND:
+            self._on_command(client, req_id, header[4], header[5])
+        else:
+            self._reject(client, req_id, E.BadInput(f"message kind {kind} is not accepted here"))
+
+    def _on_request(self, client: bytes, req_id: int, header: list[Any],
+                    frames: list[zmq.Frame]) -> None:
+        timeout_ms, metas = header[3], header[4]
+        if not isinstance(metas, list) or not metas or len(metas) != len(frames) - 2:
+            self._reject(client, req_id, E.BadInput(
+                f"request declares {len(metas) if isinstance(metas, list) else metas!r} items "
+                f"but carries {len(frames) - 2} payload frames"))
+            return
+        if not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
+            self._reject(client, req_id, E.BadInput(f"bad timeout_ms {timeout_ms!r}"))
+            return
+        if self.draining:
+            self._reject(client, req_id, E.ShuttingDown("server is shutting down"))
+            return
+        now = time.monotonic()
+        deadline = now + timeout_ms / 1000.0 if timeout_ms else 0.0
+        self.queue.push(Request(client, req_id, now, deadline, metas, frames[2:]))
+        self.requests += 1
+        self.items += len(metas)
+
+    def _on_command(self, client: bytes, req_id: int, name: Any, args: Any) -> None:
+        if name == "status":
+            self._forward(client, req_id, "status", self._snapshot())
+        elif name == "ping":
+            self._forward(client, req_id, "reply", "pong")
+        else:
+            self._reject(client, req_id, E.UnknownCommand(f"unknown command {name!r}"))
+
+    def _reject(self, client: bytes, req_id: int, error: E.ServerError) -> None:
+        self.rejected += 1
+        self.logger.debug("rejected request %r from %r: %s", req_id, client, error.message)
+        self._forward(client, req_id, "error", error.to_wire())
+
+    def _forward(self, client: bytes, req_id: int, action: str, value: Any) -> None:
+        self.sink.send(P.pack([P.PROTOCOL_VERSION, P.FORWARD, client, req_id, action, value]))
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _on_worker(self, frames: list[zmq.Frame]) -> None:
+        header = P.unpack_header(frames[1].buffer, expect=P.READY)
+        index, pid, device_id = header[2], header[3], header[4]
+        worker = self.workers.get(index)
+        if worker is not None and worker.pid != pid:
+            self._lose_worker(index)  # a restarted worker took over this slot
+            worker = None
+        if worker is None:
+            worker = self.workers[index] = _WorkerState(index, pid, device_id)
+            self.logger.info("worker %d (pid %d, %s) is ready", index, pid, describe(device_id))
+        elif worker.busy:
+            worker.busy = False
+            worker.batch = None
+            self.busy -= 1
+        self.idle.append(index)
+
+    def _lose_worker(self, index: int) -> None:
+        """Forget a dead worker and fail the items it held, at once."""
+        worker = self.workers.pop(index, None)
+        if worker is None:
+            return
+        if index in self.idle:
+            self.idle.remove(index)
+        if worker.busy:
+            self.busy -= 1
+            self._fail_segments(worker.batch or [], E.WorkerDied(
+                f"worker {index} (pid {worker.pid}) died while computing this request"))
+
+    def _fail_segments(self, segments: list[Segment], error: E.ServerError) -> None:
+        wire = error.to_wire()
+        for req, offset, count in segments:
+            self.sink.send(P.pack([P.PROTOCOL_VERSION, P.FORWARD, req.client, req.req_id,
+                                   "failed", [offset, req.total, count, req.t_recv, wire]]))
+
+    def _dispatch(self, now: float, group_timeout: float) -> float | None:
+        """Send batches while workers are idle; return seconds until a wait expires."""
+        batch_size = self.config.batch_size
+        while self.idle and self.queue.items:
+            oldest = self.queue.oldest()
+            waited = now - oldest if oldest is not None else 0.0
+            if not should_dispatch(self.queue.items, waited, self.busy, batch_size,
+                                   group_timeout):
+                return dispatch_wait(waited, group_timeout)
+            index = self.idle.popleft()
+            worker = self.workers.get(index)
+            if worker is None:
+                continue
+            self._send_batch(worker, self.queue.take(batch_size))
+        return None
+
+    def _send_batch(self, worker: _WorkerState, segments: list[Segment]) -> None:
+        headers: list[list[Any]] = []
+        frames: list[Any] = []
+        for req, offset, count in segments:
+            end = offset + count
+            headers.append([req.client, req.req_id, offset, req.total, count, req.t_recv,
+                            req.deadline, req.metas[offset:end]])
+            frames.extend(req.frames[offset:end])
+        self.batch_id += 1
+        header = P.pack([P.PROTOCOL_VERSION, P.BATCH, self.batch_id, headers])
+        try:
+            self.backend.send_multipart([_worker_identity(worker.index), header, *frames],
+                                        copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self.workers.pop(worker.index, None)
+            self._fail_segments(segments, E.WorkerDied(f"worker {worker.index} is gone"))
+            return
+        worker.busy = True
+        worker.batch = segments
+        worker.batches += 1
+        worker.items += len(frames)
+        self.busy += 1
+        self.batch_sizes.add(len(frames))
+
+    # -- control ------------------------------------------------------------------------
+
+    def _on_control(self) -> bool:
+        """Handle one supervisor message; True means stop now."""
+        name, value = self.read_control()
+        if name == "worker_lost":
+            self._lose_worker(value)
+        elif name == "drain":
+            self.draining = True
+            self.logger.info("draining: no new requests, finishing %d queued items",
+                             self.queue.items)
+        return name == "stop"
+
+    def _snapshot(self) -> dict[str, Any]:
+        in_flight = sum(count for w in self.workers.values() if w.batch
+                        for _, _, count in w.batch)
+        return {
+            "server_version": __version__,
+            "protocol": self.config.protocol,
+            "protocol_version": P.PROTOCOL_VERSION,
+            "versions": {"wkr_serving": __version__, "python": platform.python_version(),
+                         "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
+                         "numpy": np.__version__, "msgpack": ".".join(map(str, msgpack.version))},
+            "config": self.config.as_dict(),
+            "ventilator_pid": os.getpid(),
+            "uptime_s": time.time() - self.started_at,
+            "ready": len(self.workers) >= self.config.num_worker,
+            "draining": self.draining,
+            "queue_items": self.queue.items,
+            "in_flight_items": in_flight,
+            "busy_workers": self.busy,
+            "num_requests": self.requests,
+            "num_items": self.items,
+            "num_rejected": self.rejected,
+            "num_batches": self.batch_id,
+            "batch_size": self.batch_sizes.snapshot(),
+            "workers": [{"index": w.index, "pid": w.pid, "device": describe(w.device_id),
+                         "state": "busy" if w.busy else "idle", "batches": w.batches,
+                         "items": w.items} for w in sorted(self.workers.values(),
+                                                           key=lambda w: w.index)],
+        }

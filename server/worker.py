@@ -1,0 +1,283 @@
+"""Workers: the user's model class and the process that runs it.
+
+A user subclasses :class:`WKRHardWorker` and overrides ``get_env``, ``get_model`` and
+``predict``. :class:`WorkerProcess` runs one instance in its own process: it pins the
+device, builds the model, asks the ventilator for work (READY), runs each batch through
+preprocess -> predict -> postprocess and sends the results to the sink.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import zmq
+
+from wkr_serving.client import errors as E
+from wkr_serving.client import protocol as P
+
+from .config import ServerConfig
+from .devices import CPU, describe
+from .logs import set_logger
+from .process import Endpoints, Role
+
+__all__ = ["WKRHardWorker", "WorkerProcess", "load_worker_class"]
+
+WorkerRef = type | tuple[str, str]
+
+
+class WKRHardWorker:
+    """Base class of a served model. Override the hooks; the server calls them in order.
+
+    Attributes available in every hook: ``worker_id``, ``device_id`` (``-1`` for CPU),
+    ``model_dir``, ``model_name``, ``batch_size``, ``tmp_dir``, ``gpu_memory_fraction``,
+    ``protocol`` and ``config``.
+    """
+
+    def __init__(self, worker_id: int, device_id: int, config: ServerConfig,
+                 logger: logging.Logger | None = None) -> None:
+        self.worker_id = worker_id
+        self.device_id = device_id
+        self.config = config
+        self.model_dir = config.model_dir
+        self.model_name = config.model_name
+        self.batch_size = config.batch_size
+        self.tmp_dir = config.tmp_dir
+        self.gpu_memory_fraction = config.gpu_memory_fraction
+        self.protocol = config.protocol
+        self._logger = logger or logging.getLogger("wkr_serving")
+        self._statistics: list[tuple[str, float]] = []
+
+    # -- hooks to override ---------------------------------------------------------------
+
+    def get_env(self, device_id: int, tmp_dir: str) -> Any:
+        """Import frameworks and prepare the environment; runs after device pinning."""
+        return []
+
+    def get_model(self, envs: Any, model_dir: str, model_name: str | None, tmp_dir: str) -> Any:
+        """Load and return the model."""
+        return []
+
+    def get_preprocess(self, envs: Any) -> Callable[[Any], Any] | None:
+        """Return a function applied to each batch before ``predict`` (None: identity)."""
+        return None
+
+    def get_postprocess(self, envs: Any) -> Callable[[Any], Any] | None:
+        """Return a function applied to ``predict``'s output (None: identity)."""
+        return None
+
+    def predict(self, model: Any, input: Any) -> Any:
+        """Compute one batch: ``input`` holds 1..batch_size items; return as many results.
+
+        With ``-protocol numpy`` and items of one dtype and shape, ``input`` is one stacked
+        ndarray of shape ``(n, *item_shape)``; otherwise it is a list of items.
+        """
+        return input
+
+    def teardown(self, model: Any) -> None:
+        """Release the model's resources when the worker stops."""
+
+    # -- services for the hooks ----------------------------------------------------------
+
+    def new_logger(self, error_logger: bool = False) -> logging.Logger:
+        """The worker's logger (errors also go to ``<log_name>.err`` with ``-log_dir``)."""
+        return self._logger
+
+    def record_statistic(self, values: Mapping[str, float]) -> None:
+        """Record named numbers; ``server_status['statistic']`` summarises them per key."""
+        for key, value in values.items():
+            self._statistics.append((str(key), float(value)))
+
+    def _take_statistics(self) -> dict[str, list[float]]:
+        grouped: dict[str, list[float]] = {}
+        for key, value in self._statistics:
+            grouped.setdefault(key, []).append(value)
+        self._statistics.clear()
+        return grouped
+
+
+def load_worker_class(spec: str, directory: str | None = None) -> type[WKRHardWorker]:
+    """Import ``<file>.<Class>`` from ``directory`` (the current one by default)."""
+    module_name, _, class_name = spec.rpartition(".")
+    if not module_name or not class_name:
+        raise ValueError(f"worker class must be given as <file>.<Class>, got {spec!r}")
+    directory = os.path.abspath(directory or os.getcwd())
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, WKRHardWorker)):
+        raise TypeError(f"{spec} is not a subclass of WKRHardWorker")
+    return cls
+
+
+class WorkerProcess(Role):
+    name = "worker"
+    color = "blue"
+
+    def __init__(self, config: ServerConfig, endpoints: Endpoints, index: int,
+                 device_id: int, worker_class: type[WKRHardWorker]) -> None:
+        super().__init__(config, endpoints)
+        self.index = index
+        self.device_id = device_id
+        self.worker_class = worker_class
+
+    @property
+    def identity(self) -> str:
+        return f"worker-{self.index}"
+
+    def boot(self) -> dict[str, Any]:
+        # Pin before any user code can initialise CUDA.
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1" if self.device_id == CPU else str(self.device_id)
+        assert self.context is not None
+        self.vent = self.context.socket(zmq.DEALER)
+        self.vent.setsockopt(zmq.IDENTITY, self.identity.encode())
+        self.vent.setsockopt(zmq.LINGER, 0)
+        self.vent.connect(self.endpoints.workers)
+        self.sink = self.context.socket(zmq.PUSH)
+        self.sink.setsockopt(zmq.SNDHWM, 0)
+        self.sink.connect(self.endpoints.sink)
+
+        user_logger = set_logger(f"WORKER-{self.index}", self.config.log_dir,
+                                 self.config.log_name, self.config.verbose, self.color)
+        self.worker = self.worker_class(self.index, self.device_id, self.config, user_logger)
+        self.logger.info("using %s; loading model %s from %s", describe(self.device_id),
+                         self.config.model_name, self.config.model_dir)
+        os.makedirs(self.config.tmp_dir, exist_ok=True)
+        started = time.perf_counter()
+        envs = self.worker.get_env(self.device_id, self.config.tmp_dir)
+        self.preprocess = self.worker.get_preprocess(envs)
+        self.postprocess = self.worker.get_postprocess(envs)
+        self.model = self.worker.get_model(envs, self.config.model_dir, self.config.model_name,
+                                           self.config.tmp_dir)
+        self.logger.info("model ready in %.2fs", time.perf_counter() - started)
+        self.stack = self.config.protocol == "numpy"
+        return {"index": self.index, "device_id": self.device_id}
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.vent, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        self._ready()
+        while True:
+            events = dict(poller.poll())
+            if self.control in events:
+                name, _ = self.read_control()
+                if name == "stop":
+                    return
+            if self.vent in events:
+                frames = self.vent.recv_multipart(copy=False)
+                self._handle(frames)
+                self._ready()
+
+    def shutdown(self) -> None:
+        model = getattr(self, "model", None)
+        if model is not None:
+            try:
+                self.worker.teardown(model)
+            except Exception:
+                self.logger.exception("teardown failed")
+
+    def _ready(self) -> None:
+        self.vent.send(P.pack([P.PROTOCOL_VERSION, P.READY, self.index, os.getpid(),
+                               self.device_id]))
+
+    # -- one batch ----------------------------------------------------------------------
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        header = P.unpack_header(frames[0].buffer, expect=P.BATCH)
+        batch_id, segments = header[2], header[3]
+        payload = frames[1:]
+        parts: list[list[Any]] = []
+        live: list[list[Any]] = []  # segments whose items decoded
+        items: list[Any] = []
+        metas: list[Any] = []
+        pos = 0
+        for seg in segments:
+            count = seg[4]
+            seg_frames = payload[pos:pos + count]
+            pos += count
+            try:
+                items.extend(P.decode_item(m, f.buffer) for m, f in zip(seg[7], seg_frames))
+            except E.ProtocolError as exc:
+                del items[len(metas):]
+                parts.append(_part(seg, None, E.BadInput(str(exc)).to_wire()))
+                continue
+            metas.extend(seg[7])
+            live.append(seg)
+        started = time.perf_counter()
+        result_frames: list[Any] = []
+        if items:
+            self._run_batch(live, items, metas, parts, result_frames)
+        busy = time.perf_counter() - started
+        done = [P.PROTOCOL_VERSION, P.DONE, batch_id, self.index, parts,
+                self.worker._take_statistics(), busy]
+        self.sink.send_multipart([P.pack(done), *result_frames], copy=False)
+
+    def _run_batch(self, live: list[list[Any]], items: list[Any], metas: list[Any],
+                   parts: list[list[Any]], result_frames: list[Any]) -> None:
+        try:
+            outputs = self._predict(self._batch_input(items, metas))
+            if len(outputs) != len(items):
+                raise ValueError(f"predict returned {len(outputs)} results for "
+                                 f"{len(items)} inputs")
+            out_metas, out_bufs = _encode_outputs(outputs, self.config.protocol)
+        except Exception as exc:
+            error = E.ModelError(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            self.logger.error("batch of %d items failed: %s", len(items), error.message)
+            parts.extend(_part(seg, None, error.to_wire()) for seg in live)
+            return
+        start = 0
+        for seg in live:
+            end = start + seg[4]
+            parts.append(_part(seg, out_metas[start:end], None))
+            result_frames.extend(out_bufs[start:end])
+            start = end
+
+    def _batch_input(self, items: list[Any], metas: list[Any]) -> Any:
+        if not self.stack:
+            return items
+        first = metas[0]
+        if first != 0 and all(m == first for m in metas):
+            return np.stack(items)
+        return items
+
+    def _predict(self, batch: Any) -> Any:
+        if self.preprocess is not None:
+            batch = self.preprocess(batch)
+        outputs = self.worker.predict(self.model, batch)
+        if self.postprocess is not None:
+            outputs = self.postprocess(outputs)
+        return outputs
+
+
+def _part(seg: list[Any], metas: list[Any] | None, error: Any) -> list[Any]:
+    """A DONE part for a BATCH segment: [client, req_id, offset, total, count, t_recv,...]."""
+    return [seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], metas, error]
+
+
+def _encode_outputs(outputs: Any, protocol: str) -> tuple[list[Any], list[Any]]:
+    """Encode each result as ``(meta, buffer)``, slicing one buffer when outputs are an
+    ndarray so no per-item copy is made."""
+    if isinstance(outputs, np.ndarray) and outputs.ndim >= 1:
+        arr = np.ascontiguousarray(outputs)
+        P.encode_item(arr[:0], protocol)  # validates the dtype once
+        meta = [arr.dtype.str, list(arr.shape[1:])]
+        flat = arr.reshape(len(arr), -1).view(np.uint8) if arr.size else None
+        if flat is not None:
+            return [meta] * len(arr), list(flat)
+    metas: list[Any] = []
+    bufs: list[Any] = []
+    for value in outputs:
+        meta, buf = P.encode_item(value, protocol)
+        metas.append(meta)
+        bufs.append(buf)
+    return metas, bufs
