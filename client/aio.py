@@ -10,6 +10,7 @@ any number of coroutines may await results concurrently on one client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Sequence
@@ -48,8 +49,8 @@ class AsyncWKRClient:
         self._ids = itertools.count(1)
         self._futures: dict[int, asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
-        self._sender: zmq.asyncio.Socket | None = None
-        self._receiver: zmq.asyncio.Socket | None = None
+        self._sender: Any = None
+        self._receiver: Any = None
         self._closed = False
         self.server_info: dict[str, Any] = {}
 
@@ -106,10 +107,8 @@ class AsyncWKRClient:
         self._closed = True
         if self._reader is not None:
             self._reader.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
             self._reader = None
         for socket in (self._sender, self._receiver):
             if socket is not None:

@@ -126,7 +126,7 @@ def parse_reply(frames: list[Any]) -> Reply:
         if not isinstance(metas, list) or len(metas) != len(frames) - 1:
             raise ProtocolError("result metas do not match its payload frames")
         values = [P.decode_item(m, f.buffer if hasattr(f, "buffer") else f)
-                  for m, f in zip(metas, frames[1:])]
+                  for m, f in zip(metas, frames[1:], strict=True)]
         return Reply(req_id, values, None)
     if kind == P.ERROR:
         return Reply(req_id, None, error_from_wire(header[3], req_id))

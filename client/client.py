@@ -11,6 +11,7 @@ other threads' replies over through a condition variable.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -88,7 +89,7 @@ class WKRClient:
         self._connected = False
         self._server_info: dict[str, Any] = {}
         self.num_requests = 0
-        context = zmq.Context.instance()
+        context: zmq.Context = zmq.Context.instance()
         self.sender = self.options.configure(context.socket(zmq.DEALER))
         self.receiver = self.options.configure(context.socket(zmq.DEALER))
         self.sender.connect(self.options.address_in)
@@ -170,7 +171,7 @@ class WKRClient:
 
     def fetch_all(self, sort: bool = True, concat: bool = False,
                   parse_id_func: Callable[[Response], Any] | None = None,
-                  return_id: bool = False, on_error: str = "raise") -> list[Any]:
+                  return_id: bool = False, on_error: str = "raise") -> Any:
         """All replies of non-blocking requests, in send order.
 
         ``on_error``: ``"raise"`` raises the first failed request's error once every reply
@@ -239,10 +240,8 @@ class WKRClient:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     # -- internals ----------------------------------------------------------------------
 
@@ -359,10 +358,9 @@ class WKRClient:
             return []
         replies = []
         for _ in range(READ_BATCH):
-            try:
-                frames = self.receiver.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self.receiver.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
                 break
+            frames = self.receiver.recv_multipart(copy=False)
             try:
                 replies.append(parse_reply(frames))
             except ProtocolError as exc:

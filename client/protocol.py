@@ -64,15 +64,17 @@ __all__ = [
     "EXT_NDARRAY",
     "FORWARD",
     "HELLO",
-    "PROTOCOL_VERSION",
     "PROTOCOLS",
+    "PROTOCOL_VERSION",
     "READY",
     "REPLY",
     "REQUEST",
     "RESULT",
+    "check_raw",
     "decode_item",
     "encode_item",
     "pack",
+    "parse_dtype",
     "unpack_header",
 ]
 
@@ -142,7 +144,8 @@ def unpack_header(buf: Any, expect: int | None = None) -> list[Any]:
     if expect is not None and kind != expect:
         raise ProtocolError(f"unexpected message kind {kind} (expected {expect})")
     if len(header) != fields + 2:
-        raise ProtocolError(f"message kind {kind} needs {fields} header fields, got {len(header) - 2}")
+        raise ProtocolError(
+            f"message kind {kind} needs {fields} header fields, got {len(header) - 2}")
     return header
 
 
@@ -183,14 +186,17 @@ def decode_item(meta: Any, buf: Any) -> Any:
         except ProtocolError:
             raise
         except Exception as exc:
-            raise ProtocolError(f"item is not valid msgpack ({type(exc).__name__}: {exc})") from None
+            raise ProtocolError(
+                f"item is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    dtype, shape = check_raw(meta, buf)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def check_raw(meta: Any, buf: Any) -> tuple[np.dtype, list[int]]:
+    """Validate a raw-array item's ``[dtype, shape]`` meta against its buffer."""
     if not (isinstance(meta, list) and len(meta) == 2):
         raise ProtocolError(f"item meta must be 0 or [dtype, shape], got {meta!r}")
-    return _array_from(meta[0], meta[1], buf)
-
-
-def _array_from(dtype_str: Any, shape: Any, buf: Any) -> np.ndarray:
-    dtype = _parse_dtype(dtype_str)
+    dtype, shape = parse_dtype(meta[0]), meta[1]
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
@@ -201,11 +207,12 @@ def _array_from(dtype_str: Any, shape: Any, buf: Any) -> np.ndarray:
         raise ProtocolError(
             f"array declared as {dtype.str}{tuple(shape)} needs {expected} bytes, got {nbytes}"
         )
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return dtype, shape
 
 
 @functools.lru_cache(maxsize=256)
-def _parse_dtype(dtype_str: Any) -> np.dtype:
+def parse_dtype(dtype_str: Any) -> np.dtype:
+    """A wire dtype string as a numpy dtype; refuses object and structured dtypes."""
     if not isinstance(dtype_str, str) or len(dtype_str) > 16:
         raise ProtocolError(f"bad dtype {dtype_str!r}")
     try:
@@ -245,4 +252,4 @@ def _ext_hook(code: int, data: bytes) -> Any:
         dtype_str, shape, raw = msgpack.unpackb(data, raw=False)
     except Exception:
         raise ProtocolError("malformed ndarray extension") from None
-    return _array_from(dtype_str, shape, raw)
+    return decode_item([dtype_str, shape], raw)

@@ -49,19 +49,24 @@ class ServerConfig:
     num_worker: int = _opt(1, "number of worker processes", kind=int)
     batch_size: int = _opt(10, "most items in one batch given to predict", kind=int)
     batch_group_timeout: int = _opt(
-        5, "most extra time (ms), from the first queued item, to wait for a batch to fill", kind=int)
+        5, "most extra time (ms), from the first queued item, to wait for a batch to fill",
+        kind=int)
     device_map: tuple[int, ...] | None = _opt(
         None, "GPU ids assigned to workers round-robin, -1 for CPU (default: free GPUs, "
         "else CPU)", nargs="+", kind=int)
     cpu: bool = _opt(False, "run every worker on the CPU", kind=bool)
-    gpu_memory_fraction: float = _opt(0.2, "fraction of GPU memory a worker may use", kind=float)
-    startup_timeout: float = _opt(600.0, "seconds to wait for every worker to load its model", kind=float)
-    graceful_timeout: float = _opt(30.0, "seconds to drain in-flight work when stopping", kind=float)
+    gpu_memory_fraction: float = _opt(0.2, "fraction of GPU memory a worker may use",
+                                      kind=float)
+    startup_timeout: float = _opt(600.0, "seconds to wait for every worker to load its model",
+                                  kind=float)
+    graceful_timeout: float = _opt(30.0, "seconds to drain in-flight work when stopping",
+                                   kind=float)
     log_dir: str | None = _opt(None, "write <log_name>.log and <log_name>.err here "
                                "instead of stderr")
     log_name: str | None = _opt(None, "base name of the log files (default: WKRServer)")
     verbose: bool = _opt(False, "debug logging", kind=bool)
-    http_port: int | None = _opt(None, "port of the HTTP bridge (not served by this version)", kind=int)
+    http_port: int | None = _opt(None, "port of the HTTP bridge (not served by this version)",
+                                 kind=int)
     http_max_connect: int = _opt(20, "client pool size of the HTTP bridge", kind=int)
     cors: str = _opt("*", "Access-Control-Allow-Origin of the HTTP bridge")
 

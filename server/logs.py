@@ -40,10 +40,10 @@ def set_logger(context: str, log_dir: str | None = None, log_name: str | None = 
         base = os.path.join(log_dir, log_name or "WKRServer")
         targets = [(base + ".log", level), (base + ".err", logging.ERROR)]
         for path, handler_level in targets:
-            handler: logging.Handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
-            handler.setLevel(handler_level)
-            handler.setFormatter(formatter)
-            logger.addHandler(handler)
+            file_handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+            file_handler.setLevel(handler_level)
+            file_handler.setFormatter(formatter)
+            logger.addHandler(file_handler)
     else:
         stream = logging.StreamHandler(sys.stderr)
         stream.setLevel(level)

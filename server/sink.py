@@ -12,13 +12,12 @@ import time
 from typing import Any
 
 import zmq
-
 from wkr_serving.client import errors as E
 from wkr_serving.client import protocol as P
 from wkr_serving.client.version import __version__
 
 from .jobs import Reassembler
-from .process import Role
+from .process import Role, drain
 from .stats import RateMeter, Summary, Window
 
 __all__ = ["Sink"]
@@ -68,29 +67,16 @@ class Sink(Role):
         while True:
             events = dict(poller.poll())
             if self.pull in events:
-                self._drain_pull()
+                drain(self.pull, self._on_internal, MAX_DRAIN)
             if self.router in events:
-                for _ in range(MAX_DRAIN):
-                    try:
-                        self._on_client(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
-                    except zmq.Again:
-                        break
+                drain(self.router, self._on_client, MAX_DRAIN)
             if self.control in events:
                 name, _ = self.read_control()
                 if name == "stop":
                     # Roles upstream have stopped: deliver whatever they already sent.
-                    while self._drain_pull():
+                    while drain(self.pull, self._on_internal, MAX_DRAIN):
                         pass
                     return
-
-    def _drain_pull(self) -> int:
-        for n in range(MAX_DRAIN):
-            try:
-                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return n
-            self._on_internal(frames)
-        return MAX_DRAIN
 
     # -- sending ------------------------------------------------------------------------
 
@@ -169,13 +155,14 @@ class Sink(Role):
             self._send_error(client, req_id, done.error)
         else:
             self.results += 1
-            self._send(client, [P.pack([V, P.RESULT, req_id, done.metas]), *done.frames])
-        self.latency.add((now or time.monotonic()) - t_recv)
-        self.result_rate.add(time.time())
+            self._send(client, [P.pack([V, P.RESULT, req_id, done.metas]), *(done.frames or ())])
+        now = now or time.monotonic()
+        self.latency.add(now - t_recv)
+        self.result_rate.add(now)
 
     def _status(self, status: dict[str, Any]) -> dict[str, Any]:
         """Complete the ventilator's status snapshot with what only the sink knows."""
-        now = time.time()
+        now = time.monotonic()
         latency = {k: v * 1000.0 for k, v in self.latency.percentiles((50, 90, 99)).items()}
         status.update({
             "num_results": self.results,

@@ -7,6 +7,7 @@ process ended), and a wake-up pipe written by signal handlers and :meth:`request
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-
 from wkr_serving.client import protocol as P
 
 from .config import ServerConfig
@@ -63,6 +63,7 @@ class Supervisor:
         self.failure: str | None = None
         self.stop_reason: str | None = None
         self.drained = False
+        self.registered: list[int] = []  # worker indices the ventilator can dispatch to
         self.port: int | None = None
         self.port_out: int | None = None
         self.started_at = time.time()
@@ -81,10 +82,8 @@ class Supervisor:
         """Ask the loop to drain and stop; safe from signal handlers and other threads."""
         if self.stop_reason is None:
             self.stop_reason = reason
-        try:
+        with contextlib.suppress(OSError):  # a full pipe already means "wake up"
             os.write(self._wake_w, b"s")
-        except (BlockingIOError, OSError):
-            pass
 
     def serve(self, on_ready: Any = None) -> int:
         """Start, wait until ready, supervise until stopped; return the exit code."""
@@ -138,7 +137,8 @@ class Supervisor:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout
         while self.failure is None and self.stop_reason is None:
-            if all(c.ready for c in self.children.values()):
+            if (all(c.ready for c in self.children.values())
+                    and len(self.registered) >= self.config.num_worker):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -146,11 +146,11 @@ class Supervisor:
                 self.failure = (f"not ready after -startup_timeout {self.config.startup_timeout}s"
                                 f": still waiting for {', '.join(waiting)}")
                 return
-            self._tick(min(remaining, 1.0) * 1000)
+            self._tick(int(min(remaining, 1.0) * 1000))
 
     # -- loop ---------------------------------------------------------------------------
 
-    def _tick(self, timeout_ms: float) -> None:
+    def _tick(self, timeout_ms: int) -> None:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -196,6 +196,8 @@ class Supervisor:
             self.failure = f"{name} failed to start: {value.get('error')}\n{value.get('traceback')}"
         elif event == "drained":
             self.drained = True
+        elif event == "workers":
+            self.registered = list(value)
 
     def _on_exit(self, name: str) -> None:
         child = self.children.get(name)

@@ -17,7 +17,6 @@ from typing import Any
 import msgpack
 import numpy as np
 import zmq
-
 from wkr_serving.client import errors as E
 from wkr_serving.client import protocol as P
 from wkr_serving.client.version import __version__
@@ -25,7 +24,7 @@ from wkr_serving.client.version import __version__
 from .batching import BatchQueue, Request, Segment, dispatch_wait, should_dispatch
 from .config import ServerConfig
 from .devices import describe
-from .process import Endpoints, Role
+from .process import Endpoints, Role, drain
 from .stats import Histogram
 
 __all__ = ["Ventilator"]
@@ -109,23 +108,15 @@ class Ventilator(Role):
             wait_ms = IDLE_POLL_MS if timeout is None else max(0, int(timeout * 1000) + 1)
             events = dict(poller.poll(wait_ms))
             if self.backend in events:
-                self._drain(self.backend, self._on_worker)
+                drain(self.backend, self._on_worker, MAX_DRAIN)
             if self.frontend in events:
-                self._drain(self.frontend, self._on_client)
+                drain(self.frontend, self._on_client, MAX_DRAIN)
             if self.control in events and self._on_control():
                 return
             timeout = self._dispatch(time.monotonic(), group_timeout)
             if self.draining and not self.drained_reported and self._idle_now():
                 self.drained_reported = True
                 self.event("drained", {"requests": self.requests})
-
-    def _drain(self, socket: zmq.Socket, handler: Any) -> None:
-        for _ in range(MAX_DRAIN):
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            handler(frames)
 
     def _idle_now(self) -> bool:
         return not self.queue.items and self.busy == 0
@@ -200,6 +191,7 @@ class Ventilator(Role):
         if worker is None:
             worker = self.workers[index] = _WorkerState(index, pid, device_id)
             self.logger.info("worker %d (pid %d, %s) is ready", index, pid, describe(device_id))
+            self.event("workers", sorted(self.workers))
         elif worker.busy:
             worker.busy = False
             worker.batch = None

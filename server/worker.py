@@ -9,7 +9,6 @@ preprocess -> predict -> postprocess and sends the results to the sink.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -20,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import zmq
-
 from wkr_serving.client import errors as E
 from wkr_serving.client import protocol as P
 
@@ -105,11 +103,15 @@ class WKRHardWorker:
 
 
 def load_worker_class(spec: str, directory: str | None = None) -> type[WKRHardWorker]:
-    """Import ``<file>.<Class>`` from ``directory`` (the current one by default)."""
-    module_name, _, class_name = spec.rpartition(".")
+    """Import ``<file>.<Class>`` from ``directory`` (default: the current one).
+
+    ``spec`` may start with a directory, as in ``example/noop_worker.Worker``.
+    """
+    path, _, dotted = spec.rpartition("/")
+    module_name, _, class_name = dotted.rpartition(".")
     if not module_name or not class_name:
         raise ValueError(f"worker class must be given as <file>.<Class>, got {spec!r}")
-    directory = os.path.abspath(directory or os.getcwd())
+    directory = os.path.abspath(os.path.join(directory or os.getcwd(), path))
     if directory not in sys.path:
         sys.path.insert(0, directory)
     module = importlib.import_module(module_name)
@@ -160,6 +162,8 @@ class WorkerProcess(Role):
                                            self.config.tmp_dir)
         self.logger.info("model ready in %.2fs", time.perf_counter() - started)
         self.stack = self.config.protocol == "numpy"
+        self._ready_frame = P.pack([P.PROTOCOL_VERSION, P.READY, self.index, os.getpid(),
+                                    self.device_id])
         return {"index": self.index, "device_id": self.device_id}
 
     def serve(self) -> None:
@@ -187,8 +191,7 @@ class WorkerProcess(Role):
                 self.logger.exception("teardown failed")
 
     def _ready(self) -> None:
-        self.vent.send(P.pack([P.PROTOCOL_VERSION, P.READY, self.index, os.getpid(),
-                               self.device_id]))
+        self.vent.send(self._ready_frame)
 
     # -- one batch ----------------------------------------------------------------------
 
@@ -197,25 +200,24 @@ class WorkerProcess(Role):
         batch_id, segments = header[2], header[3]
         payload = frames[1:]
         parts: list[list[Any]] = []
-        live: list[list[Any]] = []  # segments whose items decoded
-        items: list[Any] = []
+        live: list[list[Any]] = []  # segments whose items are valid
+        items: list[Any] = []  # raw items stay frames; msgpack items are decoded here
         metas: list[Any] = []
         pos = 0
         for seg in segments:
-            count = seg[4]
-            seg_frames = payload[pos:pos + count]
-            pos += count
+            seg_frames = payload[pos:pos + seg[4]]
+            pos += seg[4]
             try:
-                items.extend(P.decode_item(m, f.buffer) for m, f in zip(seg[7], seg_frames))
+                decoded = [_checked_item(m, f) for m, f in zip(seg[7], seg_frames, strict=True)]
             except E.ProtocolError as exc:
-                del items[len(metas):]
                 parts.append(_part(seg, None, E.BadInput(str(exc)).to_wire()))
                 continue
+            items.extend(decoded)
             metas.extend(seg[7])
             live.append(seg)
         started = time.perf_counter()
         result_frames: list[Any] = []
-        if items:
+        if live:
             self._run_batch(live, items, metas, parts, result_frames)
         busy = time.perf_counter() - started
         done = [P.PROTOCOL_VERSION, P.DONE, batch_id, self.index, parts,
@@ -243,12 +245,16 @@ class WorkerProcess(Role):
             start = end
 
     def _batch_input(self, items: list[Any], metas: list[Any]) -> Any:
-        if not self.stack:
-            return items
+        """The ``input`` given to predict: with ``-protocol numpy`` and items of one dtype
+        and shape, one stacked, writable array (a single copy of the payload bytes);
+        otherwise a list of items."""
         first = metas[0]
-        if first != 0 and all(m == first for m in metas):
-            return np.stack(items)
-        return items
+        if self.stack and first != P.MSGPACK_ITEM and all(m == first for m in metas):
+            joined = bytearray().join(f.buffer for f in items)
+            return np.frombuffer(joined, dtype=P.parse_dtype(first[0])).reshape(
+                len(items), *first[1])
+        return [P.decode_item(m, item.buffer) if m != P.MSGPACK_ITEM else item
+                for m, item in zip(metas, items, strict=True)]
 
     def _predict(self, batch: Any) -> Any:
         if self.preprocess is not None:
@@ -257,6 +263,15 @@ class WorkerProcess(Role):
         if self.postprocess is not None:
             outputs = self.postprocess(outputs)
         return outputs
+
+
+def _checked_item(meta: Any, frame: zmq.Frame) -> Any:
+    """Validate one input item: msgpack items are decoded now, raw arrays are checked
+    against their meta and kept as frames until the batch is assembled."""
+    if meta == P.MSGPACK_ITEM:
+        return P.decode_item(meta, frame.buffer)
+    P.check_raw(meta, frame.buffer)
+    return frame
 
 
 def _part(seg: list[Any], metas: list[Any] | None, error: Any) -> list[Any]:
