@@ -21,7 +21,7 @@ import zmq
 from wkr_serving.client import protocol as P
 
 from .config import ServerConfig
-from .devices import assign_devices, describe, discover_gpus
+from .devices import DeviceError, assign_devices, describe, discover_gpus
 from .logs import set_logger
 from .process import EXIT_BOOT_FAILED, Endpoints, Role, run_role
 from .sink import Sink
@@ -82,6 +82,8 @@ class Supervisor:
         """Ask the loop to drain and stop; safe from signal handlers and other threads."""
         if self.stop_reason is None:
             self.stop_reason = reason
+        if self._wake_w < 0:  # already shut down; the fd number may belong to a new file
+            return
         with contextlib.suppress(OSError):  # a full pipe already means "wake up"
             os.write(self._wake_w, b"s")
 
@@ -104,6 +106,8 @@ class Supervisor:
                     on_ready()
                 while self.failure is None and self.stop_reason is None:
                     self._tick(1000)
+        except DeviceError as exc:
+            self.failure = str(exc)
         except Exception as exc:  # a bug here must still stop the children
             self.failure = f"supervisor error: {type(exc).__name__}: {exc}"
             self.logger.exception("supervisor error")
@@ -257,8 +261,10 @@ class Supervisor:
         self.control.close(0)
         self.context.term()
         shutil.rmtree(self._tmp, ignore_errors=True)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1
+        os.close(wake_r)
+        os.close(wake_w)
 
     def _stop_children(self, names: list[str]) -> None:
         live = [self.children[n] for n in names if n in self.children]
