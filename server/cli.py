@@ -43,7 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.set_wakeup_fd(supervisor.wakeup_fd, warn_on_full_buffer=False)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    return supervisor.serve()
+    try:
+        return supervisor.serve()
+    finally:
+        signal.set_wakeup_fd(-1)  # the supervisor closed its pipe
 
 
 if __name__ == "__main__":
