@@ -21,7 +21,8 @@ from wkr_serving.client import protocol as P
 from .config import ServerConfig
 from .logs import set_logger
 
-__all__ = ["EXIT_BOOT_FAILED", "Endpoints", "Role", "drain", "run_role"]
+__all__ = ["EXIT_BOOT_FAILED", "Endpoints", "Role", "bind_public", "drain",
+           "run_role"]
 
 #: A role that cannot start (bad model, port in use) exits with this code; the
 #: supervisor stops the server instead of restarting it.
@@ -116,6 +117,18 @@ class Role:
 
     def shutdown(self) -> None:
         """Release what :meth:`boot` acquired (sockets close with the context)."""
+
+
+def bind_public(socket: zmq.Socket, host: str, port: int) -> int:
+    """Bind a client-facing TCP socket; ``port`` 0 takes any free port. Returns the port."""
+    if ":" in host:
+        socket.setsockopt(zmq.IPV6, 1)
+        host = f"[{host}]" if not host.startswith("[") else host
+    address = f"tcp://{host}"
+    if port:
+        socket.bind(f"{address}:{port}")
+        return port
+    return socket.bind_to_random_port(address)
 
 
 def drain(socket: zmq.Socket, handler: Any, limit: int) -> int:

@@ -17,7 +17,7 @@ from wkr_serving.client import protocol as P
 from wkr_serving.client.version import __version__
 
 from .jobs import Reassembler
-from .process import Role, drain
+from .process import Role, bind_public, drain
 from .stats import RateMeter, Summary, Window
 
 __all__ = ["Sink"]
@@ -39,12 +39,7 @@ class Sink(Role):
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.SNDHWM, 0)
         self.router.setsockopt(zmq.LINGER, 1000)
-        address = f"tcp://{self.config.bind}"
-        if self.config.port_out:
-            self.router.bind(f"{address}:{self.config.port_out}")
-            port_out = self.config.port_out
-        else:
-            port_out = self.router.bind_to_random_port(address)
+        port_out = bind_public(self.router, self.config.bind, self.config.port_out)
 
         self.jobs = Reassembler()
         self.results = 0

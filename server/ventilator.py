@@ -24,7 +24,7 @@ from wkr_serving.client.version import __version__
 from .batching import BatchQueue, Request, Segment, dispatch_wait, should_dispatch
 from .config import ServerConfig
 from .devices import describe
-from .process import Endpoints, Role, drain
+from .process import Endpoints, Role, bind_public, drain
 from .stats import Histogram
 
 __all__ = ["Ventilator"]
@@ -66,12 +66,7 @@ class Ventilator(Role):
         self.frontend = self.context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.RCVHWM, 0)
-        address = f"tcp://{self.config.bind}"
-        if self.config.port:
-            self.frontend.bind(f"{address}:{self.config.port}")
-            port = self.config.port
-        else:
-            port = self.frontend.bind_to_random_port(address)
+        port = bind_public(self.frontend, self.config.bind, self.config.port)
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
