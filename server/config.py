@@ -55,6 +55,9 @@ class ServerConfig:
         None, "GPU ids assigned to workers round-robin, -1 for CPU (default: free GPUs, "
         "else CPU)", nargs="+", kind=int)
     cpu: bool = _opt(False, "run every worker on the CPU", kind=bool)
+    num_threads: int = _opt(
+        0, "BLAS/OpenMP threads per worker; 0: auto (one core left for the pipeline, the "
+        "rest shared by the workers), -1: leave the libraries' defaults", kind=int)
     gpu_memory_fraction: float = _opt(0.2, "fraction of GPU memory a worker may use",
                                       kind=float)
     startup_timeout: float = _opt(600.0, "seconds to wait for every worker to load its model",
@@ -77,6 +80,8 @@ class ServerConfig:
                 raise ConfigError(f"-{name} must be at least 1, got {value}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"-protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.num_threads < -1:
+            raise ConfigError("-num_threads must be >= -1")
         if self.batch_group_timeout < 0:
             raise ConfigError("-batch_group_timeout must be >= 0 ms")
         for name, port in (("port", self.port), ("port_out", self.port_out),
@@ -93,6 +98,15 @@ class ServerConfig:
             if not self.device_map or any(d < -1 for d in self.device_map):
                 raise ConfigError("-device_map takes GPU ids >= 0, or -1 for CPU")
             object.__setattr__(self, "device_map", tuple(self.device_map))
+
+    def worker_threads(self, cpu_count: int | None = None) -> int | None:
+        """BLAS/OpenMP threads each worker should use (None: leave library defaults)."""
+        if self.num_threads == -1:
+            return None
+        if self.num_threads > 0:
+            return self.num_threads
+        cores = cpu_count or os.cpu_count() or 1
+        return max(1, (cores - 1) // self.num_worker)
 
     @property
     def tmp_dir(self) -> str:

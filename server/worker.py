@@ -140,6 +140,9 @@ class WorkerProcess(Role):
     def boot(self) -> dict[str, Any]:
         # Pin before any user code can initialise CUDA.
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1" if self.device_id == CPU else str(self.device_id)
+        threads = self.config.worker_threads()
+        if threads is not None:
+            _limit_threads(threads)
         assert self.context is not None
         self.vent = self.context.socket(zmq.DEALER)
         self.vent.setsockopt(zmq.IDENTITY, self.identity.encode())
@@ -152,7 +155,8 @@ class WorkerProcess(Role):
         user_logger = set_logger(f"WORKER-{self.index}", self.config.log_dir,
                                  self.config.log_name, self.config.verbose, self.color)
         self.worker = self.worker_class(self.index, self.device_id, self.config, user_logger)
-        self.logger.info("using %s; loading model %s from %s", describe(self.device_id),
+        self.logger.info("using %s, %s BLAS/OpenMP thread(s); loading model %s from %s",
+                         describe(self.device_id), threads or "default",
                          self.config.model_name, self.config.model_dir)
         os.makedirs(self.config.tmp_dir, exist_ok=True)
         started = time.perf_counter()
@@ -267,6 +271,22 @@ class WorkerProcess(Role):
         if self.postprocess is not None:
             outputs = self.postprocess(outputs)
         return outputs
+
+
+#: Environment variables read by the common BLAS/OpenMP runtimes when they load.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                   "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def _limit_threads(threads: int) -> None:
+    """Cap math-library thread pools: several workers (plus the ventilator and sink) each
+    running a pool as wide as the machine oversubscribe it, and spinning BLAS threads
+    then slow every process down."""
+    for name in THREAD_ENV_VARS:
+        os.environ[name] = str(threads)  # for frameworks imported later (torch, TF)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)  # for libraries already loaded (numpy's BLAS)
 
 
 def _checked_item(meta: Any, frame: zmq.Frame) -> Any:
