@@ -146,8 +146,8 @@ class AsyncWKRClient:
         except asyncio.TimeoutError:
             if what.startswith(("handshake", "ping")):
                 raise connect_timeout_error(self.options, what) from None
-            raise WKRTimeoutError(f"no {what} for request {req_id} within "
-                                  f"{self.options.timeout} ms") from None
+            limit_ms = "no limit" if limit is None else f"{limit * 1000:.0f} ms"
+            raise WKRTimeoutError(f"no {what} for request {req_id} within {limit_ms}") from None
         finally:
             self._futures.pop(req_id, None)
         return future.result()

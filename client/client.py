@@ -218,9 +218,9 @@ class WKRClient:
                 break
             in_flight.append(self._send_items([data], _ONE, timeout, None))
             if len(in_flight) >= max_in_flight:
-                yield self._response(in_flight.popleft())
+                yield self._response(in_flight.popleft(), keep_error=False)
         while in_flight:
-            yield self._response(in_flight.popleft())
+            yield self._response(in_flight.popleft(), keep_error=False)
 
     def close(self) -> None:
         """Close both sockets. Safe to call twice."""
@@ -319,10 +319,13 @@ class WKRClient:
             raise reply.error
         return reply.value
 
-    def _response(self, req_id: int) -> Response:
+    def _response(self, req_id: int, keep_error: bool = True) -> Response:
+        """The reply as a seed-style Response; ``keep_error`` keeps the typed exception
+        for :meth:`fetch_all`."""
         reply = self._wait(req_id, self._deadline(None), "result")
         if reply.error is not None:
-            self._errors[req_id] = reply.error
+            if keep_error:
+                self._errors[req_id] = reply.error
             return Response(req_id, None, 1, str(reply.error))
         return Response(req_id, reply.value, 0, "")
 
@@ -437,6 +440,8 @@ class ConcurrentWKRClient:
         return self._call("encode", data, **kwargs)
 
     def encode_batch(self, items: Sequence[Any], **kwargs: Any) -> Any:
+        if kwargs.get("blocking") is False:
+            raise ClientUsageError("ConcurrentWKRClient only supports blocking calls")
         return self._call("encode_batch", items, **kwargs)
 
     @property

@@ -178,7 +178,7 @@ def encode_item(value: Any, protocol: str) -> tuple[Any, Any]:
 def decode_item(meta: Any, buf: Any) -> Any:
     """Decode one item from its meta and buffer; raise :class:`ProtocolError` on bad data.
 
-    Raw ndarrays are zero-copy, read-only views over ``buf``.
+    Raw ndarrays are zero-copy views over ``buf`` (read-only when ``buf`` is).
     """
     if meta == MSGPACK_ITEM:
         try:
@@ -210,11 +210,15 @@ def check_raw(meta: Any, buf: Any) -> tuple[np.dtype, list[int]]:
     return dtype, shape
 
 
-@functools.lru_cache(maxsize=256)
 def parse_dtype(dtype_str: Any) -> np.dtype:
     """A wire dtype string as a numpy dtype; refuses object and structured dtypes."""
-    if not isinstance(dtype_str, str) or len(dtype_str) > 16:
+    if not isinstance(dtype_str, str) or len(dtype_str) > 16:  # before hashing, below
         raise ProtocolError(f"bad dtype {dtype_str!r}")
+    return _parse_dtype(dtype_str)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_dtype(dtype_str: str) -> np.dtype:
     try:
         dtype = np.dtype(dtype_str)
     except Exception:

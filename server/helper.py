@@ -35,7 +35,8 @@ def import_tf(device_id: int = -1, verbose: bool = False, use_fp16: bool = False
               gpu_memory_fraction: float | None = None) -> Any:
     """Pin ``device_id`` (``-1``: CPU), import TensorFlow quietly and return the module.
 
-    With ``gpu_memory_fraction`` on a GPU, memory grows on demand up to that fraction.
+    On a GPU, TensorFlow may use at most ``gpu_memory_fraction`` of the card's memory;
+    without it, memory is taken on demand instead of all at once.
     """
     _pin(device_id)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose else "3"
@@ -44,10 +45,26 @@ def import_tf(device_id: int = -1, verbose: bool = False, use_fp16: bool = False
     import tensorflow as tf
 
     tf.get_logger().setLevel("DEBUG" if verbose else "ERROR")
-    if device_id >= 0:
-        for gpu in tf.config.list_physical_devices("GPU"):
+    gpus = tf.config.list_physical_devices("GPU") if device_id >= 0 else []
+    total_mb = _gpu_memory_mb(device_id) if gpus and gpu_memory_fraction else None
+    for gpu in gpus:  # only the pinned GPU is visible
+        if total_mb and gpu_memory_fraction:
+            limit = int(total_mb * gpu_memory_fraction)
+            tf.config.set_logical_device_configuration(
+                gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit)])
+        else:
             tf.config.experimental.set_memory_growth(gpu, True)
     return tf
+
+
+def _gpu_memory_mb(device_id: int) -> float | None:
+    """Total memory (MiB) of GPU ``device_id`` as nvidia-smi numbers it, if known."""
+    try:
+        import GPUtil
+
+        return next((g.memoryTotal for g in GPUtil.getGPUs() if g.id == device_id), None)
+    except Exception:
+        return None
 
 
 def import_torch(device_id: int = -1, verbose: bool = False, use_fp16: bool = False,

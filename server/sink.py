@@ -48,6 +48,7 @@ class Sink(Role):
         self.latency = Window(4096)
         self.result_rate = RateMeter()
         self.worker_stats: dict[int, dict[str, float]] = {}
+        self.last_batch: dict[int, int] = {}  # worker index -> id of its last DONE batch
         self.statistic: dict[str, Summary] = {}
         self.hello = {"server_version": __version__, "protocol": self.config.protocol,
                       "protocol_version": V}
@@ -111,15 +112,17 @@ class Sink(Role):
             if action == "error":
                 self._send_error(client, req_id, value)
             elif action == "failed":
-                offset, total, count, t_recv, error = value
-                self._finish(client, req_id, offset, total, count, t_recv, None, [], error)
+                worker, batch_id, offset, total, count, t_recv, error = value
+                if self.last_batch.get(worker, 0) < batch_id:
+                    self._finish(client, req_id, offset, total, count, t_recv, None, [], error)
             elif action == "status":
                 self._send(client, [P.pack([V, P.REPLY, req_id, self._status(value)])])
             else:
                 self._send(client, [P.pack([V, P.REPLY, req_id, value])])
 
     def _on_done(self, header: list[Any], frames: list[zmq.Frame]) -> None:
-        _, _, _batch_id, worker, parts, user_stats, busy = header
+        _, _, batch_id, worker, parts, user_stats, busy = header
+        self.last_batch[worker] = batch_id
         now = time.monotonic()
         pos = 1
         for client, req_id, offset, total, count, t_recv, metas, error in parts:

@@ -43,6 +43,7 @@ class _WorkerState:
     device_id: int
     busy: bool = False
     batch: list[Segment] | None = None
+    batch_id: int = 0
     batches: int = 0
     items: int = 0
 
@@ -202,14 +203,18 @@ class Ventilator(Role):
             self.idle.remove(index)
         if worker.busy:
             self.busy -= 1
-            self._fail_segments(worker.batch or [], E.WorkerDied(
+            self._fail_segments(worker, worker.batch or [], E.WorkerDied(
                 f"worker {index} (pid {worker.pid}) died while computing this request"))
 
-    def _fail_segments(self, segments: list[Segment], error: E.ServerError) -> None:
+    def _fail_segments(self, worker: _WorkerState, segments: list[Segment],
+                       error: E.ServerError) -> None:
+        """Fail a worker's batch through the sink, which skips it if the worker's DONE for
+        that batch already arrived (the worker died after answering)."""
         wire = error.to_wire()
         for req, offset, count in segments:
             self.sink.send(P.pack([P.PROTOCOL_VERSION, P.FORWARD, req.client, req.req_id,
-                                   "failed", [offset, req.total, count, req.t_recv, wire]]))
+                                   "failed", [worker.index, worker.batch_id, offset,
+                                              req.total, count, req.t_recv, wire]]))
 
     def _dispatch(self, now: float, group_timeout: float) -> float | None:
         """Send batches while workers are idle; return seconds until a wait expires."""
@@ -236,6 +241,7 @@ class Ventilator(Role):
                             req.deadline, req.metas[offset:end]])
             frames.extend(req.frames[offset:end])
         self.batch_id += 1
+        worker.batch_id = self.batch_id
         header = P.pack([P.PROTOCOL_VERSION, P.BATCH, self.batch_id, headers])
         try:
             self.backend.send_multipart([_worker_identity(worker.index), header, *frames],
@@ -244,7 +250,8 @@ class Ventilator(Role):
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             self.workers.pop(worker.index, None)
-            self._fail_segments(segments, E.WorkerDied(f"worker {worker.index} is gone"))
+            self._fail_segments(worker, segments,
+                                E.WorkerDied(f"worker {worker.index} is gone"))
             return
         worker.busy = True
         worker.batch = segments

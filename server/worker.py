@@ -87,7 +87,8 @@ class WKRHardWorker:
     # -- services for the hooks ----------------------------------------------------------
 
     def new_logger(self, error_logger: bool = False) -> logging.Logger:
-        """The worker's logger (errors also go to ``<log_name>.err`` with ``-log_dir``)."""
+        """The worker's logger. Errors always also go to ``<log_name>.err`` with
+        ``-log_dir``; ``error_logger`` is accepted for compatibility with the seed."""
         return self._logger
 
     def record_statistic(self, values: Mapping[str, float]) -> None:
