@@ -1,0 +1,1066 @@
+#!/usr/bin/env python
+"""Benchmark harness for wkr-serving (DESIGN.md section 4).
+
+    python benchmarks/run.py                 # full run (about 2 minutes)
+    python benchmarks/run.py --quick         # smoke run (under a minute)
+    python benchmarks/run.py --out benchmarks/results/latest.json
+
+For every workload (W1 ``noop``, W2 ``mlp``) it starts a real server with
+``WKRServer`` (1 worker, ``-batch_size 32 -batch_group_timeout 5``, ports picked by the
+OS on 127.0.0.1), drives it with closed-loop load at concurrency 1, 8 and 64, and
+reports requests/s, round-trip latency percentiles and the server's mean batch size.
+The same model is also called in this process (the *floor*) so every throughput is
+reported as a ratio to it.
+
+Load generator (see benchmarks/README.md): concurrency ``C`` is ``P`` spawned load
+processes x ``N`` ``WKRClient`` connections each x ``K`` requests outstanding per
+connection. Every process keeps its ``N*K`` outstanding requests in one send-order FIFO:
+it waits for the oldest one (``next(client.fetch())``), records its round trip with
+``time.perf_counter()`` and at once re-sends on the same connection with
+``encode(x, blocking=False)``. ``C = 1`` is a single client calling blocking
+``encode()`` in a loop. Every loop is bounded by a shared deadline and a request cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from array import array
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":  # --blas-threads must act before numpy loads its BLAS
+    for _i, _arg in enumerate(sys.argv):
+        if _arg.startswith("--blas-threads"):
+            _value = _arg.partition("=")[2] or (sys.argv[_i + 1] if _i + 1 < len(sys.argv)
+                                                 else "")
+            for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[_var] = _value  # inherited by the server's spawned workers
+
+import numpy as np
+import zmq
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+EXAMPLE_DIR = REPO / "example"
+HOST = "127.0.0.1"
+
+#: Standard workloads: worker module in example/, input and output item shapes.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "noop": {"label": "W1 noop", "module": "noop_worker", "in_shape": (4,), "out_shape": (4,)},
+    "mlp": {"label": "W2 mlp", "module": "mlp_worker", "in_shape": (256,), "out_shape": (16,)},
+}
+#: (workload, protocol) pairs, in run order; the first of each workload is its headline.
+RUNS_FULL = [("noop", "numpy"), ("noop", "obj"), ("mlp", "numpy")]
+RUNS_QUICK = [("noop", "numpy"), ("mlp", "numpy")]
+CONCURRENCY = (1, 8, 64)
+SERVER_FLAGS = ["-num_worker", "1", "-batch_size", "32", "-batch_group_timeout", "5",
+                "-port", "0", "-port_out", "0", "-bind", HOST]
+
+#: Load-generator layout per concurrency, "kind:PxNxK" (see parse_loadgen). C=64: two
+#: load processes x 4 WKRClient connections x 8 requests in flight each. In the recorded
+#: comparison (``loadgen_comparison``) layouts with 1-8 connections per process are
+#: within noise of each other, 32-64 connections and AsyncWKRClient are slower, and a
+#: bare-socket generator with the same layout is at most ~15 % faster (README.md).
+DEFAULT_LOADGEN = {1: "block:1x1x1", 8: "pipe:1x8x1", 64: "pipe:2x4x8"}
+#: Alternatives measured on W1 noop/numpy at C=64 in full mode.
+LOADGEN_ALTERNATIVES = ["pipe:1x8x8", "pipe:2x1x32", "pipe:2x32x1", "pipe:1x64x1",
+                        "aio:1x1x64", "aio:1x8x8", "raw:2x4x8"]
+
+CLIENT_TIMEOUT_MS = 30_000
+REPEAT_KEYS = ("req_per_s", "p50_ms", "p99_ms", "mean_ms", "mean_batch", "cpu_percent")
+#: Seconds to wait for load processes to connect / to finish after the deadline.
+SPAWN_LIMIT_S = 60.0
+FINISH_LIMIT_S = 60.0
+
+
+# ---------------------------------------------------------------------------------------
+# load generation (runs in spawned load processes, or in this process for "local:")
+# ---------------------------------------------------------------------------------------
+
+
+def parse_loadgen(spec: str) -> tuple[str, int, int, int]:
+    """``"pipe:2x4x8"`` -> ("pipe", 2 processes, 4 connections each, 8 outstanding each).
+
+    kinds: ``block`` (blocking ``encode`` per call; K must be 1), ``pipe``
+    (``encode(blocking=False)`` + ``fetch``), ``aio`` (AsyncWKRClient, K coroutines per
+    connection), ``local`` (``block`` run inside the benchmark process, no spawn).
+    """
+    kind, _, dims = spec.partition(":")
+    p, n, k = (int(v) for v in dims.split("x"))
+    if kind not in DRIVERS or min(p, n, k) < 1:
+        raise ValueError(f"bad load generator spec {spec!r}")
+    if kind in ("block", "local") and (k != 1 or n != 1):
+        raise ValueError(f"{spec!r}: blocking generators take exactly 1 connection x 1")
+    if kind == "local" and p != 1:
+        raise ValueError(f"{spec!r}: local runs in one process")
+    return kind, p, n, k
+
+
+def _payload(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _check_reply(y: Any, x: np.ndarray, cfg: dict[str, Any]) -> None:
+    y = np.asarray(y)
+    if y.shape != tuple(cfg["out_shape"]) or y.dtype != np.float32:
+        raise RuntimeError(f"unexpected reply {y.dtype}{y.shape}, wanted float32"
+                           f"{tuple(cfg['out_shape'])}")
+    if cfg["workload"] == "noop" and not np.array_equal(y, x):
+        raise RuntimeError("noop server did not return its input")
+
+
+class _Recorder:
+    """Round-trip times of completions inside the measurement window [t_meas, t_end)."""
+
+    __slots__ = (
+        "count",
+        "errors",
+        "lat",
+        "measuring",
+        "on_phase",
+        "sent",
+        "t_end",
+        "t_meas",
+        "t_stop",
+    )
+
+    def __init__(self, t0: float, cfg: dict[str, Any], on_phase: Callable[[str], None]) -> None:
+        self.t_meas = t0 + cfg["warmup"]
+        self.t_end = self.t_meas + cfg["duration"]
+        self.lat = array("d")
+        self.count = 0
+        self.errors = 0
+        self.sent = 0
+        self.t_stop = self.t_end
+        self.on_phase = on_phase
+        self.measuring = False
+
+    def result(self) -> dict[str, Any]:
+        return {"lat": self.lat.tobytes(), "count": self.count, "errors": self.errors,
+                "sent": self.sent, "t_meas": self.t_meas, "t_stop": self.t_stop}
+
+
+def _drive_block(cfg: dict[str, Any], wait_go: Callable[[], float],
+                 on_phase: Callable[[str], None]) -> dict[str, Any]:
+    """C = 1: one client, blocking ``encode`` in a loop."""
+    from wkr_serving.client import ServerError, WKRClient
+
+    x = _payload(cfg["in_shape"], cfg["seed"])
+    cap = cfg["cap"]
+    with WKRClient(HOST, cfg["port"], cfg["port_out"], protocol=cfg["protocol"],
+                   timeout=CLIENT_TIMEOUT_MS) as client:
+        _check_reply(client.encode(x), x, cfg)
+        rec = _Recorder(wait_go(), cfg, on_phase)
+        encode, pc, lat_append = client.encode, time.perf_counter, rec.lat.append
+        t_meas, t_end = rec.t_meas, rec.t_end
+        sent = 0
+        while sent < cap:
+            ts = pc()
+            try:
+                encode(x)
+            except ServerError:
+                rec.errors += 1
+            te = pc()
+            sent += 1
+            if te >= t_meas:
+                if te >= t_end:
+                    break
+                if not rec.measuring:
+                    rec.measuring = True
+                    on_phase("measure")
+                    te = ts = pc()  # the phase callback's own time is not a request's
+                    continue
+                lat_append(te - ts)
+        else:
+            rec.t_stop = pc()
+        on_phase("end")
+        rec.sent = sent
+        rec.count = len(rec.lat)
+        return rec.result()
+
+
+def _drive_pipe(cfg: dict[str, Any], wait_go: Callable[[], float],
+                on_phase: Callable[[str], None]) -> dict[str, Any]:
+    """N connections x K outstanding requests, one send-order FIFO: wait for the oldest,
+    record it, re-send on its connection at once."""
+    from wkr_serving.client import WKRClient
+
+    x = _payload(cfg["in_shape"], cfg["seed"])
+    conns, depth, cap = cfg["conns"], cfg["depth"], cfg["cap"]
+    clients = [WKRClient(HOST, cfg["port"], cfg["port_out"], protocol=cfg["protocol"],
+                         timeout=CLIENT_TIMEOUT_MS) for _ in range(conns)]
+    try:
+        for client in clients:
+            _check_reply(client.encode(x), x, cfg)
+        rec = _Recorder(wait_go(), cfg, on_phase)
+        pc = time.perf_counter
+        lat_append = rec.lat.append
+        t_meas, t_end = rec.t_meas, rec.t_end
+        fifo: deque[tuple[Any, float]] = deque()
+        push, pop = fifo.append, fifo.popleft
+        sent = 0
+        for _ in range(depth):
+            for client in clients:
+                ts = pc()
+                client.encode(x, blocking=False)
+                push((client, ts))
+                sent += 1
+        errors = 0
+        stopping = False
+        while fifo:
+            client, ts = pop()
+            response = next(client.fetch())
+            te = pc()
+            if response.error_code:
+                errors += 1
+            if stopping:
+                continue  # draining what is still outstanding
+            if te >= t_meas:
+                if te >= t_end:
+                    stopping = True
+                    on_phase("end")
+                    continue
+                if not rec.measuring:
+                    rec.measuring = True
+                    on_phase("measure")
+                lat_append(te - ts)
+            if sent >= cap:
+                stopping = True
+                rec.t_stop = te
+                on_phase("end")
+                continue
+            ts = pc()
+            client.encode(x, blocking=False)
+            push((client, ts))
+            sent += 1
+        rec.errors, rec.sent, rec.count = errors, sent, len(rec.lat)
+        return rec.result()
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _drive_raw(cfg: dict[str, Any], wait_go: Callable[[], float],
+               on_phase: Callable[[str], None]) -> dict[str, Any]:
+    """Reference only: the client's wire format (``client.base``) on bare DEALER sockets,
+    N connections x K outstanding, replies matched by id; no locks, no per-call
+    bookkeeping. Shows what the server does with a near-free client."""
+    from wkr_serving.client.base import (
+        ClientOptions,
+        command_frame,
+        hello_frame,
+        parse_reply,
+        request_frames,
+    )
+
+    x = _payload(cfg["in_shape"], cfg["seed"])
+    conns, depth, cap, protocol = cfg["conns"], cfg["depth"], cfg["cap"], cfg["protocol"]
+    context = zmq.Context()
+    pairs = []
+    poller = zmq.Poller()
+    try:
+        for _ in range(conns):
+            options = ClientOptions(HOST, cfg["port"], cfg["port_out"], protocol, None,
+                                    CLIENT_TIMEOUT_MS, None)
+            sender = options.configure(context.socket(zmq.DEALER))
+            receiver = options.configure(context.socket(zmq.DEALER))
+            sender.connect(options.address_in)
+            receiver.connect(options.address_out)
+            for sock, frames in ((receiver, [hello_frame(0)]),
+                                 (sender, [command_frame(0, CLIENT_TIMEOUT_MS, "ping")])):
+                sock.send_multipart(frames)
+                if not receiver.poll(CLIENT_TIMEOUT_MS):
+                    raise RuntimeError("raw load generator: no handshake answer")
+                if parse_reply(receiver.recv_multipart()).error is not None:
+                    raise RuntimeError("raw load generator: handshake refused")
+            sender.send_multipart(request_frames(0, CLIENT_TIMEOUT_MS, [x], protocol))
+            if not receiver.poll(CLIENT_TIMEOUT_MS):
+                raise RuntimeError("raw load generator: no answer to the first request")
+            reply = parse_reply(receiver.recv_multipart())
+            if reply.error is not None:
+                raise reply.error
+            _check_reply(reply.value[0], x, cfg)
+            poller.register(receiver, zmq.POLLIN)
+            pairs.append((sender, receiver))
+        rec = _Recorder(wait_go(), cfg, on_phase)
+        pc = time.perf_counter
+        lat_append = rec.lat.append
+        t_meas, t_end = rec.t_meas, rec.t_end
+        sent_at: dict[int, float] = {}  # request id -> send time (ids unique per process)
+        conn_of: dict[int, Any] = {}
+        next_id = 1
+        for _ in range(depth):
+            for sender, _receiver in pairs:
+                sent_at[next_id] = pc()
+                conn_of[next_id] = sender
+                sender.send_multipart(request_frames(next_id, CLIENT_TIMEOUT_MS, [x], protocol),
+                                      copy=False)
+                next_id += 1
+        errors = 0
+        stopping = False
+        give_up = t_end + CLIENT_TIMEOUT_MS / 1000.0
+        while sent_at and pc() < give_up:
+            for receiver, _ in poller.poll(1000):
+                while True:
+                    try:
+                        frames = receiver.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    reply = parse_reply(frames)
+                    te = pc()
+                    ts = sent_at.pop(reply.req_id)
+                    sender = conn_of.pop(reply.req_id)
+                    if reply.error is not None:
+                        errors += 1
+                    if stopping:
+                        continue
+                    if te >= t_meas:
+                        if te >= t_end:
+                            stopping = True
+                            on_phase("end")
+                            continue
+                        if not rec.measuring:
+                            rec.measuring = True
+                            on_phase("measure")
+                        lat_append(te - ts)
+                    if next_id > cap:
+                        stopping = True
+                        rec.t_stop = te
+                        on_phase("end")
+                        continue
+                    sent_at[next_id] = pc()
+                    conn_of[next_id] = sender
+                    sender.send_multipart(
+                        request_frames(next_id, CLIENT_TIMEOUT_MS, [x], protocol), copy=False)
+                    next_id += 1
+        if sent_at:
+            raise RuntimeError(f"raw load generator: {len(sent_at)} replies never came")
+        rec.errors, rec.sent, rec.count = errors, next_id - 1, len(rec.lat)
+        return rec.result()
+    finally:
+        context.destroy(linger=0)
+
+
+def _drive_aio(cfg: dict[str, Any], wait_go: Callable[[], float],
+               on_phase: Callable[[str], None]) -> dict[str, Any]:
+    """N AsyncWKRClient connections x K coroutines, each awaiting ``encode`` in a loop."""
+    from wkr_serving.client import AsyncWKRClient, ServerError
+
+    x = _payload(cfg["in_shape"], cfg["seed"])
+    conns, depth, cap = cfg["conns"], cfg["depth"], cfg["cap"]
+
+    async def main() -> dict[str, Any]:
+        clients = []
+        try:
+            for _ in range(conns):
+                client = AsyncWKRClient(HOST, cfg["port"], cfg["port_out"],
+                                        protocol=cfg["protocol"], timeout=CLIENT_TIMEOUT_MS)
+                clients.append(client)
+                await client.connect()
+                _check_reply(await client.encode(x), x, cfg)
+            rec = _Recorder(wait_go(), cfg, on_phase)  # blocks the loop: nothing runs yet
+            pc = time.perf_counter
+            state = {"sent": 0, "stopping": False}
+
+            async def one_logical_client(client: Any) -> None:
+                lat_append = rec.lat.append
+                t_meas, t_end = rec.t_meas, rec.t_end
+                while not state["stopping"]:
+                    if state["sent"] >= cap:
+                        state["stopping"] = True
+                        rec.t_stop = pc()
+                        on_phase("end")
+                        return
+                    state["sent"] += 1
+                    ts = pc()
+                    try:
+                        await client.encode(x)
+                    except ServerError:
+                        rec.errors += 1
+                    te = pc()
+                    if te >= t_meas:
+                        if te >= t_end:
+                            if not state["stopping"]:
+                                state["stopping"] = True
+                                on_phase("end")
+                            return
+                        if not rec.measuring:
+                            rec.measuring = True
+                            on_phase("measure")
+                        lat_append(te - ts)
+
+            await asyncio.gather(*(one_logical_client(c) for c in clients
+                                   for _ in range(depth)))
+            rec.sent, rec.count = state["sent"], len(rec.lat)
+            return rec.result()
+        finally:
+            for client in clients:
+                await client.close()
+
+    return asyncio.run(main())
+
+
+DRIVERS = {"block": _drive_block, "local": _drive_block, "pipe": _drive_pipe,
+           "aio": _drive_aio, "raw": _drive_raw}
+
+
+def _load_process(index: int, cfg: dict[str, Any], queue: Any, go: Any, t0: Any) -> None:
+    """Entry point of one spawned load process."""
+    try:
+        def wait_go() -> float:
+            queue.put(("ready", index, None))
+            if not go.wait(SPAWN_LIMIT_S):
+                raise RuntimeError("no start signal from the benchmark process")
+            return t0.value
+
+        def on_phase(name: str) -> None:
+            if index == 0:
+                queue.put(("phase", index, name))
+
+        result = DRIVERS[cfg["kind"]](cfg, wait_go, on_phase)
+        queue.put(("result", index, result))
+    except BaseException:
+        queue.put(("error", index, traceback.format_exc()))
+
+
+# ---------------------------------------------------------------------------------------
+# one measurement
+# ---------------------------------------------------------------------------------------
+
+
+def _batch_counts(status: dict[str, Any]) -> dict[int, int]:
+    return {int(k): int(v) for k, v in status["batch_size"]["counts"].items()}
+
+
+def _batch_delta(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return {k: v for k, v in sorted(delta.items()) if v > 0}
+
+
+def measure(server: dict[str, Any], status_client: Any, loadgen: str, concurrency: int,
+            settings: dict[str, Any]) -> dict[str, Any]:
+    """Closed-loop load at ``concurrency`` with the ``loadgen`` layout; returns the row."""
+    kind, procs, conns, depth = parse_loadgen(loadgen)
+    if procs * conns * depth != concurrency:
+        raise ValueError(f"{loadgen} does not give concurrency {concurrency}")
+    wl = WORKLOADS[server["workload"]]
+    base = {"port": server["port"], "port_out": server["port_out"],
+            "protocol": server["protocol"], "workload": server["workload"],
+            "in_shape": wl["in_shape"], "out_shape": wl["out_shape"], "kind": kind,
+            "conns": conns, "depth": depth, "warmup": settings["warmup"],
+            "duration": settings["duration"],
+            "cap": max(1, settings["max_requests"] // procs)}
+    snapshots: dict[str, dict[str, Any]] = {}
+    cpu: dict[str, tuple[float, dict[int, float]]] = {}
+
+    def snapshot(name: str) -> None:
+        cpu[name] = (time.perf_counter(), _cpu_seconds())
+        snapshots[name] = status_client.server_status
+
+    load_before = os.getloadavg()
+    snapshot("start")
+    load_pids: list[int] = []
+    if kind == "local":
+        results = [_drive_block({**base, "seed": 0}, time.perf_counter, snapshot)]
+    else:
+        results = _run_processes(base, procs, snapshot, load_pids)
+    snapshot("after")
+    for name in ("measure", "end"):
+        snapshots.setdefault(name, snapshots["start" if name == "measure" else "after"])
+
+    lat = np.concatenate([np.frombuffer(r["lat"], dtype=np.float64) for r in results])
+    lat_ms = lat * 1000.0
+    rps = 0.0
+    for r in results:
+        window = r["t_stop"] - r["t_meas"]
+        rps += r["count"] / window if window > 0 else 0.0
+    roles = _role_names(snapshots["end"], load_pids)
+    hist = _batch_delta(_batch_counts(snapshots["measure"]), _batch_counts(snapshots["end"]))
+    batches = sum(hist.values())
+    end = snapshots["after"]
+    row = {
+        "workload": server["workload"], "label": wl["label"], "protocol": server["protocol"],
+        "transport": _transport(kind), "loadgen": loadgen, "concurrency": concurrency,
+        "requests": int(lat.size), "errors": sum(r["errors"] for r in results),
+        "sent": sum(r["sent"] for r in results),
+        "window_s": max(r["t_stop"] - r["t_meas"] for r in results),
+        "req_per_s": rps,
+        "p50_ms": _pct(lat_ms, 50), "p90_ms": _pct(lat_ms, 90), "p99_ms": _pct(lat_ms, 99),
+        "mean_ms": float(lat_ms.mean()) if lat.size else math.nan,
+        "max_ms": float(lat_ms.max()) if lat.size else math.nan,
+        "mean_batch": (sum(k * v for k, v in hist.items()) / batches) if batches else math.nan,
+        "batches": batches, "batch_hist": {str(k): v for k, v in hist.items()},
+        "cpu_percent": _cpu_percent(cpu.get("measure"), cpu.get("end"), roles),
+        "server_latency_ms": end.get("latency_ms"),
+        "server_statistic": end.get("statistic"),
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+    }
+    return row
+
+
+def _cpu_seconds() -> dict[int, float]:
+    """user+system CPU seconds of this process and every descendant, by pid; key -1 is
+    the whole machine's busy CPU seconds (to show load from processes not ours)."""
+    import psutil
+
+    total = psutil.cpu_times()
+    out: dict[int, float] = {-1: total.user + total.nice + total.system + total.irq
+                             + total.softirq + getattr(total, "steal", 0.0)}
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        out[proc.pid] = t.user + t.system
+    return out
+
+
+def _role_names(status: dict[str, Any], load_pids: list[int]) -> dict[int, str]:
+    """pid -> role, from the server's status; the one remaining child is the sink."""
+    names = {os.getpid(): "bench"}
+    names.update({pid: f"load-{i}" for i, pid in enumerate(load_pids)})
+    if status.get("ventilator_pid"):
+        names[status["ventilator_pid"]] = "ventilator"
+    for w in status.get("workers", []):
+        names[w["pid"]] = f"worker-{w['index']}"
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" in " ".join(proc.cmdline()):
+                names[proc.pid] = "mp-resource-tracker"
+        except psutil.Error:
+            pass
+    return names
+
+
+def _cpu_percent(start: tuple[float, dict[int, float]] | None,
+                 end: tuple[float, dict[int, float]] | None,
+                 names: dict[int, str]) -> dict[str, float]:
+    """CPU use of each process over the measured window, in % of one core."""
+    if not start or not end or end[0] <= start[0]:
+        return {}
+    wall = end[0] - start[0]
+    out: dict[str, float] = {}
+    others = [pid for pid in end[1] if pid not in names and pid in start[1] and pid > 0]
+    ours = 0.0
+    for pid, used in end[1].items():
+        if pid not in start[1] or pid < 0:
+            continue
+        ours += used - start[1][pid]
+        name = names.get(pid) or ("sink" if len(others) == 1 else f"pid-{pid}")
+        out[name] = round(100.0 * (used - start[1][pid]) / wall, 1)
+    if -1 in start[1] and -1 in end[1]:
+        busy = end[1][-1] - start[1][-1]
+        out["machine_busy"] = round(100.0 * busy / wall, 1)
+        out["not_ours"] = round(max(0.0, 100.0 * (busy - ours) / wall), 1)
+    return out
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else math.nan
+
+
+def _run_processes(base: dict[str, Any], procs: int, snapshot: Callable[[str], None],
+                   load_pids: list[int]) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    go = ctx.Event()
+    t0 = ctx.Value("d", 0.0, lock=False)
+    workers = [ctx.Process(target=_load_process, name=f"wkr-bench-load-{i}",
+                           args=(i, {**base, "seed": i}, queue, go, t0), daemon=True)
+               for i in range(procs)]
+    for w in workers:
+        w.start()
+        load_pids.append(w.pid)
+    try:
+        ready = 0
+        while ready < procs:
+            tag, index, value = queue.get(timeout=SPAWN_LIMIT_S)
+            if tag == "error":
+                raise RuntimeError(f"load process {index} failed:\n{value}")
+            ready += tag == "ready"
+        t0.value = time.perf_counter() + 0.01  # a common start for every process
+        go.set()
+        results: dict[int, dict[str, Any]] = {}
+        limit = base["warmup"] + base["duration"] + FINISH_LIMIT_S
+        deadline = time.monotonic() + limit
+        while len(results) < procs:
+            tag, index, value = queue.get(timeout=max(0.1, deadline - time.monotonic()))
+            if tag == "error":
+                raise RuntimeError(f"load process {index} failed:\n{value}")
+            if tag == "phase":
+                snapshot(value)
+            elif tag == "result":
+                results[index] = value
+        for w in workers:
+            w.join(FINISH_LIMIT_S)
+        return [results[i] for i in range(procs)]
+    finally:
+        for w in workers:  # only the processes started here
+            if w.is_alive():
+                w.terminate()
+                w.join(5)
+        queue.close()
+        queue.join_thread()
+
+
+# ---------------------------------------------------------------------------------------
+# servers and floor
+# ---------------------------------------------------------------------------------------
+
+
+def _import_worker_module(name: str) -> Any:
+    if str(EXAMPLE_DIR) not in sys.path:
+        sys.path.insert(0, str(EXAMPLE_DIR))  # spawned server roles inherit sys.path
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def _server_args(protocol: str, workdir: str) -> Any:
+    from wkr_serving.server.helper import get_args_parser
+
+    return get_args_parser().parse_args(
+        [*SERVER_FLAGS, "-protocol", protocol, "-model_dir", workdir,
+         "-log_dir", workdir, "-log_name", "server"])
+
+
+def floor(workload: str, seconds: float) -> dict[str, Any]:
+    """The model called directly in this process: ``Worker.predict`` on batch 1 and 32."""
+    from wkr_serving.server.config import config_from_args
+
+    wl = WORKLOADS[workload]
+    module = _import_worker_module(wl["module"])
+    workdir = tempfile.mkdtemp(prefix="wkr-bench-floor-")
+    try:
+        config = config_from_args(_server_args("numpy", workdir))
+        worker = module.Worker(0, -1, config)
+        envs = worker.get_env(-1, config.tmp_dir)
+        model = worker.get_model(envs, config.model_dir, config.model_name, config.tmp_dir)
+        out: dict[str, Any] = {"workload": workload, "call": f"{wl['module']}.Worker.predict"}
+        for b in (1, 32):
+            batch = np.random.default_rng(b).standard_normal(
+                (b, *wl["in_shape"])).astype(np.float32)
+            y = worker.predict(model, batch)
+            if len(y) != b or tuple(np.asarray(y).shape[1:]) != wl["out_shape"]:
+                raise RuntimeError(f"floor: unexpected output shape {np.asarray(y).shape}")
+            calls, elapsed = _time_calls(lambda x=batch: worker.predict(model, x), seconds)
+            stats = getattr(worker, "_statistics", None)  # record_statistic() values
+            if isinstance(stats, list):
+                stats.clear()
+            out[f"b{b}"] = {"batch": b, "calls": calls, "seconds": elapsed,
+                            "us_per_call": elapsed / calls * 1e6,
+                            "items_per_s": b * calls / elapsed}
+        return out
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _time_calls(fn: Callable[[], Any], seconds: float) -> tuple[int, float]:
+    """Call ``fn`` in chunks (sized to ~10 ms) until ``seconds`` have passed."""
+    pc = time.perf_counter
+    chunk = 1
+    while True:  # size the chunk; also warms caches
+        t = pc()
+        for _ in range(chunk):
+            fn()
+        if pc() - t >= 0.01 or chunk >= 1 << 20:
+            break
+        chunk *= 2
+    calls, start = 0, pc()
+    limit = start + seconds
+    while True:
+        for _ in range(chunk):
+            fn()
+        calls += chunk
+        now = pc()
+        if now >= limit or calls >= 1 << 30:
+            return calls, now - start
+
+
+def serve_and_measure(workload: str, protocol: str, settings: dict[str, Any],
+                      plan: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """Start one server and run every (concurrency, loadgen) of ``plan`` against it."""
+    from wkr_serving.client import WKRClient
+    from wkr_serving.server import WKRServer
+
+    module = _import_worker_module(WORKLOADS[workload]["module"])
+    workdir = tempfile.mkdtemp(prefix="wkr-bench-")
+    rows = []
+    try:
+        with WKRServer(_server_args(protocol, workdir), module.Worker) as server:
+            info = {"workload": workload, "protocol": protocol, "port": server.port,
+                    "port_out": server.port_out}
+            with WKRClient(HOST, server.port, server.port_out, protocol=protocol,
+                           timeout=CLIENT_TIMEOUT_MS) as status_client:
+                for concurrency, loadgen in plan:
+                    reps = []
+                    for _ in range(settings["repeat"]):
+                        reps.append(measure(info, status_client, loadgen, concurrency,
+                                            settings))
+                        print(_row_line(reps[-1]), flush=True)
+                    # the repeat with the median throughput stands for the row
+                    row = sorted(reps, key=lambda r: r["req_per_s"])[len(reps) // 2]
+                    row["repeats"] = [{k: r[k] for k in REPEAT_KEYS} for r in reps]
+                    rows.append(row)
+    except Exception:
+        err = Path(workdir, "server.err")
+        if err.exists():
+            sys.stderr.write(f"--- {err} ---\n{err.read_text()[-4000:]}\n")
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    import msgpack
+    from wkr_serving.client import __version__
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = math.nan
+    blas = "unknown"
+    try:
+        blas_info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        blas = f"{blas_info.get('name')} {blas_info.get('version')}"
+    except Exception:
+        pass
+    return {
+        "cpu_model": cpu, "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "memory_gib": round(mem_gib, 1), "os": platform.platform(),
+        "python": platform.python_version(), "numpy": np.__version__, "blas": blas,
+        "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
+        "msgpack": ".".join(map(str, msgpack.version)), "wkr_serving": __version__,
+        "thread_env": {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                   "MKL_NUM_THREADS") if k in os.environ},
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+COLUMNS = ["workload", "protocol", "transport (zmq client)", "concurrency", "req/s",
+           "p50 ms", "p99 ms", "mean ms", "mean batch", "ratio to floor b32"]
+CPU_ROLES = ["ventilator", "worker-0", "sink", "load", "bench", "machine_busy", "not_ours"]
+
+
+def _transport(kind: str) -> str:
+    return {"block": "WKRClient.encode", "local": "WKRClient.encode, in-process",
+            "pipe": "WKRClient", "aio": "AsyncWKRClient",
+            "raw": "bare zmq (reference)"}[kind]
+
+
+def _layout(loadgen: str) -> str:
+    kind, p, n, k = parse_loadgen(loadgen)
+    return f"{_transport(kind)}, {p} proc x {n} conn x {k}"
+
+
+def _table_cells(row: dict[str, Any]) -> list[str]:
+    return [row["label"], row["protocol"], _layout(row["loadgen"]), str(row["concurrency"]),
+            f"{row['req_per_s']:,.0f}", f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}",
+            f"{row['mean_ms']:.3f}", f"{row['mean_batch']:.2f}",
+            _fmt_ratio(row.get("ratio_floor_b32"))]
+
+
+def _cpu_cells(row: dict[str, Any]) -> list[str]:
+    cpu = dict(row.get("cpu_percent") or {})
+    cpu["load"] = sum(v for k, v in cpu.items() if k.startswith("load-")) or cpu.get("load")
+    return [f"{row['label']} {row['protocol']} c={row['concurrency']}",
+            *(f"{cpu[r]:.0f}" if cpu.get(r) is not None else "-" for r in CPU_ROLES)]
+
+
+def _floor_cells(name: str, f: dict[str, Any], b: str) -> list[str]:
+    return [WORKLOADS[name]["label"], str(f[b]["batch"]), f"{f[b]['us_per_call']:.2f}",
+            f"{f[b]['items_per_s']:,.0f}"]
+
+
+def _compare_cells(r: dict[str, Any]) -> list[str]:
+    return [r["loadgen"], _layout(r["loadgen"]), f"{r['req_per_s']:,.0f}",
+            f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['mean_batch']:.2f}",
+            f"{sum(v for k, v in r['cpu_percent'].items() if k.startswith('load-')):.0f}"]
+
+
+COMPARE_COLUMNS = ["spec", "load generator", "req/s", "p50 ms", "p99 ms", "mean batch",
+                   "load CPU %"]
+FLOOR_COLUMNS = ["workload", "batch", "us/call", "items/s"]
+
+
+def _fmt_ratio(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.1%}" if value >= 0.001 else f"{value:.1e}"
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    return (f"  {row['label']:8} {row['protocol']:5} c={row['concurrency']:<3} "
+            f"{row['loadgen']:12} {row['req_per_s']:>9,.0f} req/s  p50 {row['p50_ms']:.3f} ms"
+            f"  p99 {row['p99_ms']:.3f} ms  batch {row['mean_batch']:.2f}"
+            f"  n={row['requests']} err={row['errors']}  cpu% "
+            + " ".join(f"{k}={v:.0f}" for k, v in row["cpu_percent"].items() if v >= 1))
+
+
+def _header_lines(report: dict[str, Any]) -> list[str]:
+    m, st = report["machine"], report["settings"]
+    env = ", ".join(f"{k}={v}" for k, v in m["thread_env"].items()) or "none set"
+    return [
+        f"date: {report['date']}",
+        f"command: ``{report['command']}``",
+        f"machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}",
+        f"software: Python {m['python']}, numpy {m['numpy']} ({m['blas']}), pyzmq "
+        f"{m['pyzmq']} (libzmq {m['libzmq']}), msgpack {m['msgpack']}, wkr-serving "
+        f"{m['wkr_serving']}; thread env vars: {env}",
+        f"server: ``{' '.join(SERVER_FLAGS)} -protocol <protocol>`` (WKRServer, 1 worker)",
+        f"closed loop: {st['warmup']} s warm-up then {st['duration']} s measured per row"
+        + (f", median of {st['repeat']} repeats" if st["repeat"] > 1 else ""),
+        f"load average (1 min) at start: {m['loadavg_at_start'][0]:.2f}",
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def table(columns: list[str], rows: list[list[str]]) -> list[str]:
+        return (["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+                + ["| " + " | ".join(r) + " |" for r in rows])
+
+    lines = [f"# wkr-serving benchmark ({report['mode']})", ""]
+    lines += [f"- {h.replace('``', '`')}" for h in _header_lines(report)] + [""]
+    lines += table(COLUMNS, [_table_cells(r) for r in report["runs"]])
+    lines += ["", "## In-process floor (Worker.predict called directly)", ""]
+    lines += table(FLOOR_COLUMNS, [_floor_cells(n, f, b) for n, f in report["floor"].items()
+                                   for b in ("b1", "b32")])
+    lines += ["", "## CPU per process during the measured window (% of one core)", ""]
+    lines += table(["row", *CPU_ROLES], [_cpu_cells(r) for r in report["runs"]])
+    if report.get("loadgen_comparison"):
+        lines += ["", "## Load generator comparison (W1 noop, numpy, C=64)", ""]
+        lines += table(COMPARE_COLUMNS, [_compare_cells(r) for r in report["loadgen_comparison"]])
+    lines += ["", "## Targets", ""] + [f"- {t['line']}" for t in report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def rst(report: dict[str, Any]) -> str:
+    def table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
+        out = [f".. list-table:: {title}", "   :header-rows: 1", ""]
+        for r in [columns, *rows]:
+            out.append(f"   * - {r[0]}")
+            out += [f"     - {c}" for c in r[1:]]
+        return [*out, ""]
+
+    title = "Benchmarks"
+    lines = [title, "=" * len(title), "",
+             "Generated by ``benchmarks/run.py`` (see ``benchmarks/README.md`` for what is "
+             "measured and how the load generator works).", ""]
+    lines += [f"- {h}" for h in _header_lines(report)] + [""]
+    sub = "Results"
+    lines += [sub, "-" * len(sub), ""]
+    lines += table("Closed-loop results", COLUMNS, [_table_cells(r) for r in report["runs"]])
+    lines += ["Targets:", ""] + [f"- {t['line']}" for t in report["targets"]] + [""]
+    sub = "In-process floor"
+    lines += [sub, "-" * len(sub), "",
+              "``Worker.predict(model, batch)`` called directly in the benchmark process on a "
+              "stacked float32 batch.", ""]
+    lines += table("Floor", FLOOR_COLUMNS, [_floor_cells(n, f, b)
+                                            for n, f in report["floor"].items()
+                                            for b in ("b1", "b32")])
+    sub = "Where the CPU goes"
+    lines += [sub, "-" * len(sub), "",
+              "CPU time of each process over the measured window, in percent of one core "
+              "(the machine has " f"{report['machine']['cores']} cores, i.e. "
+              f"{100 * (report['machine']['cores'] or 0)} %). ``not_ours`` is CPU used by "
+              "processes outside the benchmark.", ""]
+    lines += table("CPU per process", ["row", *CPU_ROLES],
+                   [_cpu_cells(r) for r in report["runs"]])
+    if report.get("loadgen_comparison"):
+        sub = "Load generator comparison"
+        lines += [sub, "-" * len(sub), "", "W1 noop, ``-protocol numpy``, C=64; the first "
+                  "row is the layout used in the results table.", ""]
+        lines += table("Load generators at C=64", COMPARE_COLUMNS,
+                       [_compare_cells(r) for r in report["loadgen_comparison"]])
+    return "\n".join(lines)
+
+
+def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any]) -> list[dict[str, Any]]:
+    def find(workload: str, protocol: str, c: int) -> dict[str, Any] | None:
+        return next((r for r in runs if r["workload"] == workload
+                     and r["protocol"] == protocol and r["concurrency"] == c), None)
+
+    targets = []
+
+    def add(name: str, row: dict[str, Any] | None, value: Callable[[dict[str, Any]], float],
+            goal: float, higher: bool, shown: Callable[[float], str]) -> None:
+        if row is None:
+            targets.append({"name": name, "status": "SKIP", "line": f"SKIP {name}: not run"})
+            return
+        v = value(row)
+        ok = v >= goal if higher else v <= goal
+        status = "PASS" if ok else "MISS"
+        targets.append({"name": name, "status": status, "value": v, "goal": goal,
+                        "line": f"{status} {name}: {shown(v)}"})
+
+    add("W1 noop c=1 p50 <= 0.5 ms", find("noop", "numpy", 1), lambda r: r["p50_ms"], 0.5,
+        False, lambda v: f"p50 = {v:.3f} ms")
+    add("W1 noop c=64 >= 10,000 req/s (1 worker)", find("noop", "numpy", 64),
+        lambda r: r["req_per_s"], 10_000, True, lambda v: f"{v:,.0f} req/s")
+    floor_b32 = floors.get("mlp", {}).get("b32", {}).get("items_per_s", math.nan)
+    add("W2 mlp c=64 >= 70% of floor batch-32 throughput", find("mlp", "numpy", 64),
+        lambda r: r["req_per_s"] / floor_b32, 0.70, True,
+        lambda v: f"{v:.1%} of {floor_b32:,.0f} items/s")
+    return targets
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="2 s per row, W1 numpy and W2 only, no load-generator comparison")
+    parser.add_argument("--out", default=str(HERE / "results" / "latest.json"),
+                        help="JSON results file (a .md table is written beside it)")
+    parser.add_argument("--duration", type=float, help="measured seconds per row")
+    parser.add_argument("--warmup", type=float, help="warm-up seconds per row")
+    parser.add_argument("--max-requests", type=int, default=2_000_000,
+                        help="cap on requests per row (all load processes together)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure every row N times and report the median-throughput one")
+    parser.add_argument("--runs", help="comma list of workload/protocol, e.g. noop/numpy,mlp/numpy")
+    parser.add_argument("--concurrency", help="comma list, e.g. 1,8,64")
+    parser.add_argument("--loadgen", action="append", default=[], metavar="C=SPEC",
+                        help="override a load generator, e.g. 64=pipe:2x1x32 (repeatable)")
+    parser.add_argument("--compare-loadgens", dest="compare", action="store_true", default=None,
+                        help="measure the load-generator alternatives (default: full mode)")
+    parser.add_argument("--no-compare-loadgens", dest="compare", action="store_false")
+    parser.add_argument("--blas-threads", type=int, metavar="N",
+                        help="set OPENBLAS/OMP/MKL_NUM_THREADS=N for the floor and the "
+                        "server's workers (default: the libraries' own choice)")
+    parser.add_argument("--rst", help="also write the results as an RST page, e.g. "
+                        "docs/benchmarks.rst")
+    parser.add_argument("--alternatives", help="comma list of C=64 layouts to compare "
+                        f"(default {','.join(LOADGEN_ALTERNATIVES)}); implies the comparison")
+    args = parser.parse_args(argv)
+
+    quick = args.quick
+    settings = {"warmup": args.warmup if args.warmup is not None else (0.5 if quick else 1.0),
+                "duration": args.duration if args.duration is not None else (2.0 if quick else 5.0),
+                "max_requests": args.max_requests, "repeat": max(1, args.repeat)}
+    runs = ([tuple(s.split("/")) for s in args.runs.split(",")] if args.runs
+            else (RUNS_QUICK if quick else RUNS_FULL))
+    concurrency = ([int(c) for c in args.concurrency.split(",")] if args.concurrency
+                   else list(CONCURRENCY))
+    loadgens = dict(DEFAULT_LOADGEN)
+    for item in args.loadgen:
+        c, _, spec = item.partition("=")
+        parse_loadgen(spec)
+        loadgens[int(c)] = spec
+    for c in concurrency:
+        if c not in loadgens:
+            loadgens[c] = ("block:1x1x1" if c == 1 else f"pipe:1x{c}x1" if c <= 32 or c % 2
+                           else f"pipe:2x{c // 2}x1")
+    compare = (not quick) if args.compare is None else args.compare
+    alternatives = LOADGEN_ALTERNATIVES
+    if args.alternatives:
+        alternatives = args.alternatives.split(",")
+        for spec in alternatives:
+            parse_loadgen(spec)
+        compare = True
+
+    report: dict[str, Any] = {
+        "mode": "quick" if quick else "full",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", os.path.relpath(__file__, os.getcwd()),
+                             *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine_info(), "settings": settings,
+        "server_flags": SERVER_FLAGS, "loadgen": {str(k): v for k, v in loadgens.items()},
+    }
+    m = report["machine"]
+    print(f"wkr-serving benchmark ({report['mode']}) on {m['cpu_model']}, {m['cores']} cores, "
+          f"Python {m['python']}, numpy {m['numpy']}, pyzmq {m['pyzmq']}/libzmq {m['libzmq']}",
+          flush=True)
+
+    floor_s = 0.5 if quick else 1.0
+    floors = {w: floor(w, floor_s) for w in dict.fromkeys(w for w, _ in runs)}
+    for name, f in floors.items():
+        print(f"  floor {WORKLOADS[name]['label']}: b1 {f['b1']['us_per_call']:.2f} us/call "
+              f"({f['b1']['items_per_s']:,.0f} items/s), b32 {f['b32']['us_per_call']:.2f} "
+              f"us/call ({f['b32']['items_per_s']:,.0f} items/s)", flush=True)
+    report["floor"] = floors
+
+    rows: list[dict[str, Any]] = []
+    comparison: list[dict[str, Any]] = []
+    for workload, protocol in runs:
+        plan = [(c, loadgens[c]) for c in concurrency]
+        extra = [(64, spec) for spec in alternatives if spec != loadgens.get(64)]
+        if compare and (workload, protocol) == ("noop", "numpy"):
+            plan += extra
+        measured = serve_and_measure(workload, protocol, settings, plan)
+        f = floors[workload]
+        for n, row in enumerate(measured):
+            row["ratio_floor_b32"] = row["req_per_s"] / f["b32"]["items_per_s"]
+            row["ratio_floor_b1"] = row["req_per_s"] / f["b1"]["items_per_s"]
+            headline = n < len(concurrency)
+            if headline:
+                rows.append(row)
+            if row["concurrency"] == 64 and (workload, protocol) == ("noop", "numpy") \
+                    and compare:
+                comparison.append(row)
+    report["runs"] = rows
+    report["loadgen_comparison"] = comparison
+    report["targets"] = check_targets(rows, floors)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_clean(report), indent=2) + "\n")
+    md = markdown(report)
+    out.with_suffix(".md").write_text(md)
+    written = [str(out), str(out.with_suffix(".md"))]
+    if args.rst:
+        Path(args.rst).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.rst).write_text(rst(report))
+        written.append(args.rst)
+    print()
+    print(md)
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: tuples as lists, numpy scalars as numbers, NaN/inf as null."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
