@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ class _Child:
     role: Role
     process: Any  # multiprocessing.Process of the spawn context
     ready: bool = False
+    handled: bool = False  # its exit was dealt with
     info: dict[str, Any] = field(default_factory=dict)
     restarts: list[float] = field(default_factory=list)
 
@@ -95,6 +97,7 @@ class Supervisor:
         self.control = self.context.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.control.bind(self.endpoints.control)
         try:
             self._start_roles()
@@ -158,11 +161,20 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        sentinels = {c.process.sentinel: name for name, c in self.children.items()
-                     if c.process.exitcode is None}
+        # Reading exitcode reaps a dead child, after which its sentinel may never fire:
+        # a child found dead here is handled directly, the others are watched.
+        exited: list[str] = []
+        sentinels: dict[int, str] = {}
+        for name, child in self.children.items():
+            if child.handled:
+                continue
+            if child.process.exitcode is not None:
+                exited.append(name)
+            else:
+                sentinels[child.process.sentinel] = name
         for fd in sentinels:
             poller.register(fd, zmq.POLLIN)
-        events = dict(poller.poll(timeout_ms))
+        events = dict(poller.poll(0 if exited else timeout_ms))
         if self._wake_r in events:
             self._read_wakeups()
         if self.control in events:
@@ -172,9 +184,9 @@ class Supervisor:
                 except zmq.Again:
                     break
                 self._on_event(frames)
-        for fd, name in sentinels.items():
-            if fd in events:
-                self._on_exit(name)
+        exited += [name for fd, name in sentinels.items() if fd in events]
+        for name in exited:
+            self._on_exit(name)
 
     def _read_wakeups(self) -> None:
         try:
@@ -205,12 +217,13 @@ class Supervisor:
 
     def _on_exit(self, name: str) -> None:
         child = self.children.get(name)
-        if child is None:
+        if child is None or child.handled:
             return
         child.process.join(0)
         code = child.process.exitcode
         if code is None:
             return
+        child.handled = True
         if self.stop_reason is not None or self.failure is not None:
             return
         if code == EXIT_BOOT_FAILED or not child.ready or not isinstance(child.role,
@@ -267,13 +280,21 @@ class Supervisor:
         os.close(wake_w)
 
     def _stop_children(self, names: list[str]) -> None:
+        """Tell roles to stop, repeating until each took it (a role that was still
+        starting may not have connected yet), then kill whatever outlives the grace."""
         live = [self.children[n] for n in names if n in self.children]
-        for child in live:
-            if child.process.is_alive():
-                self._send(child.role.identity, "stop")
+        told: set[str] = set()
         deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline:
+            for child in live:
+                name = child.role.identity
+                if name not in told and child.process.is_alive() and self._send(name, "stop"):
+                    told.add(name)
+            running = [c.process.sentinel for c in live if c.process.is_alive()]
+            if not running:
+                break
+            multiprocessing.connection.wait(running, timeout=0.05)
         for child in live:
-            child.process.join(max(0.0, deadline - time.monotonic()))
             if child.process.is_alive():
                 self.logger.warning("%s did not stop in time; killing it", child.role.identity)
                 child.process.kill()

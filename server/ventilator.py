@@ -71,6 +71,7 @@ class Ventilator(Role):
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its name
         self.backend.bind(self.endpoints.workers)
         self.sink = self.context.socket(zmq.PUSH)
         self.sink.setsockopt(zmq.SNDHWM, 0)

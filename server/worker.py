@@ -235,23 +235,39 @@ class WorkerProcess(Role):
 
     def _run_batch(self, live: list[list[Any]], items: list[Any], metas: list[Any],
                    parts: list[list[Any]], result_frames: list[Any]) -> None:
-        try:
-            outputs = self._predict(self._batch_input(items, metas))
-            if len(outputs) != len(items):
-                raise ValueError(f"predict returned {len(outputs)} results for "
-                                 f"{len(items)} inputs")
-            out_metas, out_bufs = _encode_outputs(outputs, self.config.protocol)
-        except Exception as exc:
-            error = E.ModelError(f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            self.logger.error("batch of %d items failed: %s", len(items), error.message)
-            parts.extend(_part(seg, None, error.to_wire()) for seg in live)
-            return
+        group: list[tuple[list[Any], int, int]] = []  # (segment, first item, end item)
         start = 0
         for seg in live:
-            end = start + seg[4]
-            parts.append(_part(seg, out_metas[start:end], None))
-            result_frames.extend(out_bufs[start:end])
-            start = end
+            group.append((seg, start, start + seg[4]))
+            start += seg[4]
+        self._run_group(group, items, metas, parts, result_frames)
+
+    def _run_group(self, group: list[tuple[list[Any], int, int]], items: list[Any],
+                   metas: list[Any], parts: list[list[Any]], result_frames: list[Any]) -> None:
+        """Compute the items of ``group``'s segments together. If that fails, split the
+        group in halves and retry each, so only the requests whose items fail get the
+        error and the other requests of the batch still get their results."""
+        lo, hi = group[0][1], group[-1][2]
+        try:
+            outputs = self._predict(self._batch_input(items[lo:hi], metas[lo:hi]))
+            if len(outputs) != hi - lo:
+                raise ValueError(f"predict returned {len(outputs)} results for "
+                                 f"{hi - lo} inputs")
+            out_metas, out_bufs = _encode_outputs(outputs, self.config.protocol)
+        except Exception as exc:
+            if len(group) > 1:
+                half = len(group) // 2
+                self._run_group(group[:half], items, metas, parts, result_frames)
+                self._run_group(group[half:], items, metas, parts, result_frames)
+                return
+            error = E.ModelError(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            self.logger.error("request %s (%d items) failed: %s", group[0][0][1], hi - lo,
+                              error.message)
+            parts.append(_part(group[0][0], None, error.to_wire()))
+            return
+        for seg, start, end in group:
+            parts.append(_part(seg, out_metas[start - lo:end - lo], None))
+            result_frames.extend(out_bufs[start - lo:end - lo])
 
     def _batch_input(self, items: list[Any], metas: list[Any]) -> Any:
         """The ``input`` given to predict: with ``-protocol numpy`` and items of one dtype

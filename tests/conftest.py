@@ -1,0 +1,64 @@
+"""Shared fixtures: session-wide servers (tests using them do not interfere) and clients."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+# Worker classes live in tests/workers.py: the server's roles are started with spawn and
+# re-import them by name, so tests/ must be on sys.path (spawned children inherit it).
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+from helpers import connect, running_server, server_args  # noqa: E402
+from wkr_serving.client import WKRClient  # noqa: E402
+from wkr_serving.server import WKRServer  # noqa: E402
+from workers import ControlledWorker, EchoWorker  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def obj_server(tmp_path_factory) -> Iterator[WKRServer]:
+    """ControlledWorker, protocol obj, 2 CPU workers, batch_size 4."""
+    args = server_args(tmp_path_factory.mktemp("obj_model"), "-protocol", "obj",
+                       "-num_worker", "2", "-batch_size", "4", "-cpu")
+    with running_server(args, ControlledWorker) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def numpy_server(tmp_path_factory) -> Iterator[WKRServer]:
+    """EchoWorker, protocol numpy, 1 worker, batch_size 4."""
+    args = server_args(tmp_path_factory.mktemp("numpy_model"), "-protocol", "numpy",
+                       "-num_worker", "1", "-batch_size", "4", "-cpu")
+    with running_server(args, EchoWorker) as server:
+        yield server
+
+
+@pytest.fixture
+def client_factory() -> Iterator[Callable[..., WKRClient]]:
+    """Make clients of a server; every one is closed after the test."""
+    made: list[WKRClient] = []
+
+    def make(server: Any, **kwargs: Any) -> WKRClient:
+        client = connect(server, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def obj_client(obj_server, client_factory) -> WKRClient:
+    return client_factory(obj_server)
+
+
+@pytest.fixture
+def numpy_client(numpy_server, client_factory) -> WKRClient:
+    return client_factory(numpy_server)

@@ -1,0 +1,114 @@
+"""Unit tests of the pure batching core (server/batching.py): no sockets, no clock."""
+
+from __future__ import annotations
+
+import pytest
+from wkr_serving.server.batching import BatchQueue, Request, dispatch_wait, should_dispatch
+
+
+def make_request(client: bytes, req_id: int, n: int, t: float = 0.0) -> Request:
+    return Request(client, req_id, t, 0.0, [0] * n, [f"{client!r}-{req_id}-{i}" for i in range(n)])
+
+
+def flatten(segments) -> list:
+    """The item frames a batch made of ``segments`` carries, in order."""
+    out = []
+    for req, offset, count in segments:
+        out.extend(req.frames[offset:offset + count])
+    return out
+
+
+def test_empty_queue():
+    q = BatchQueue()
+    assert len(q) == 0
+    assert q.oldest() is None
+    assert q.take(5) == []
+    assert len(q) == 0
+
+
+def test_push_counts_items_and_rejects_empty_request():
+    q = BatchQueue()
+    q.push(make_request(b"a", 1, 3))
+    q.push(make_request(b"b", 1, 2))
+    assert len(q) == 5 and q.items == 5
+    with pytest.raises(ValueError):
+        q.push(make_request(b"c", 1, 0))
+    assert len(q) == 5
+
+
+def test_take_spans_requests_oldest_first():
+    q = BatchQueue()
+    a = make_request(b"a", 1, 2, t=1.0)
+    b = make_request(b"b", 7, 2, t=2.0)
+    c = make_request(b"c", 3, 1, t=3.0)
+    for r in (a, b, c):
+        q.push(r)
+    segments = q.take(4)
+    assert [(r.client, off, n) for r, off, n in segments] == [(b"a", 0, 2), (b"b", 0, 2)]
+    assert flatten(segments) == a.frames + b.frames
+    assert len(q) == 1
+    assert q.oldest() == c.t_recv
+    assert [(r.client, off, n) for r, off, n in q.take(4)] == [(b"c", 0, 1)]
+    assert len(q) == 0 and q.oldest() is None
+
+
+def test_take_splits_a_large_request_into_consecutive_segments():
+    q = BatchQueue()
+    big = make_request(b"big", 1, 10)
+    q.push(big)
+    batches = []
+    for _ in range(10):  # bounded: 10 items need at most 10 takes
+        if not len(q):
+            break
+        batches.append(q.take(4))
+    assert [[(off, n) for _, off, n in segs] for segs in batches] == [[(0, 4)], [(4, 4)], [(8, 2)]]
+    assert [f for segs in batches for f in flatten(segs)] == big.frames
+    assert len(q) == 0
+
+
+def test_split_request_shares_a_batch_with_the_next_request():
+    q = BatchQueue()
+    first = make_request(b"x", 1, 3, t=1.0)
+    second = make_request(b"y", 2, 3, t=2.0)
+    q.push(first)
+    q.push(second)
+    one = q.take(4)
+    assert [(r.client, off, n) for r, off, n in one] == [(b"x", 0, 3), (b"y", 0, 1)]
+    # The partly taken request is now the oldest and still counts only what is left.
+    assert q.oldest() == second.t_recv
+    assert len(q) == 2
+    two = q.take(4)
+    assert [(r.client, off, n) for r, off, n in two] == [(b"y", 1, 2)]
+    assert flatten(one) + flatten(two) == first.frames + second.frames
+
+
+def test_take_limit_of_one():
+    q = BatchQueue()
+    r = make_request(b"a", 1, 3)
+    q.push(r)
+    got = [q.take(1) for _ in range(3)]
+    assert [segs[0][1:] for segs in got] == [(0, 1), (1, 1), (2, 1)]
+    assert len(q) == 0
+
+
+def test_should_dispatch_rules():
+    # Nothing queued: never.
+    assert not should_dispatch(0, 10.0, 0, 8, 0.005)
+    # Idle server: a lone item goes at once, whatever the group timeout.
+    assert should_dispatch(1, 0.0, 0, 8, 5.0)
+    # Full batch: at once even while other workers are busy.
+    assert should_dispatch(8, 0.0, 3, 8, 5.0)
+    assert should_dispatch(9, 0.0, 3, 8, 5.0)
+    # Busy server, partial batch: wait until the oldest item waited group_timeout.
+    assert not should_dispatch(3, 0.001, 1, 8, 0.005)
+    assert should_dispatch(3, 0.005, 1, 8, 0.005)
+    assert should_dispatch(3, 0.5, 1, 8, 0.005)
+    # A zero group timeout never holds items back.
+    assert should_dispatch(1, 0.0, 2, 8, 0.0)
+
+
+def test_dispatch_wait():
+    assert dispatch_wait(0.0, 0.25) == pytest.approx(0.25)
+    assert dispatch_wait(0.1, 0.25) == pytest.approx(0.15)
+    assert dispatch_wait(0.25, 0.25) == 0.0
+    assert dispatch_wait(3.0, 0.25) == 0.0

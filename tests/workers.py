@@ -1,0 +1,96 @@
+"""Worker classes used by the process tests.
+
+They live in an importable module (not in a test file) because the server starts its
+roles with multiprocessing *spawn*: the child re-imports this module by name.
+
+Slowness is never simulated with sleeps: a worker that must be slow waits, with a
+deadline, until a file named in its input exists (the test creates it to release it).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from wkr_serving.server import WKRHardWorker
+
+#: Longest a blocked predict waits for its release file (a test that forgets to release
+#: it must not hang the server forever).
+BLOCK_LIMIT_S = 60.0
+
+
+def wait_for_file(path: str, limit: float = BLOCK_LIMIT_S) -> bool:
+    """Wait until ``path`` exists, at most ``limit`` seconds; return whether it does."""
+    deadline = time.monotonic() + limit
+    pause = threading.Event()
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        pause.wait(0.005)
+    return True
+
+
+def touch(path: str) -> None:
+    with open(path, "w", encoding="utf-8"):
+        pass
+
+
+class EchoWorker(WKRHardWorker):
+    """Returns every input unchanged."""
+
+    def predict(self, model, input):
+        return input
+
+
+class ControlledWorker(WKRHardWorker):
+    """Echo, except for dict inputs carrying a ``"cmd"`` key (obj protocol):
+
+    - ``{"cmd": "pid", "value": v}`` -> ``{"pid": <worker pid>, "value": v}``
+    - ``{"cmd": "block", "started": p1, "release": p2, "value": v}`` -> creates ``p1``,
+      waits until ``p2`` exists, then ``{"pid": ..., "value": v, "released": bool}``
+    - ``{"cmd": "raise", "message": m}`` -> the whole predict raises ``RuntimeError(m)``
+    - ``{"cmd": "stat", "values": {...}}`` -> ``record_statistic(values)``, echoes values
+    - ``{"cmd": "wrong_count"}`` -> predict returns one result too many
+    - ``{"cmd": "die"}`` -> the worker process exits at once (a crash, as by kill -9)
+    """
+
+    def get_model(self, envs, model_dir, model_name, tmp_dir):
+        return {"pid": os.getpid()}
+
+    def predict(self, model, input):
+        out = []
+        extra = False
+        for item in input:
+            cmd = item.get("cmd") if isinstance(item, dict) else None
+            if cmd is None:
+                out.append(item)
+            elif cmd == "pid":
+                out.append({"pid": model["pid"], "value": item.get("value")})
+            elif cmd == "block":
+                touch(item["started"])
+                released = wait_for_file(item["release"])
+                out.append({"pid": model["pid"], "value": item.get("value"),
+                            "released": released})
+            elif cmd == "raise":
+                raise RuntimeError(item["message"])
+            elif cmd == "stat":
+                self.record_statistic(item["values"])
+                out.append(item["values"])
+            elif cmd == "die":
+                os._exit(13)
+            elif cmd == "wrong_count":
+                extra = True
+                out.append(None)
+            else:
+                out.append(item)
+        if extra:
+            out.append("one result too many")
+        return out
+
+
+class FailingLoadWorker(WKRHardWorker):
+    """A model that cannot be loaded."""
+
+    def get_model(self, envs, model_dir, model_name, tmp_dir):
+        raise ValueError("boom-load")
