@@ -76,6 +76,9 @@ SERVER_FLAGS = ["-num_worker", "1", "-batch_size", "32", "-batch_group_timeout",
 #: within noise of each other, 32-64 connections and AsyncWKRClient are slower, and a
 #: bare-socket generator with the same layout is at most ~15 % faster (README.md).
 DEFAULT_LOADGEN = {1: "block:1x1x1", 8: "pipe:1x8x1", 64: "pipe:2x4x8"}
+#: The c=1 W1 numpy row is also measured with the client busy-polling for its reply.
+BUSY_POLL_US = 2000
+SPIN_LOADGEN = "spin:1x1x1"
 #: Alternatives measured on W1 noop/numpy at C=64 in full mode.
 LOADGEN_ALTERNATIVES = ["pipe:1x8x8", "pipe:2x1x32", "pipe:2x32x1", "pipe:1x64x1",
                         "aio:1x1x64", "aio:1x8x8", "raw:2x4x8"]
@@ -97,13 +100,14 @@ def parse_loadgen(spec: str) -> tuple[str, int, int, int]:
 
     kinds: ``block`` (blocking ``encode`` per call; K must be 1), ``pipe``
     (``encode(blocking=False)`` + ``fetch``), ``aio`` (AsyncWKRClient, K coroutines per
-    connection), ``local`` (``block`` run inside the benchmark process, no spawn).
+    connection), ``local`` (``block`` run inside the benchmark process, no spawn),
+    ``spin`` (``block`` with the client's ``busy_poll_us`` option on).
     """
     kind, _, dims = spec.partition(":")
     p, n, k = (int(v) for v in dims.split("x"))
     if kind not in DRIVERS or min(p, n, k) < 1:
         raise ValueError(f"bad load generator spec {spec!r}")
-    if kind in ("block", "local") and (k != 1 or n != 1):
+    if kind in ("block", "local", "spin") and (k != 1 or n != 1):
         raise ValueError(f"{spec!r}: blocking generators take exactly 1 connection x 1")
     if kind == "local" and p != 1:
         raise ValueError(f"{spec!r}: local runs in one process")
@@ -161,8 +165,9 @@ def _drive_block(cfg: dict[str, Any], wait_go: Callable[[], float],
 
     x = _payload(cfg["in_shape"], cfg["seed"])
     cap = cfg["cap"]
+    busy_poll_us = BUSY_POLL_US if cfg["kind"] == "spin" else 0
     with WKRClient(HOST, cfg["port"], cfg["port_out"], protocol=cfg["protocol"],
-                   timeout=CLIENT_TIMEOUT_MS) as client:
+                   timeout=CLIENT_TIMEOUT_MS, busy_poll_us=busy_poll_us) as client:
         _check_reply(client.encode(x), x, cfg)
         rec = _Recorder(wait_go(), cfg, on_phase)
         encode, pc, lat_append = client.encode, time.perf_counter, rec.lat.append
@@ -414,7 +419,8 @@ def _drive_aio(cfg: dict[str, Any], wait_go: Callable[[], float],
     return asyncio.run(main())
 
 
-DRIVERS = {"block": _drive_block, "local": _drive_block, "pipe": _drive_pipe,
+DRIVERS = {"block": _drive_block, "local": _drive_block, "spin": _drive_block,
+           "pipe": _drive_pipe,
            "aio": _drive_aio, "raw": _drive_raw}
 
 
@@ -792,6 +798,7 @@ CPU_ROLES = ["ventilator", "worker-0", "sink", "load", "bench", "machine_busy", 
 
 def _transport(kind: str) -> str:
     return {"block": "WKRClient.encode", "local": "WKRClient.encode, in-process",
+            "spin": f"WKRClient.encode, busy_poll_us={BUSY_POLL_US}",
             "pipe": "WKRClient", "aio": "AsyncWKRClient",
             "raw": "bare zmq (reference)"}[kind]
 
@@ -944,6 +951,9 @@ def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any]) -> list[di
 
     add("W1 noop c=1 p50 <= 0.5 ms", find("noop", "numpy", 1), lambda r: r["p50_ms"], 0.5,
         False, lambda v: f"p50 = {v:.3f} ms")
+    spin = next((r for r in runs if r["loadgen"] == SPIN_LOADGEN), None)
+    add(f"W1 noop c=1 p50 <= 0.5 ms, client busy_poll_us={BUSY_POLL_US}", spin,
+        lambda r: r["p50_ms"], 0.5, False, lambda v: f"p50 = {v:.3f} ms")
     add("W1 noop c=64 >= 10,000 req/s (1 worker)", find("noop", "numpy", 64),
         lambda r: r["req_per_s"], 10_000, True, lambda v: f"{v:,.0f} req/s")
     floor_b32 = floors.get("mlp", {}).get("b32", {}).get("items_per_s", math.nan)
@@ -1039,6 +1049,9 @@ def main(argv: list[str] | None = None) -> int:
     comparison: list[dict[str, Any]] = []
     for workload, protocol in runs:
         plan = [(c, loadgens[c]) for c in concurrency]
+        if 1 in concurrency and (workload, protocol) == ("noop", "numpy"):
+            plan.append((1, SPIN_LOADGEN))
+        headlines = len(plan)
         extra = [(64, spec) for spec in alternatives if spec != loadgens.get(64)]
         if compare and (workload, protocol) == ("noop", "numpy"):
             plan += extra
@@ -1047,7 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
         for n, row in enumerate(measured):
             row["ratio_floor_b32"] = row["req_per_s"] / f["b32"]["items_per_s"]
             row["ratio_floor_b1"] = row["req_per_s"] / f["b1"]["items_per_s"]
-            headline = n < len(concurrency)
+            headline = n < headlines
             if headline:
                 rows.append(row)
             if row["concurrency"] == 64 and (workload, protocol) == ("noop", "numpy") \
