@@ -132,6 +132,7 @@ class _Recorder:
 
     __slots__ = (
         "count",
+        "ended",
         "errors",
         "lat",
         "measuring",
@@ -152,6 +153,31 @@ class _Recorder:
         self.t_stop = self.t_end
         self.on_phase = on_phase
         self.measuring = False
+        self.ended = False
+
+    def observe(self, ts: float, te: float) -> bool:
+        """Account one reply sent at ``ts`` and received at ``te``: record its latency if
+        it falls in the measured window; True once the window is over."""
+        if te < self.t_meas:
+            return False
+        if te >= self.t_end:
+            self.finish(None)
+            return True
+        if not self.measuring:
+            self.measuring = True
+            self.on_phase("measure")  # this reply straddles the phase change: not counted
+            return False
+        self.lat.append(te - ts)
+        return False
+
+    def finish(self, t_stop: float | None) -> None:
+        """End the run (``t_stop``: when the request cap stopped it early); idempotent."""
+        if self.ended:
+            return
+        self.ended = True
+        if t_stop is not None:
+            self.t_stop = t_stop
+        self.on_phase("end")
 
     def result(self) -> dict[str, Any]:
         return {"lat": self.lat.tobytes(), "count": self.count, "errors": self.errors,
@@ -170,8 +196,7 @@ def _drive_block(cfg: dict[str, Any], wait_go: Callable[[], float],
                    timeout=CLIENT_TIMEOUT_MS, busy_poll_us=busy_poll_us) as client:
         _check_reply(client.encode(x), x, cfg)
         rec = _Recorder(wait_go(), cfg, on_phase)
-        encode, pc, lat_append = client.encode, time.perf_counter, rec.lat.append
-        t_meas, t_end = rec.t_meas, rec.t_end
+        encode, pc, observe = client.encode, time.perf_counter, rec.observe
         sent = 0
         while sent < cap:
             ts = pc()
@@ -179,20 +204,10 @@ def _drive_block(cfg: dict[str, Any], wait_go: Callable[[], float],
                 encode(x)
             except ServerError:
                 rec.errors += 1
-            te = pc()
             sent += 1
-            if te >= t_meas:
-                if te >= t_end:
-                    break
-                if not rec.measuring:
-                    rec.measuring = True
-                    on_phase("measure")
-                    te = ts = pc()  # the phase callback's own time is not a request's
-                    continue
-                lat_append(te - ts)
-        else:
-            rec.t_stop = pc()
-        on_phase("end")
+            if observe(ts, pc()):
+                break
+        rec.finish(pc())
         rec.sent = sent
         rec.count = len(rec.lat)
         return rec.result()
@@ -213,8 +228,6 @@ def _drive_pipe(cfg: dict[str, Any], wait_go: Callable[[], float],
             _check_reply(client.encode(x), x, cfg)
         rec = _Recorder(wait_go(), cfg, on_phase)
         pc = time.perf_counter
-        lat_append = rec.lat.append
-        t_meas, t_end = rec.t_meas, rec.t_end
         fifo: deque[tuple[Any, float]] = deque()
         push, pop = fifo.append, fifo.popleft
         sent = 0
@@ -234,19 +247,12 @@ def _drive_pipe(cfg: dict[str, Any], wait_go: Callable[[], float],
                 errors += 1
             if stopping:
                 continue  # draining what is still outstanding
-            if te >= t_meas:
-                if te >= t_end:
-                    stopping = True
-                    on_phase("end")
-                    continue
-                if not rec.measuring:
-                    rec.measuring = True
-                    on_phase("measure")
-                lat_append(te - ts)
+            if rec.observe(ts, te):
+                stopping = True
+                continue
             if sent >= cap:
                 stopping = True
-                rec.t_stop = te
-                on_phase("end")
+                rec.finish(te)
                 continue
             ts = pc()
             client.encode(x, blocking=False)
@@ -303,8 +309,6 @@ def _drive_raw(cfg: dict[str, Any], wait_go: Callable[[], float],
             pairs.append((sender, receiver))
         rec = _Recorder(wait_go(), cfg, on_phase)
         pc = time.perf_counter
-        lat_append = rec.lat.append
-        t_meas, t_end = rec.t_meas, rec.t_end
         sent_at: dict[int, float] = {}  # request id -> send time (ids unique per process)
         conn_of: dict[int, Any] = {}
         next_id = 1
@@ -317,7 +321,7 @@ def _drive_raw(cfg: dict[str, Any], wait_go: Callable[[], float],
                 next_id += 1
         errors = 0
         stopping = False
-        give_up = t_end + CLIENT_TIMEOUT_MS / 1000.0
+        give_up = rec.t_end + CLIENT_TIMEOUT_MS / 1000.0
         while sent_at and pc() < give_up:
             for receiver, _ in poller.poll(1000):
                 while True:
@@ -333,19 +337,12 @@ def _drive_raw(cfg: dict[str, Any], wait_go: Callable[[], float],
                         errors += 1
                     if stopping:
                         continue
-                    if te >= t_meas:
-                        if te >= t_end:
-                            stopping = True
-                            on_phase("end")
-                            continue
-                        if not rec.measuring:
-                            rec.measuring = True
-                            on_phase("measure")
-                        lat_append(te - ts)
+                    if rec.observe(ts, te):
+                        stopping = True
+                        continue
                     if next_id > cap:
                         stopping = True
-                        rec.t_stop = te
-                        on_phase("end")
+                        rec.finish(te)
                         continue
                     sent_at[next_id] = pc()
                     conn_of[next_id] = sender
@@ -382,13 +379,10 @@ def _drive_aio(cfg: dict[str, Any], wait_go: Callable[[], float],
             state = {"sent": 0, "stopping": False}
 
             async def one_logical_client(client: Any) -> None:
-                lat_append = rec.lat.append
-                t_meas, t_end = rec.t_meas, rec.t_end
                 while not state["stopping"]:
                     if state["sent"] >= cap:
                         state["stopping"] = True
-                        rec.t_stop = pc()
-                        on_phase("end")
+                        rec.finish(pc())
                         return
                     state["sent"] += 1
                     ts = pc()
@@ -396,17 +390,9 @@ def _drive_aio(cfg: dict[str, Any], wait_go: Callable[[], float],
                         await client.encode(x)
                     except ServerError:
                         rec.errors += 1
-                    te = pc()
-                    if te >= t_meas:
-                        if te >= t_end:
-                            if not state["stopping"]:
-                                state["stopping"] = True
-                                on_phase("end")
-                            return
-                        if not rec.measuring:
-                            rec.measuring = True
-                            on_phase("measure")
-                        lat_append(te - ts)
+                    if rec.observe(ts, pc()):
+                        state["stopping"] = True
+                        return
 
             await asyncio.gather(*(one_logical_client(c) for c in clients
                                    for _ in range(depth)))
