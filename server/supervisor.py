@@ -130,6 +130,9 @@ class Supervisor:
                                  self.config.cpu, existing, free)
         self.logger.info("device assignment: %s", ", ".join(
             f"worker-{i}={describe(d)}" for i, d in enumerate(devices)))
+        if self.config.http_port is not None:
+            self.logger.warning("-http_port %d ignored: this version has no HTTP bridge",
+                                self.config.http_port)
         self._spawn(Sink(self.config, self.endpoints))
         self._spawn(Ventilator(self.config, self.endpoints, self.started_at))
         for index, device_id in enumerate(devices):

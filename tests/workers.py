@@ -94,3 +94,13 @@ class FailingLoadWorker(WKRHardWorker):
 
     def get_model(self, envs, model_dir, model_name, tmp_dir):
         raise ValueError("boom-load")
+
+
+class ThreadsWorker(WKRHardWorker):
+    """Returns how many threads the BLAS library numpy loaded is allowed to use."""
+
+    def predict(self, model, input):
+        from threadpoolctl import threadpool_info
+
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        return [max(blas) if blas else -1 for _ in input]
