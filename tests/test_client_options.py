@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+from helpers import wait_until
 from wkr_serving.client import ClientUsageError, WKRClient, WKRTimeoutError
 
 
@@ -25,9 +28,11 @@ def test_busy_polling_still_honours_the_call_timeout(tmp_path, obj_server, clien
                "value": 1}
     blocker2 = dict(blocker, started=str(tmp_path / "b"))
     try:
-        # Both workers blocked: the third request cannot finish within 300 ms.
-        client.encode(blocker, blocking=False)
-        client.encode(blocker2, blocking=False)
+        # One blocker per worker (each sent once the previous one runs, so they cannot
+        # share a batch): the third request cannot finish within 300 ms.
+        for item in (blocker, blocker2):
+            client.encode(item, blocking=False)
+            wait_until(lambda p=item["started"]: os.path.exists(p), 20, "a worker to block")
         with pytest.raises(WKRTimeoutError):
             client.encode("late", timeout=300)
     finally:

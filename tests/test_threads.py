@@ -7,9 +7,8 @@ import os
 import pytest
 from helpers import connect, running_server, server_args
 from threadpoolctl import threadpool_info
-from workers import ThreadsWorker
-
 from wkr_serving.server import ServerConfig
+from workers import ThreadsWorker
 
 
 def _default_blas_threads() -> int:
