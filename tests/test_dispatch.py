@@ -6,7 +6,7 @@ import os
 import time
 
 import numpy as np
-from helpers import connect, running_server, server_args, wait_idle
+from helpers import connect, running_server, server_args, wait_idle, wait_until
 from workers import EchoWorker, touch, wait_for_file
 
 
@@ -44,9 +44,16 @@ def test_request_goes_to_the_idle_worker_while_the_other_is_busy(obj_server, tmp
             assert served["value"] == "fast"
             assert served["pid"] in pids
             assert not os.path.exists(release)
-            during = other.server_status
-            busy = [w for w in during["workers"] if w["state"] == "busy"]
-            assert [w["pid"] for w in busy] == list(pids - {served["pid"]})
+            # The serving worker's READY may reach the ventilator a moment after its
+            # result reached us: wait (bounded) for the snapshot to show it idle again.
+            blocked_pid = list(pids - {served["pid"]})
+
+            def only_blocked_busy():
+                status = other.server_status
+                busy = [w["pid"] for w in status["workers"] if w["state"] == "busy"]
+                return status if busy == blocked_pid else None
+
+            during = wait_until(only_blocked_busy, 20, "only the blocked worker to be busy")
             assert during["in_flight_items"] == 1
         finally:
             touch(release)

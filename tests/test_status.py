@@ -19,7 +19,8 @@ def test_status_contents(obj_server):
             assert client.encode(i) == i
         with pytest.raises(ModelError):
             client.encode({"cmd": "raise", "message": "counted"})
-        status = client.server_status
+        # Idle as seen by the ventilator: the last worker's READY may trail its result.
+        status = wait_idle(client)
 
     # configuration and versions
     config = status["config"]
