@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 import warnings
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -42,8 +42,6 @@ __all__ = ["ConcurrentWKRClient", "WKRClient"]
 
 #: Most replies one reading thread takes off the socket before handing over.
 READ_BATCH = 1024
-#: Replies remembered for requests whose caller gave up (bounded, oldest forgotten).
-ABANDONED_LIMIT = 100_000
 #: Longest single poll (ms) of the reading thread, so close() never waits long for it.
 READ_SLICE_MS = 200
 
@@ -90,7 +88,6 @@ class WKRClient:
         self._cond = threading.Condition(self._lock)
         self._expected: dict[int, str] = {}  # sent, no reply yet: id -> reply shape
         self._replies: dict[int, Reply] = {}  # arrived, not yet taken
-        self._abandoned: OrderedDict[int, None] = OrderedDict()
         self._unfetched: deque[int] = deque()  # non-blocking requests, in send order
         self._errors: dict[int, ServerError] = {}  # failed fetched requests, for fetch_all
         self._reading = False
@@ -263,13 +260,14 @@ class WKRClient:
             self._check_open()
             self._expected[req_id] = _VALUE
             self.receiver.send(hello_frame(req_id))
-        info = self._wait(req_id, deadline, "handshake with port_out")
+        info = self._wait(req_id, self.options.connect_timeout, "handshake with port_out")
         self._server_info = check_hello(info.value, self.options, self.check_version)
         req_id = next(self._ids)
         with self._lock:
             self._expected[req_id] = _VALUE
             self._send_frames([command_frame(req_id, self.options.connect_timeout, "ping")])
-        self._wait(req_id, deadline, "ping through port")
+        left_ms = max(0, int((deadline - time.monotonic()) * 1000))  # one budget for both
+        self._wait(req_id, left_ms, "ping through port")
         self._connected = True
 
     def _check_open(self) -> None:
@@ -313,17 +311,18 @@ class WKRClient:
             self._check_open()
             self._expected[req_id] = _VALUE
             self._send_frames([command_frame(req_id, self.timeout, name, args)])
-        reply = self._wait(req_id, self._deadline(None), f"command {name!r}")
+        reply = self._wait(req_id, self._budget(None), f"command {name!r}")
         if reply.error is not None:
             raise reply.error
         return reply.value
 
-    def _deadline(self, timeout: int | None) -> float | None:
+    def _budget(self, timeout: int | None) -> int | None:
+        """The call's budget in ms: its own ``timeout``, else the client's (None: none)."""
         budget = self.timeout if timeout is None else timeout
-        return None if budget is None or budget < 0 else time.monotonic() + budget / 1000.0
+        return None if budget is None or budget < 0 else budget
 
     def _result(self, req_id: int, timeout: int | None) -> Any:
-        reply = self._wait(req_id, self._deadline(timeout), "result")
+        reply = self._wait(req_id, self._budget(timeout), "result")
         if reply.error is not None:
             raise reply.error
         return reply.value
@@ -331,15 +330,17 @@ class WKRClient:
     def _response(self, req_id: int, keep_error: bool = True) -> Response:
         """The reply as a seed-style Response; ``keep_error`` keeps the typed exception
         for :meth:`fetch_all`."""
-        reply = self._wait(req_id, self._deadline(None), "result")
+        reply = self._wait(req_id, self._budget(None), "result")
         if reply.error is not None:
             if keep_error:
                 self._errors[req_id] = reply.error
             return Response(req_id, None, 1, str(reply.error))
         return Response(req_id, reply.value, 0, "")
 
-    def _wait(self, req_id: int, deadline: float | None, what: str) -> Reply:
-        """Wait for one reply, reading the socket for every thread when no one else is."""
+    def _wait(self, req_id: int, budget_ms: int | None, what: str) -> Reply:
+        """Wait up to ``budget_ms`` (None: no limit) for one reply, reading the socket for
+        every thread when no other thread is."""
+        deadline = None if budget_ms is None else time.monotonic() + budget_ms / 1000.0
         with self._cond:
             while True:
                 reply = self._replies.pop(req_id, None)
@@ -348,8 +349,8 @@ class WKRClient:
                 self._check_open()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    self._give_up(req_id)
-                    raise self._timeout_error(req_id, what)
+                    self._expected.pop(req_id, None)  # a late reply will be dropped
+                    raise self._timeout_error(req_id, what, budget_ms)
                 if self._reading:
                     self._cond.wait(remaining)
                     continue
@@ -405,24 +406,17 @@ class WKRClient:
         """Keep replies someone is waiting for (lock held); drop late or unknown ones."""
         for reply in replies:
             shape = self._expected.pop(reply.req_id, None)
-            if shape is None:
-                self._abandoned.pop(reply.req_id, None)
+            if shape is None:  # its caller gave up (timeout) or it was never ours
                 continue
             if shape == _ONE and reply.error is None:
                 reply = Reply(reply.req_id, reply.value[0], None)
             self._replies[reply.req_id] = reply
 
-    def _give_up(self, req_id: int) -> None:
-        if self._expected.pop(req_id, None) is not None:
-            self._abandoned[req_id] = None
-            while len(self._abandoned) > ABANDONED_LIMIT:
-                self._abandoned.popitem(last=False)
-
-    def _timeout_error(self, req_id: int, what: str) -> WKRTimeoutError:
+    def _timeout_error(self, req_id: int, what: str, budget_ms: int | None) -> WKRTimeoutError:
         if not self._connected:
             return connect_timeout_error(self.options, what)
         return WKRTimeoutError(
-            f"no {what} for request {req_id} within {self.timeout} ms from "
+            f"no {what} for request {req_id} within {budget_ms} ms from "
             f"{self.options.address_in} / {self.options.address_out}: is the server up, "
             "and is the timeout long enough for this input?")
 
