@@ -274,7 +274,7 @@ def _drive_raw(cfg: dict[str, Any], wait_go: Callable[[], float],
         ClientOptions,
         command_frame,
         hello_frame,
-        parse_reply,
+        parse_replies,
         request_frames,
     )
 
@@ -296,12 +296,12 @@ def _drive_raw(cfg: dict[str, Any], wait_go: Callable[[], float],
                 sock.send_multipart(frames)
                 if not receiver.poll(CLIENT_TIMEOUT_MS):
                     raise RuntimeError("raw load generator: no handshake answer")
-                if parse_reply(receiver.recv_multipart()).error is not None:
+                if parse_replies(receiver.recv_multipart())[0].error is not None:
                     raise RuntimeError("raw load generator: handshake refused")
             sender.send_multipart(request_frames(0, CLIENT_TIMEOUT_MS, [x], protocol))
             if not receiver.poll(CLIENT_TIMEOUT_MS):
                 raise RuntimeError("raw load generator: no answer to the first request")
-            reply = parse_reply(receiver.recv_multipart())
+            reply = parse_replies(receiver.recv_multipart())[0]
             if reply.error is not None:
                 raise reply.error
             _check_reply(reply.value[0], x, cfg)
@@ -329,26 +329,27 @@ def _drive_raw(cfg: dict[str, Any], wait_go: Callable[[], float],
                         frames = receiver.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    reply = parse_reply(frames)
                     te = pc()
-                    ts = sent_at.pop(reply.req_id)
-                    sender = conn_of.pop(reply.req_id)
-                    if reply.error is not None:
-                        errors += 1
-                    if stopping:
-                        continue
-                    if rec.observe(ts, te):
-                        stopping = True
-                        continue
-                    if next_id > cap:
-                        stopping = True
-                        rec.finish(te)
-                        continue
-                    sent_at[next_id] = pc()
-                    conn_of[next_id] = sender
-                    sender.send_multipart(
-                        request_frames(next_id, CLIENT_TIMEOUT_MS, [x], protocol), copy=False)
-                    next_id += 1
+                    for reply in parse_replies(frames):
+                        ts = sent_at.pop(reply.req_id)
+                        sender = conn_of.pop(reply.req_id)
+                        if reply.error is not None:
+                            errors += 1
+                        if stopping:
+                            continue
+                        if rec.observe(ts, te):
+                            stopping = True
+                            continue
+                        if next_id > cap:
+                            stopping = True
+                            rec.finish(te)
+                            continue
+                        sent_at[next_id] = pc()
+                        conn_of[next_id] = sender
+                        sender.send_multipart(
+                            request_frames(next_id, CLIENT_TIMEOUT_MS, [x], protocol),
+                            copy=False)
+                        next_id += 1
         if sent_at:
             raise RuntimeError(f"raw load generator: {len(sent_at)} replies never came")
         rec.errors, rec.sent, rec.count = errors, next_id - 1, len(rec.lat)

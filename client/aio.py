@@ -26,7 +26,7 @@ from .base import (
     command_frame,
     connect_timeout_error,
     hello_frame,
-    parse_reply,
+    parse_replies,
     request_frames,
 )
 from .errors import ClientUsageError, ProtocolError, WKRTimeoutError
@@ -163,10 +163,11 @@ class AsyncWKRClient:
         while True:
             frames = await self._receiver.recv_multipart(copy=False)
             try:
-                reply = parse_reply(frames)
+                replies = parse_replies(frames)
             except ProtocolError as exc:
                 logger.warning("dropped a malformed reply: %s", exc)
                 continue
-            future = self._futures.get(reply.req_id)
-            if future is not None and not future.done():
-                future.set_result(reply)
+            for reply in replies:
+                future = self._futures.get(reply.req_id)
+                if future is not None and not future.done():
+                    future.set_result(reply)

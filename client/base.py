@@ -20,7 +20,8 @@ from .errors import (
 )
 from .version import __version__
 
-__all__ = ["ClientOptions", "Reply", "Response", "check_hello", "parse_reply", "request_frames"]
+__all__ = ["ClientOptions", "Reply", "Response", "check_hello", "parse_replies",
+           "request_frames"]
 
 #: Longest the connection handshake may take when the call timeout is longer.
 CONNECT_TIMEOUT_MS = 10_000
@@ -117,22 +118,49 @@ def hello_frame(req_id: int) -> bytes:
     return P.pack([P.PROTOCOL_VERSION, P.HELLO, req_id])
 
 
-def parse_reply(frames: list[Any]) -> Reply:
-    """Parse one message from the sink; raise :class:`ProtocolError` if malformed."""
-    header = P.unpack_header(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
-    kind, req_id = header[1], header[2]
-    if kind == P.RESULT:
-        metas = header[3]
-        if not isinstance(metas, list) or len(metas) != len(frames) - 1:
+def parse_replies(frames: list[Any]) -> list[Reply]:
+    """Parse one message from the sink into its replies (REPLIES carries several);
+    raise :class:`ProtocolError` if it is malformed."""
+    header = P.unpack_header(_buffer(frames[0]))
+    kind = header[1]
+    if kind != P.REPLIES:
+        replies = [_entry(kind, header[2], header[3], frames, 1)]
+        if replies[0].error is None and kind == P.RESULT and len(frames) != 1 + len(header[3]):
             raise ProtocolError("result metas do not match its payload frames")
-        values = [P.decode_item(m, f.buffer if hasattr(f, "buffer") else f)
-                  for m, f in zip(metas, frames[1:], strict=True)]
+        return replies
+    entries = header[2]
+    if not isinstance(entries, list):
+        raise ProtocolError("REPLIES needs a list of entries")
+    replies = []
+    pos = 1
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise ProtocolError(f"bad REPLIES entry {entry!r}")
+        reply = _entry(entry[1], entry[0], entry[2], frames, pos)
+        if entry[1] == P.RESULT:
+            pos += len(entry[2])
+        replies.append(reply)
+    if pos != len(frames):
+        raise ProtocolError("REPLIES entries do not match its payload frames")
+    return replies
+
+
+def _entry(kind: Any, req_id: Any, body: Any, frames: list[Any], pos: int) -> Reply:
+    if kind == P.RESULT:
+        if not isinstance(body, list) or pos + len(body) > len(frames):
+            raise ProtocolError("result metas do not match its payload frames")
+        values = [P.decode_item(m, _buffer(f))
+                  for m, f in zip(body, frames[pos:pos + len(body)], strict=True)]
         return Reply(req_id, values, None)
     if kind == P.ERROR:
-        return Reply(req_id, None, error_from_wire(header[3], req_id))
+        return Reply(req_id, None, error_from_wire(body, req_id))
     if kind == P.REPLY:
-        return Reply(req_id, header[3], None)
+        return Reply(req_id, body, None)
     raise ProtocolError(f"unexpected reply kind {kind}")
+
+
+def _buffer(frame: Any) -> Any:
+    return frame.buffer if hasattr(frame, "buffer") else frame
 
 
 def check_hello(info: Any, options: ClientOptions, check_version: bool) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from .base import (
     command_frame,
     connect_timeout_error,
     hello_frame,
-    parse_reply,
+    parse_replies,
     request_frames,
 )
 from .errors import ClientUsageError, ProtocolError, ServerError, WKRTimeoutError
@@ -384,7 +384,7 @@ class WKRClient:
         replies = []
         for _ in range(READ_BATCH):
             try:
-                replies.append(parse_reply(frames))
+                replies.extend(parse_replies(frames))
             except ProtocolError as exc:
                 warnings.warn(f"dropped a malformed reply from the server: {exc}",
                               stacklevel=2)

@@ -16,6 +16,7 @@ a client connects one DEALER to each, both with the same identity)::
     RESULT    sink    -> client          req_id, metas                     one frame per item
     ERROR     sink    -> client          req_id, [code, message, tb]       -
     REPLY     sink    -> client          req_id, value                     -
+    REPLIES   sink    -> client          entries                           result frames
 
 Internal messages (loopback IPC between the roles of one server)::
 
@@ -26,6 +27,11 @@ Internal messages (loopback IPC between the roles of one server)::
     FORWARD   ventilator -> sink         client, req_id, kind, value       -
     EVENT     role    -> supervisor      name, value                       -
     CONTROL   supervisor -> role         name, value                       -
+
+REPLIES carries several replies for one client at once (the sink sends it when one
+batch completes more than one of that client's requests): each entry is ``[req_id,
+kind, body]`` with ``kind`` RESULT (``body``: metas; its frames follow, in entry order),
+ERROR (``body``: ``[code, message, tb]``) or REPLY (``body``: a value).
 
 ``timeout_ms`` is the client's budget for the request (0 means none); the ventilator turns
 it into an absolute deadline on arrival, so client and server clocks never meet.
@@ -67,6 +73,7 @@ __all__ = [
     "PROTOCOLS",
     "PROTOCOL_VERSION",
     "READY",
+    "REPLIES",
     "REPLY",
     "REQUEST",
     "RESULT",
@@ -84,6 +91,7 @@ HELLO = 3
 RESULT = 4
 ERROR = 5
 REPLY = 6
+REPLIES = 7
 BATCH = 10
 READY = 11
 DONE = 12
@@ -99,6 +107,7 @@ HEADER_FIELDS = {
     RESULT: 2,
     ERROR: 2,
     REPLY: 2,
+    REPLIES: 1,
     BATCH: 2,
     READY: 3,
     DONE: 5,

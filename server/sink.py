@@ -86,9 +86,23 @@ class Sink(Role):
             self.logger.debug("client %r is gone; reply dropped", client)
 
     def _send_error(self, client: bytes, req_id: int, error: list[Any]) -> None:
+        self._count_error(error)
+        self._send(client, [P.pack([V, P.ERROR, req_id, error])])
+
+    def _count_error(self, error: Any) -> None:
         code = error[0] if isinstance(error, list) and error else "server_error"
         self.errors[code] = self.errors.get(code, 0) + 1
-        self._send(client, [P.pack([V, P.ERROR, req_id, error])])
+
+    def _send_replies(self, client: bytes, replies: list[tuple[int, int, Any, list[Any]]],
+                      ) -> None:
+        """Send ``(req_id, kind, body, frames)`` replies to one client: one message for
+        all of them, so a batch holding several of its requests costs one send."""
+        if len(replies) == 1:
+            req_id, kind, body, frames = replies[0]
+            self._send(client, [P.pack([V, kind, req_id, body]), *frames])
+            return
+        header = P.pack([V, P.REPLIES, [[req_id, kind, body] for req_id, kind, body, _ in replies]])
+        self._send(client, [header, *(f for *_, frames in replies for f in frames)])
 
     def _on_client(self, frames: list[zmq.Frame]) -> None:
         client = frames[0].bytes
@@ -114,7 +128,10 @@ class Sink(Role):
             elif action == "failed":
                 worker, batch_id, offset, total, count, t_recv, error = value
                 if self.last_batch.get(worker, 0) < batch_id:
-                    self._finish(client, req_id, offset, total, count, t_recv, None, [], error)
+                    reply = self._finish(client, req_id, offset, total, count, t_recv, None,
+                                         [], error, time.monotonic())
+                    if reply is not None:
+                        self._send_replies(client, [(req_id, *reply)])
             elif action == "status":
                 self._send(client, [P.pack([V, P.REPLY, req_id, self._status(value)])])
             else:
@@ -125,13 +142,18 @@ class Sink(Role):
         self.last_batch[worker] = batch_id
         now = time.monotonic()
         pos = 1
+        outbox: dict[bytes, list[tuple[int, int, Any, list[Any]]]] = {}
         for client, req_id, offset, total, count, t_recv, metas, error in parts:
             part_frames = []
             if error is None:
                 part_frames = frames[pos:pos + count]
                 pos += count
-            self._finish(client, req_id, offset, total, count, t_recv, metas, part_frames,
-                         error, now)
+            reply = self._finish(client, req_id, offset, total, count, t_recv, metas,
+                                 part_frames, error, now)
+            if reply is not None:
+                outbox.setdefault(client, []).append((req_id, *reply))
+        for client, replies in outbox.items():
+            self._send_replies(client, replies)
         stats = self.worker_stats.setdefault(worker, {"batches_done": 0, "busy_s": 0.0})
         stats["batches_done"] += 1
         stats["busy_s"] += busy
@@ -144,19 +166,19 @@ class Sink(Role):
 
     def _finish(self, client: bytes, req_id: int, offset: int, total: int, count: int,
                 t_recv: float, metas: list[Any] | None, frames: list[Any], error: Any,
-                now: float | None = None) -> None:
-        """Account one part of a request; reply once the request is decided."""
+                now: float) -> tuple[int, Any, list[Any]] | None:
+        """Account one part of a request; once the request is decided, return its reply
+        as ``(kind, body, frames)``."""
         done = self.jobs.add(client, req_id, offset, total, count, metas, frames, error)
         if done is None:
-            return
-        if done.error is not None:
-            self._send_error(client, req_id, done.error)
-        else:
-            self.results += 1
-            self._send(client, [P.pack([V, P.RESULT, req_id, done.metas]), *(done.frames or ())])
-        now = now or time.monotonic()
+            return None
         self.latency.add(now - t_recv)
         self.result_rate.add(now)
+        if done.error is not None:
+            self._count_error(done.error)
+            return P.ERROR, done.error, []
+        self.results += 1
+        return P.RESULT, done.metas, done.frames or []
 
     def _status(self, status: dict[str, Any]) -> dict[str, Any]:
         """Complete the ventilator's status snapshot with what only the sink knows."""
