@@ -66,6 +66,8 @@ class WKRServer(threading.Thread):
         self.supervisor.request_stop("close()")
         if self.is_alive():
             self.join(timeout)
+        elif self.ident is None:  # never started: nothing else will release the pipe
+            self.supervisor.close_wake_pipe()
 
     def __enter__(self) -> WKRServer:
         self.start()

@@ -277,7 +277,13 @@ class Supervisor:
         self.control.close(0)
         self.context.term()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        self.close_wake_pipe()
+
+    def close_wake_pipe(self) -> None:
+        """Release the wake-up pipe (done by the loop's shutdown; idempotent)."""
         wake_r, wake_w = self._wake_r, self._wake_w
+        if wake_r < 0:
+            return
         self._wake_r = self._wake_w = -1
         os.close(wake_r)
         os.close(wake_w)

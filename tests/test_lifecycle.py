@@ -71,3 +71,14 @@ def test_missing_gpu_is_a_startup_error(tmp_path):
 def test_worker_class_must_subclass_wkrhardworker(tmp_path):
     with pytest.raises(TypeError):
         WKRServer(server_args(tmp_path), object)
+
+
+def test_a_server_closed_without_starting_releases_its_file_descriptors(tmp_path):
+    import psutil
+    from wkr_serving.server import WKRHardWorker, WKRServer
+
+    me = psutil.Process()
+    before = me.num_fds()
+    for _ in range(5):
+        WKRServer(server_args(tmp_path), WKRHardWorker).close()
+    assert me.num_fds() == before
