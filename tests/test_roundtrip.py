@@ -32,6 +32,16 @@ def assert_same_array(got, want):
     np.testing.assert_array_equal(got, want)
 
 
+def assert_same_items(got, want):
+    """Results equal their inputs, one by one: arrays exactly (dtype, shape), else ==."""
+    assert len(got) == len(want)
+    for g, x in zip(got, want, strict=True):
+        if isinstance(x, np.ndarray):
+            assert_same_array(g, x)
+        else:
+            assert g == x
+
+
 @pytest.fixture(params=["obj", "numpy"])
 def any_client(request, client_factory):
     server = request.getfixturevalue(f"{request.param}_server")
@@ -121,13 +131,7 @@ def test_encode_batch_keeps_order_across_batches(any_client, n):
         xs = [np.full((3,), i, dtype=np.int64) for i in range(n)]
     else:
         xs = [{"i": i, "tag": f"item-{i}"} for i in range(n)]
-    got = any_client.encode_batch(xs)
-    assert len(got) == n
-    for g, x in zip(got, xs, strict=True):
-        if isinstance(x, np.ndarray):
-            assert_same_array(g, x)
-        else:
-            assert g == x
+    assert_same_items(any_client.encode_batch(xs), xs)
 
 
 def test_encode_batch_accepts_an_ndarray(numpy_client):
@@ -146,13 +150,7 @@ def test_pipelined_fetch_all_in_send_order(any_client):
         xs = [{"seq": i} for i in range(n)]
     ids = [any_client.encode(x, blocking=False) for x in xs]
     assert len(set(ids)) == n
-    got = any_client.fetch_all()
-    assert len(got) == n
-    for g, x in zip(got, xs, strict=True):
-        if isinstance(x, np.ndarray):
-            assert_same_array(g, x)
-        else:
-            assert g == x
+    assert_same_items(any_client.fetch_all(), xs)
     assert any_client.fetch_all() == [], "every reply was already fetched"
 
 
