@@ -122,13 +122,8 @@ def parse_replies(frames: list[Any]) -> list[Reply]:
     """Parse one message from the sink into its replies (REPLIES carries several);
     raise :class:`ProtocolError` if it is malformed."""
     header = P.unpack_header(_buffer(frames[0]))
-    kind = header[1]
-    if kind != P.REPLIES:
-        replies = [_entry(kind, header[2], header[3], frames, 1)]
-        if replies[0].error is None and kind == P.RESULT and len(frames) != 1 + len(header[3]):
-            raise ProtocolError("result metas do not match its payload frames")
-        return replies
-    entries = header[2]
+    # A single RESULT, ERROR or REPLY is read as a REPLIES of one entry.
+    entries = header[2] if header[1] == P.REPLIES else [[header[2], header[1], header[3]]]
     if not isinstance(entries, list):
         raise ProtocolError("REPLIES needs a list of entries")
     replies = []
