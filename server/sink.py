@@ -87,7 +87,7 @@ class Sink(Role):
 
     def _send_error(self, client: bytes, req_id: int, error: list[Any]) -> None:
         self._count_error(error)
-        self._send(client, [P.pack([V, P.ERROR, req_id, error])])
+        self._send_replies(client, [(req_id, P.ERROR, error, [])])
 
     def _count_error(self, error: Any) -> None:
         code = error[0] if isinstance(error, list) and error else "server_error"
@@ -113,7 +113,7 @@ class Sink(Role):
         except E.ProtocolError as exc:
             self._send_error(client, -1, E.BadInput(str(exc)).to_wire())
             return
-        self._send(client, [P.pack([V, P.REPLY, header[2], self.hello])])
+        self._send_replies(client, [(header[2], P.REPLY, self.hello, [])])
 
     # -- internal messages --------------------------------------------------------------
 
@@ -133,9 +133,9 @@ class Sink(Role):
                     if reply is not None:
                         self._send_replies(client, [(req_id, *reply)])
             elif action == "status":
-                self._send(client, [P.pack([V, P.REPLY, req_id, self._status(value)])])
+                self._send_replies(client, [(req_id, P.REPLY, self._status(value), [])])
             else:
-                self._send(client, [P.pack([V, P.REPLY, req_id, value])])
+                self._send_replies(client, [(req_id, P.REPLY, value, [])])
 
     def _on_done(self, header: list[Any], frames: list[zmq.Frame]) -> None:
         _, _, batch_id, worker, parts, user_stats, busy = header
