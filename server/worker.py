@@ -278,7 +278,9 @@ class WorkerProcess(Role):
             joined = bytearray().join(f.buffer for f in items)
             return np.frombuffer(joined, dtype=P.parse_dtype(first[0])).reshape(
                 len(items), *first[1])
-        return [P.decode_item(m, item.buffer) if m != P.MSGPACK_ITEM else item
+        # Raw items were validated by _checked_item: view them without checking again.
+        return [item if m == P.MSGPACK_ITEM else
+                np.frombuffer(item.buffer, dtype=P.parse_dtype(m[0])).reshape(m[1])
                 for m, item in zip(metas, items, strict=True)]
 
     def _predict(self, batch: Any) -> Any:
