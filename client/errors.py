@@ -11,6 +11,7 @@ __all__ = [
     "BadInput",
     "ClientUsageError",
     "ConnectTimeout",
+    "ConnectionLost",
     "DeadlineExceeded",
     "ModelError",
     "Overloaded",
@@ -18,6 +19,7 @@ __all__ = [
     "ProtocolMismatch",
     "ServerError",
     "ShuttingDown",
+    "Unauthorized",
     "UnknownCommand",
     "VersionMismatch",
     "WKRError",
@@ -97,6 +99,21 @@ class UnknownCommand(BadInput):
     code = "unknown_command"
 
 
+class Unauthorized(ServerError):
+    """A command that stops or changes the server came without the right token (or,
+    when the server has no token, from another host)."""
+
+    code = "unauthorized"
+
+
+class ConnectionLost(ServerError):
+    """The connection to the server dropped while this request was outstanding (the
+    server stopped or crashed, or closed the connection because a frame was over its
+    ``-max_msg_size``); its result, if any, is lost."""
+
+    code = "connection_lost"
+
+
 class DeadlineExceeded(ServerError):
     """The request's deadline passed before it could be computed."""
 
@@ -128,6 +145,8 @@ _BY_CODE: dict[str, type[ServerError]] = {
         ModelError,
         BadInput,
         UnknownCommand,
+        Unauthorized,
+        ConnectionLost,
         DeadlineExceeded,
         Overloaded,
         WorkerDied,

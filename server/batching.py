@@ -72,6 +72,23 @@ class BatchQueue:
         return segments
 
 
+    def expire(self, now: float) -> list[Segment]:
+        """Remove the requests whose deadline passed before ``now`` from the front of the
+        queue (it stops at the first live request: a request deep
+        in the queue is dropped when it reaches the front). Returns them as segments."""
+        expired: list[Segment] = []
+        while self._requests:
+            req = self._requests[0]
+            if not req.deadline or req.deadline > now:
+                break
+            self._requests.popleft()
+            count = req.total - req.taken
+            expired.append((req, req.taken, count))
+            req.taken = req.total
+            self.items -= count
+        return expired
+
+
 def should_dispatch(queued: int, waited: float, busy_workers: int, batch_size: int,
                     group_timeout: float) -> bool:
     """Whether to hand a batch to an idle worker now.

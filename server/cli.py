@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 
 def format_config(config: ServerConfig, worker_class: str) -> str:
-    rows = [("worker_class", worker_class), *sorted(config.as_dict().items())]
+    rows = [("worker_class", worker_class), *sorted(config.as_dict(redact=True).items())]
     return "\n".join(f"{name:>22} = {value}" for name, value in rows)
 
 

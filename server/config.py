@@ -68,6 +68,28 @@ class ServerConfig:
                                "instead of stderr")
     log_name: str | None = _opt(None, "base name of the log files (default: WKRServer)")
     verbose: bool = _opt(False, "debug logging", kind=bool)
+    max_queue_size: int = _opt(
+        10_000, "most items waiting for a worker; beyond it requests get an immediate "
+        "Overloaded error", kind=int)
+    max_msg_size: int = _opt(
+        256 * 1024 * 1024, "largest frame (bytes) accepted on the public ports, enforced by "
+        "ZeroMQ: a peer sending a bigger one is disconnected (-1: no limit)", kind=int)
+    worker_timeout: float = _opt(
+        0.0, "seconds a batch may run in predict before its worker is killed and restarted "
+        "and its requests get WorkerDied (0: no limit)", kind=float)
+    auth_token: str | None = _opt(
+        None, "token required by commands that stop or change the server (terminate); "
+        "without one, only clients on this host may send them", secret=True)
+    allow_pickle: bool = _opt(
+        False, "accept pickled items from clients and pickle results msgpack cannot "
+        "encode. UNSAFE: unpickling runs code chosen by the sender; trusted clients only",
+        kind=bool)
+    curve_secret_key: str | None = _opt(
+        None, "this server's CurveZMQ secret key file (from wkr-serving-keygen): encrypts "
+        "both public ports; clients then need the server's public key")
+    curve_client_keys: str | None = _opt(
+        None, "directory of client public key files: with -curve_secret_key, only clients "
+        "whose key is there may connect (default: any client that knows the server key)")
     http_port: int | None = _opt(None, "port of the HTTP bridge (not served by this version)",
                                  kind=int)
     http_max_connect: int = _opt(20, "client pool size of the HTTP bridge", kind=int)
@@ -75,7 +97,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name, value in (("num_worker", self.num_worker), ("batch_size", self.batch_size),
-                            ("http_max_connect", self.http_max_connect)):
+                            ("http_max_connect", self.http_max_connect),
+                            ("max_queue_size", self.max_queue_size)):
             if value < 1:
                 raise ConfigError(f"-{name} must be at least 1, got {value}")
         if self.protocol not in PROTOCOLS:
@@ -92,6 +115,14 @@ class ServerConfig:
             raise ConfigError("-port and -port_out must differ")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ConfigError("-gpu_memory_fraction must be in (0, 1]")
+        if self.max_msg_size == 0 or self.max_msg_size < -1:
+            raise ConfigError("-max_msg_size must be a positive number of bytes, or -1")
+        if self.worker_timeout < 0:
+            raise ConfigError("-worker_timeout must be >= 0 seconds (0: no limit)")
+        if self.auth_token is not None and not self.auth_token:
+            raise ConfigError("-auth_token must not be empty")
+        if self.curve_client_keys and not self.curve_secret_key:
+            raise ConfigError("-curve_client_keys needs -curve_secret_key")
         if self.startup_timeout <= 0 or self.graceful_timeout < 0:
             raise ConfigError("-startup_timeout must be > 0 and -graceful_timeout >= 0")
         if self.device_map is not None:
@@ -112,14 +143,22 @@ class ServerConfig:
     def tmp_dir(self) -> str:
         return os.path.join(self.model_dir, self.tmp_folder)
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def as_dict(self, redact: bool = False) -> dict[str, Any]:
+        """All settings; ``redact`` hides secrets (for status replies and logs)."""
+        values = dataclasses.asdict(self)
+        if redact:
+            for name in SECRET_FIELDS:
+                if values.get(name) is not None:
+                    values[name] = "<redacted>"
+        return values
 
     def replace(self, **changes: Any) -> ServerConfig:
         return dataclasses.replace(self, **changes)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+#: Settings never shown in status replies or logs.
+SECRET_FIELDS = tuple(n for n, f in _FIELDS.items() if f.metadata.get("secret"))
 
 
 def _coerce(name: str, raw: Any) -> Any:

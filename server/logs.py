@@ -10,10 +10,11 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
 
 from termcolor import colored
 
-__all__ = ["set_logger"]
+__all__ = ["LogThrottle", "set_logger"]
 
 _FORMAT = "[%(asctime)s.%(msecs)03d]: %(levelname).1s:{context}: %(message)s"
 _VERBOSE_FORMAT = ("[%(asctime)s.%(msecs)03d]: %(levelname).1s:{context}:"
@@ -50,3 +51,36 @@ def set_logger(context: str, log_dir: str | None = None, log_name: str | None = 
         stream.setFormatter(formatter)
         logger.addHandler(stream)
     return logger
+
+
+class LogThrottle:
+    """Log a recurring kind of event (a rejected message, a gone client) without letting
+    a flood of them flood the log: at most ``burst`` lines per ``period`` seconds, then
+    one line saying how many more were left out."""
+
+    __slots__ = ("_burst", "_count", "_level", "_logger", "_period", "_start", "_suppressed")
+
+    def __init__(self, logger: logging.Logger, level: int = logging.WARNING, burst: int = 10,
+                 period: float = 60.0) -> None:
+        self._logger = logger
+        self._level = level
+        self._burst = burst
+        self._period = period
+        self._start = -period
+        self._count = 0
+        self._suppressed = 0
+
+    def log(self, message: str, *args: object, now: float | None = None) -> bool:
+        """Log ``message % args`` unless over the limit; return whether it was logged."""
+        now = time.monotonic() if now is None else now
+        if now - self._start >= self._period:
+            if self._suppressed:
+                self._logger.log(self._level, "... and %d more like it in the last %.0fs",
+                                 self._suppressed, self._period)
+            self._start, self._count, self._suppressed = now, 0, 0
+        if self._count >= self._burst:
+            self._suppressed += 1
+            return False
+        self._count += 1
+        self._logger.log(self._level, message, *args)
+        return True

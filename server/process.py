@@ -61,6 +61,7 @@ class Role:
         self.logger: logging.Logger = logging.getLogger("wkr_serving")
         self.context: zmq.Context | None = None
         self.control: zmq.Socket | None = None
+        self._authenticator: Any = None
 
     @property
     def identity(self) -> str:
@@ -94,6 +95,8 @@ class Role:
             return 0
         finally:
             self.shutdown()
+            if self._authenticator is not None:
+                self._authenticator.stop()
             self.context.destroy(linger=LINGER_MS)
 
     def event(self, name: str, value: Any = None) -> None:
@@ -106,6 +109,23 @@ class Role:
         assert self.control is not None
         header = P.unpack_header(self.control.recv(), expect=P.CONTROL)
         return header[2], header[3]
+
+    def secure_public(self, socket: zmq.Socket) -> None:
+        """Apply the public-port protections to ``socket`` before it binds: the frame size
+        limit and, with ``-curve_secret_key``, CurveZMQ encryption and authentication."""
+        if self.config.max_msg_size > 0:
+            socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_msg_size)
+        if not self.config.curve_secret_key:
+            return
+        from .security import load_server_key, start_authenticator
+
+        if self._authenticator is None:
+            assert self.context is not None
+            self._authenticator = start_authenticator(self.context, self.config, self.logger)
+        public, secret = load_server_key(self.config.curve_secret_key)
+        socket.curve_secretkey = secret
+        socket.curve_publickey = public
+        socket.curve_server = True
 
     def boot(self) -> dict[str, Any] | None:
         """Bind/connect sockets and load what is needed; return info for the ready event."""

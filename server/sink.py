@@ -8,6 +8,7 @@ It also keeps the request statistics reported by ``server_status``.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from wkr_serving.client import protocol as P
 from wkr_serving.client.version import __version__
 
 from .jobs import Reassembler
+from .logs import LogThrottle
 from .process import Role, bind_public, drain
 from .stats import RateMeter, Summary, Window
 
@@ -39,6 +41,7 @@ class Sink(Role):
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.SNDHWM, 0)
         self.router.setsockopt(zmq.LINGER, 1000)
+        self.secure_public(self.router)
         port_out = bind_public(self.router, self.config.bind, self.config.port_out)
 
         self.jobs = Reassembler()
@@ -48,10 +51,14 @@ class Sink(Role):
         self.latency = Window(4096)
         self.result_rate = RateMeter()
         self.worker_stats: dict[int, dict[str, float]] = {}
-        self.last_batch: dict[int, int] = {}  # worker index -> id of its last DONE batch
+        # worker index -> id of its last batch answered (DONE) or failed (worker died or
+        # hung): a batch is answered once, whichever of the two comes first.
+        self.settled: dict[int, int] = {}
+        self.bad_input_log = LogThrottle(self.logger)
+        self.gone_log = LogThrottle(self.logger, logging.INFO)
         self.statistic: dict[str, Summary] = {}
         self.hello = {"server_version": __version__, "protocol": self.config.protocol,
-                      "protocol_version": V}
+                      "protocol_version": V, "max_msg_size": self.config.max_msg_size}
         self.logger.info("returning results on %s:%d", self.config.bind, port_out)
         return {"port_out": port_out}
 
@@ -83,7 +90,7 @@ class Sink(Role):
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             self.undeliverable += 1
-            self.logger.debug("client %r is gone; reply dropped", client)
+            self.gone_log.log("client %r is not connected; its reply was dropped", client)
 
     def _send_error(self, client: bytes, req_id: int, error: list[Any]) -> None:
         self._count_error(error)
@@ -111,6 +118,8 @@ class Sink(Role):
                 raise E.ProtocolError("a message on port_out must be exactly one header frame")
             header = P.unpack_header(frames[1].buffer, expect=P.HELLO)
         except E.ProtocolError as exc:
+            self.bad_input_log.log("rejected message on port_out from client %r: %s", client,
+                                   exc)
             self._send_error(client, -1, E.BadInput(str(exc)).to_wire())
             return
         self._send_replies(client, [(header[2], P.REPLY, self.hello, [])])
@@ -125,21 +134,31 @@ class Sink(Role):
             _, _, client, req_id, action, value = header
             if action == "error":
                 self._send_error(client, req_id, value)
-            elif action == "failed":
+            elif action == "failed":  # a batch whose worker died or hung
                 worker, batch_id, offset, total, count, t_recv, error = value
-                if self.last_batch.get(worker, 0) < batch_id:
-                    reply = self._finish(client, req_id, offset, total, count, t_recv, None,
-                                         [], error, time.monotonic())
-                    if reply is not None:
-                        self._send_replies(client, [(req_id, *reply)])
+                if self.settled.get(worker, 0) < batch_id:
+                    self.settled[worker] = batch_id
+                    self._fail_part(client, req_id, offset, total, count, t_recv, error)
+            elif action == "part_error":  # items that never reached a worker
+                offset, total, count, t_recv, error = value
+                self._fail_part(client, req_id, offset, total, count, t_recv, error)
             elif action == "status":
                 self._send_replies(client, [(req_id, P.REPLY, self._status(value), [])])
             else:
                 self._send_replies(client, [(req_id, P.REPLY, value, [])])
 
+    def _fail_part(self, client: bytes, req_id: int, offset: int, total: int, count: int,
+                   t_recv: float, error: Any) -> None:
+        reply = self._finish(client, req_id, offset, total, count, t_recv, None, [], error,
+                             time.monotonic())
+        if reply is not None:
+            self._send_replies(client, [(req_id, *reply)])
+
     def _on_done(self, header: list[Any], frames: list[zmq.Frame]) -> None:
         _, _, batch_id, worker, parts, user_stats, busy = header
-        self.last_batch[worker] = batch_id
+        if self.settled.get(worker, 0) >= batch_id:
+            return  # already failed: the worker was given up on (hung) before it answered
+        self.settled[worker] = batch_id
         now = time.monotonic()
         pos = 1
         outbox: dict[bytes, list[tuple[int, int, Any, list[Any]]]] = {}

@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,7 +51,9 @@ class _Child:
     ready: bool = False
     handled: bool = False  # its exit was dealt with
     info: dict[str, Any] = field(default_factory=dict)
-    restarts: list[float] = field(default_factory=list)
+    restarts: list[float] = field(default_factory=list)  # recent restart times
+    total_restarts: int = 0
+    hung: bool = False  # killed by us after -worker_timeout
 
 
 class Supervisor:
@@ -217,6 +220,20 @@ class Supervisor:
             self.drained = True
         elif event == "workers":
             self.registered = list(value)
+        elif event == "terminate" and name == "ventilator":
+            self.logger.warning("terminate command received from %s", (value or {}).get("peer"))
+            self.request_stop("terminate command")
+        elif event == "worker_hung" and name == "ventilator":
+            self._kill_hung(value["index"], value["pid"])
+
+    def _kill_hung(self, index: int, pid: int) -> None:
+        child = self.children.get(f"worker-{index}")
+        if child is None or child.process.pid != pid or child.handled:
+            return
+        child.hung = True
+        self.logger.error("killing worker-%d (pid %d): it exceeded -worker_timeout %gs",
+                          index, pid, self.config.worker_timeout)
+        child.process.kill()
 
     def _on_exit(self, name: str) -> None:
         child = self.children.get(name)
@@ -231,7 +248,9 @@ class Supervisor:
             return
         if code == EXIT_BOOT_FAILED or not child.ready or not isinstance(child.role,
                                                                           WorkerProcess):
-            self.failure = self.failure or f"{name} exited with code {code}"
+            # Without its ventilator or sink the server cannot answer anyone: stop the
+            # whole tree (clients see their connection drop and fail what they wait for).
+            self.failure = self.failure or f"{name} {describe_exit(code)}"
             return
         self._restart_worker(child, code)
 
@@ -240,14 +259,20 @@ class Supervisor:
         assert isinstance(role, WorkerProcess)
         now = time.monotonic()
         recent = [t for t in child.restarts if now - t < RESTART_WINDOW] + [now]
+        reason = (f"exceeded -worker_timeout {self.config.worker_timeout:g}s and was killed"
+                  if child.hung else describe_exit(code))
         if len(recent) > MAX_RESTARTS:
             self.failure = (f"{role.identity} died {len(recent)} times in "
-                            f"{RESTART_WINDOW:.0f}s (last exit code {code}); giving up")
+                            f"{RESTART_WINDOW:.0f}s (last: {reason}); giving up")
             return
-        self.logger.error("%s died (exit code %s); restarting it", role.identity, code)
-        self._send("ventilator", "worker_lost", role.index)
+        self.logger.error("%s (pid %s) %s; restarting it", role.identity, child.process.pid,
+                          reason)
+        self._send("ventilator", "worker_lost", {
+            "index": role.index, "pid": child.process.pid, "reason": reason,
+            "restarts": child.total_restarts + 1})
         self._spawn(WorkerProcess(self.config, self.endpoints, role.index, role.device_id,
                                   self.worker_class), restarts=recent)
+        self.children[role.identity].total_restarts = child.total_restarts + 1
 
     def _send(self, name: str, command: str, value: Any = None) -> bool:
         try:
@@ -308,3 +333,13 @@ class Supervisor:
                 self.logger.warning("%s did not stop in time; killing it", child.role.identity)
                 child.process.kill()
                 child.process.join()
+
+
+def describe_exit(code: int) -> str:
+    """``exit code 3`` or ``was killed by SIGKILL`` for a process's exit code."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"

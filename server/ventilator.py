@@ -7,6 +7,8 @@ batch, so a busy worker never holds a queue. Replies the ventilator makes itself
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import os
 import platform
 import time
@@ -24,6 +26,7 @@ from wkr_serving.client.version import __version__
 from .batching import BatchQueue, Request, Segment, dispatch_wait, should_dispatch
 from .config import ServerConfig
 from .devices import describe
+from .logs import LogThrottle
 from .process import Endpoints, Role, bind_public, drain
 from .stats import Histogram
 
@@ -44,6 +47,7 @@ class _WorkerState:
     busy: bool = False
     batch: list[Segment] | None = None
     batch_id: int = 0
+    since: float = 0.0  # when the current batch was sent
     batches: int = 0
     items: int = 0
 
@@ -67,6 +71,7 @@ class Ventilator(Role):
         self.frontend = self.context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.RCVHWM, 0)
+        self.secure_public(self.frontend)
         port = bind_public(self.frontend, self.config.bind, self.config.port)
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
@@ -85,7 +90,11 @@ class Ventilator(Role):
         self.requests = 0
         self.items = 0
         self.rejected = 0
+        self.expired = 0
+        self.overloaded = 0
         self.batch_sizes = Histogram()
+        self.history: dict[int, dict[str, Any]] = {}  # worker index -> restarts, last error
+        self.bad_input_log = LogThrottle(self.logger)
         self.draining = False
         self.drained_reported = False
         self.port = port
@@ -110,7 +119,11 @@ class Ventilator(Role):
                 drain(self.frontend, self._on_client, MAX_DRAIN)
             if self.control in events and self._on_control():
                 return
-            timeout = self._dispatch(time.monotonic(), group_timeout)
+            now = time.monotonic()
+            timeout = self._dispatch(now, group_timeout)
+            if self.config.worker_timeout and self.busy:
+                hung_in = self._check_hung(now)
+                timeout = hung_in if timeout is None else min(timeout, hung_in)
             if self.draining and not self.drained_reported and self._idle_now():
                 self.drained_reported = True
                 self.event("drained", {"requests": self.requests})
@@ -136,7 +149,10 @@ class Ventilator(Role):
         elif kind == P.REQUEST:
             self._on_request(client, req_id, header, frames)
         elif kind == P.COMMAND:
-            self._on_command(client, req_id, header[4], header[5])
+            if len(frames) != 2:
+                self._reject(client, req_id, E.BadInput("a command is one header frame"))
+            else:
+                self._on_command(client, req_id, header[4], header[5], frames[1])
         else:
             self._reject(client, req_id, E.BadInput(f"message kind {kind} is not accepted here"))
 
@@ -148,30 +164,93 @@ class Ventilator(Role):
                 f"request declares {len(metas) if isinstance(metas, list) else metas!r} items "
                 f"but carries {len(frames) - 2} payload frames"))
             return
-        if not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
+        if (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool)
+                or not 0 <= timeout_ms < 1e12):
             self._reject(client, req_id, E.BadInput(f"bad timeout_ms {timeout_ms!r}"))
             return
         if self.draining:
             self._reject(client, req_id, E.ShuttingDown("server is shutting down"))
             return
         now = time.monotonic()
+        n = len(metas)
+        limit = self.config.max_queue_size
+        if self.queue.items + n > limit:
+            if n > limit:
+                self._reject(client, req_id, E.BadInput(
+                    f"request of {n} items is larger than the server's -max_queue_size "
+                    f"{limit}: send it in smaller requests"))
+                return
+            self._expire(now)
+            if self.queue.items + n > limit:
+                self.overloaded += 1
+                self._forward(client, req_id, "error", E.Overloaded(
+                    f"server overloaded: {self.queue.items} items queued (-max_queue_size "
+                    f"{limit}); retry later").to_wire())
+                return
         deadline = now + timeout_ms / 1000.0 if timeout_ms else 0.0
         self.queue.push(Request(client, req_id, now, deadline, metas, frames[2:]))
         self.requests += 1
         self.items += len(metas)
 
-    def _on_command(self, client: bytes, req_id: int, name: Any, args: Any) -> None:
+    def _on_command(self, client: bytes, req_id: int, name: Any, args: Any,
+                    frame: zmq.Frame) -> None:
         if name == "status":
             self._forward(client, req_id, "status", self._snapshot())
         elif name == "ping":
             self._forward(client, req_id, "reply", "pong")
+        elif name == "terminate":
+            peer = _peer_address(frame)
+            refusal = self._authorize(args, peer)
+            if refusal is not None:
+                self.logger.warning("refused terminate from %s (client %r): %s", peer,
+                                    client, refusal)
+                self._forward(client, req_id, "error", E.Unauthorized(refusal).to_wire())
+                return
+            self.logger.warning("terminate command from %s (client %r): stopping", peer,
+                                client)
+            self._forward(client, req_id, "reply", {"stopping": True,
+                                                    "supervisor_pid": os.getppid()})
+            self.event("terminate", {"peer": peer})
         else:
             self._reject(client, req_id, E.UnknownCommand(f"unknown command {name!r}"))
 
+    def _authorize(self, args: Any, peer: str | None) -> str | None:
+        """Why a command that stops or changes the server is refused (None: allowed).
+
+        With ``-auth_token`` the token is required from everywhere; without one only
+        clients on this host (loopback or IPC) may send such commands."""
+        token = self.config.auth_token
+        if token is not None:
+            given = args.get("token") if isinstance(args, dict) else None
+            if not isinstance(given, str) or not hmac.compare_digest(
+                    given.encode(), token.encode()):
+                return "this command needs the server's -auth_token"
+            return None
+        if not _is_local(peer):
+            return (f"this command is only accepted from the server's own host (peer "
+                    f"{peer}) unless the server has an -auth_token")
+        return None
+
     def _reject(self, client: bytes, req_id: int, error: E.ServerError) -> None:
         self.rejected += 1
-        self.logger.debug("rejected request %r from %r: %s", req_id, client, error.message)
+        self.bad_input_log.log("rejected message %r from client %r: %s", req_id, client,
+                               error.message)
         self._forward(client, req_id, "error", error.to_wire())
+
+    def _expire(self, now: float) -> None:
+        """Answer the queued requests whose deadline passed, without computing them."""
+        expired = self.queue.expire(now)
+        if expired:
+            self.expired += len(expired)
+            self._fail_parts(expired, E.DeadlineExceeded(
+                "deadline passed while the request waited in the queue"))
+
+    def _fail_parts(self, segments: list[Segment], error: E.ServerError) -> None:
+        """Fail segments that never reached a worker."""
+        wire = error.to_wire()
+        for req, offset, count in segments:
+            self._forward(req.client, req.req_id, "part_error",
+                          [offset, req.total, count, req.t_recv, wire])
 
     def _forward(self, client: bytes, req_id: int, action: str, value: Any) -> None:
         self.sink.send(P.pack([P.PROTOCOL_VERSION, P.FORWARD, client, req_id, action, value]))
@@ -195,7 +274,7 @@ class Ventilator(Role):
             self.busy -= 1
         self.idle.append(index)
 
-    def _lose_worker(self, index: int) -> None:
+    def _lose_worker(self, index: int, why: str = "died") -> None:
         """Forget a dead worker and fail the items it held, at once."""
         worker = self.workers.pop(index, None)
         if worker is None:
@@ -205,7 +284,23 @@ class Ventilator(Role):
         if worker.busy:
             self.busy -= 1
             self._fail_segments(worker, worker.batch or [], E.WorkerDied(
-                f"worker {index} (pid {worker.pid}) died while computing this request"))
+                f"worker {index} (pid {worker.pid}) {why} while computing this request"))
+
+    def _check_hung(self, now: float) -> float:
+        """Give up on batches running longer than ``-worker_timeout``: fail their requests
+        and ask the supervisor to kill the worker. Returns seconds until the next check."""
+        limit = self.config.worker_timeout
+        next_in = limit
+        for worker in [w for w in self.workers.values() if w.busy]:
+            left = worker.since + limit - now
+            if left > 0:
+                next_in = min(next_in, left)
+                continue
+            self.logger.error("worker %d (pid %d) exceeded -worker_timeout %.1fs; killing it",
+                              worker.index, worker.pid, limit)
+            self._lose_worker(worker.index, f"exceeded -worker_timeout {limit:g}s")
+            self.event("worker_hung", {"index": worker.index, "pid": worker.pid})
+        return next_in
 
     def _fail_segments(self, worker: _WorkerState, segments: list[Segment],
                        error: E.ServerError) -> None:
@@ -220,6 +315,8 @@ class Ventilator(Role):
     def _dispatch(self, now: float, group_timeout: float) -> float | None:
         """Send batches while workers are idle; return seconds until a wait expires."""
         batch_size = self.config.batch_size
+        if self.idle and self.queue.items:
+            self._expire(now)
         while self.idle and self.queue.items:
             oldest = self.queue.oldest()
             waited = now - oldest if oldest is not None else 0.0
@@ -256,6 +353,7 @@ class Ventilator(Role):
             return
         worker.busy = True
         worker.batch = segments
+        worker.since = time.monotonic()
         worker.batches += 1
         worker.items += len(frames)
         self.busy += 1
@@ -267,7 +365,12 @@ class Ventilator(Role):
         """Handle one supervisor message; True means stop now."""
         name, value = self.read_control()
         if name == "worker_lost":
-            self._lose_worker(value)
+            index = value["index"]
+            self.history[index] = {"restarts": value["restarts"],
+                                   "last_error": value["reason"]}
+            worker = self.workers.get(index)
+            if worker is not None and worker.pid == value["pid"]:
+                self._lose_worker(index)
         elif name == "drain":
             self.draining = True
             self.logger.info("draining: no new requests, finishing %d queued items",
@@ -284,7 +387,7 @@ class Ventilator(Role):
             "versions": {"wkr_serving": __version__, "python": platform.python_version(),
                          "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
                          "numpy": np.__version__, "msgpack": ".".join(map(str, msgpack.version))},
-            "config": self.config.as_dict(),
+            "config": self.config.as_dict(redact=True),
             "ventilator_pid": os.getpid(),
             "uptime_s": time.time() - self.started_at,
             "ready": len(self.workers) >= self.config.num_worker,
@@ -295,10 +398,46 @@ class Ventilator(Role):
             "num_requests": self.requests,
             "num_items": self.items,
             "num_rejected": self.rejected,
+            "num_overloaded": self.overloaded,
+            "num_expired_in_queue": self.expired,
+            "max_queue_size": self.config.max_queue_size,
             "num_batches": self.batch_id,
             "batch_size": self.batch_sizes.snapshot(),
-            "workers": [{"index": w.index, "pid": w.pid, "device": describe(w.device_id),
-                         "state": "busy" if w.busy else "idle", "batches": w.batches,
-                         "items": w.items} for w in sorted(self.workers.values(),
-                                                           key=lambda w: w.index)],
+            "workers": self._worker_rows(),
         }
+
+    def _worker_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for index in range(self.config.num_worker):
+            history = self.history.get(index, {"restarts": 0, "last_error": None})
+            w = self.workers.get(index)
+            if w is None:
+                rows.append({"index": index, "pid": None, "device": None,
+                             "state": "restarting" if history["restarts"] else "starting",
+                             "batches": 0, "items": 0, **history})
+                continue
+            rows.append({"index": index, "pid": w.pid, "device": describe(w.device_id),
+                         "state": "busy" if w.busy else "idle", "batches": w.batches,
+                         "items": w.items, **history})
+        return rows
+
+
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The sender's IP address as libzmq saw it (None for IPC and inproc peers)."""
+    try:
+        address = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return None
+    return address if isinstance(address, str) else None
+
+
+def _is_local(peer: str | None) -> bool:
+    """Whether a peer address is this host (loopback); no address means IPC/inproc."""
+    if peer is None:
+        return True
+    try:
+        address = ipaddress.ip_address(peer.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))

@@ -31,6 +31,8 @@ __all__ = ["WKRHardWorker", "WorkerProcess", "load_worker_class"]
 
 #: Most milliseconds an idle worker waits before looking for a supervisor command.
 CONTROL_CHECK_MS = 200
+_EXPIRED = E.DeadlineExceeded("deadline passed before a worker could compute the request"
+                              ).to_wire()
 
 
 class WKRHardWorker:
@@ -213,9 +215,13 @@ class WorkerProcess(Role):
         items: list[Any] = []  # raw items stay frames; msgpack items are decoded here
         metas: list[Any] = []
         pos = 0
+        now = time.monotonic()
         for seg in segments:
             seg_frames = payload[pos:pos + seg[4]]
             pos += seg[4]
+            if seg[6] and seg[6] <= now:  # its deadline passed: no one waits for it
+                parts.append(_part(seg, None, _EXPIRED))
+                continue
             try:
                 decoded = [_checked_item(m, f) for m, f in zip(seg[7], seg_frames, strict=True)]
             except E.ProtocolError as exc:

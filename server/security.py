@@ -1,0 +1,78 @@
+"""CurveZMQ on the public ports, and ``wkr-serving-keygen`` to make key pairs.
+
+The server's two public sockets (requests and results) become CURVE servers with the
+key pair from ``-curve_secret_key``: traffic is encrypted, and a client must know the
+server's public key to connect at all. With ``-curve_client_keys DIR`` the ZAP handler
+(``zmq.auth``) also checks the client's own public key against the ``*.key`` files in
+``DIR``, so only listed clients get in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+import zmq.auth
+from wkr_serving.client.keys import load_key_pair
+from zmq.auth.thread import ThreadAuthenticator
+
+from .config import ServerConfig
+
+__all__ = ["load_server_key", "main_keygen", "start_authenticator"]
+
+
+def load_server_key(path: str) -> tuple[bytes, bytes]:
+    return load_key_pair(path)
+
+
+def start_authenticator(context: zmq.Context, config: ServerConfig,
+                        logger: logging.Logger) -> Any:
+    """Start the ZAP handler of this process's context (one thread; it answers each new
+    connection's handshake, never individual messages)."""
+    auth = ThreadAuthenticator(context, log=logger.getChild("zap"))
+    auth.start()
+    if config.curve_client_keys:
+        if not os.path.isdir(config.curve_client_keys):
+            auth.stop()
+            raise FileNotFoundError(f"-curve_client_keys {config.curve_client_keys} is not a "
+                                    "directory")
+        auth.configure_curve(domain="*", location=config.curve_client_keys)
+    else:
+        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+    return auth
+
+
+def main_keygen(argv: Sequence[str] | None = None) -> int:
+    """``wkr-serving-keygen DIR NAME``: write ``DIR/NAME.key`` and ``DIR/NAME.key_secret``."""
+    parser = argparse.ArgumentParser(
+        prog="wkr-serving-keygen",
+        description="Make a CurveZMQ key pair for a WKR server or client. NAME.key is the "
+        "public key (give the server's to clients; put clients' in the server's "
+        "-curve_client_keys directory); NAME.key_secret must stay private.")
+    parser.add_argument("directory", help="where to write the two files (created if needed)")
+    parser.add_argument("name", help="base name of the files, e.g. server or client-1")
+    parser.add_argument("-force", action="store_true", help="overwrite existing files")
+    args = parser.parse_args(argv)
+    if not zmq.has("curve"):
+        print("wkr-serving-keygen: error: this libzmq has no CURVE support", file=sys.stderr)
+        return 2
+    public = os.path.join(args.directory, f"{args.name}.key")
+    secret = public + "_secret"
+    if not args.force and any(os.path.exists(p) for p in (public, secret)):
+        print(f"wkr-serving-keygen: error: {public} or {secret} exists (use -force)",
+              file=sys.stderr)
+        return 2
+    os.makedirs(args.directory, exist_ok=True)
+    made_public, made_secret = zmq.auth.create_certificates(args.directory, args.name)
+    os.chmod(made_secret, 0o600)
+    print(f"public key: {made_public}\nsecret key: {made_secret}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_keygen())
