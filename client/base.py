@@ -18,6 +18,7 @@ from .errors import (
     VersionMismatch,
     error_from_wire,
 )
+from .keys import load_key_pair, load_public_key
 from .version import __version__
 
 __all__ = ["ClientOptions", "Reply", "Response", "check_hello", "parse_replies",
@@ -53,7 +54,8 @@ class ClientOptions:
 
     def __init__(self, ip: str, port: int, port_out: int, protocol: str,
                  identity: bytes | str | None, timeout: int | None,
-                 connect_timeout: int | None) -> None:
+                 connect_timeout: int | None, server_public_key: Any = None,
+                 client_key: Any = None, allow_pickle: bool = False) -> None:
         if protocol not in P.PROTOCOLS:
             raise ClientUsageError(f"protocol must be one of {P.PROTOCOLS}, got {protocol!r}")
         for name, value in (("port", port), ("port_out", port_out)):
@@ -76,6 +78,17 @@ class ClientOptions:
         self.timeout = timeout
         limit = CONNECT_TIMEOUT_MS if timeout is None else min(timeout, CONNECT_TIMEOUT_MS)
         self.connect_timeout = connect_timeout if connect_timeout is not None else limit
+        self.allow_pickle = bool(allow_pickle)
+        self.curve: tuple[bytes, bytes, bytes] | None = None
+        if client_key is not None and server_public_key is None:
+            raise ClientUsageError("client_key needs server_public_key")
+        if server_public_key is not None:
+            server_key = load_public_key(server_public_key)
+            if client_key is None:  # an ephemeral pair: enough when the server allows any
+                public, secret = zmq.curve_keypair()
+            else:
+                public, secret = load_key_pair(client_key)
+            self.curve = (server_key, public, secret)
 
     @property
     def address_in(self) -> str:
@@ -88,6 +101,8 @@ class ClientOptions:
     def configure(self, socket: zmq.Socket) -> zmq.Socket:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.IDENTITY, self.identity)
+        if self.curve is not None:
+            socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = self.curve
         if ":" in self.ip:
             socket.setsockopt(zmq.IPV6, 1)
         return socket
@@ -98,12 +113,12 @@ def _host(ip: str) -> str:
 
 
 def request_frames(req_id: int, timeout_ms: int | None, items: Sequence[Any],
-                   protocol: str) -> list[Any]:
+                   protocol: str, allow_pickle: bool = False) -> list[Any]:
     """Frames of a REQUEST carrying ``items``."""
     metas = []
     frames: list[Any] = [b""]
     for item in items:
-        meta, buf = P.encode_item(item, protocol)
+        meta, buf = P.encode_item(item, protocol, allow_pickle)
         metas.append(meta)
         frames.append(buf)
     frames[0] = P.pack([P.PROTOCOL_VERSION, P.REQUEST, req_id, int(timeout_ms or 0), metas])
@@ -118,7 +133,7 @@ def hello_frame(req_id: int) -> bytes:
     return P.pack([P.PROTOCOL_VERSION, P.HELLO, req_id])
 
 
-def parse_replies(frames: list[Any]) -> list[Reply]:
+def parse_replies(frames: list[Any], allow_pickle: bool = False) -> list[Reply]:
     """Parse one message from the sink into its replies (REPLIES carries several);
     raise :class:`ProtocolError` if it is malformed."""
     header = P.unpack_header(_buffer(frames[0]))
@@ -131,7 +146,7 @@ def parse_replies(frames: list[Any]) -> list[Reply]:
     for entry in entries:
         if not (isinstance(entry, list) and len(entry) == 3):
             raise ProtocolError(f"bad REPLIES entry {entry!r}")
-        reply = _entry(entry[1], entry[0], entry[2], frames, pos)
+        reply = _entry(entry[1], entry[0], entry[2], frames, pos, allow_pickle)
         if entry[1] == P.RESULT:
             pos += len(entry[2])
         replies.append(reply)
@@ -140,11 +155,12 @@ def parse_replies(frames: list[Any]) -> list[Reply]:
     return replies
 
 
-def _entry(kind: Any, req_id: Any, body: Any, frames: list[Any], pos: int) -> Reply:
+def _entry(kind: Any, req_id: Any, body: Any, frames: list[Any], pos: int,
+           allow_pickle: bool) -> Reply:
     if kind == P.RESULT:
         if not isinstance(body, list) or pos + len(body) > len(frames):
             raise ProtocolError("result metas do not match its payload frames")
-        values = [P.decode_item(m, _buffer(f))
+        values = [P.decode_item(m, _buffer(f), allow_pickle)
                   for m, f in zip(body, frames[pos:pos + len(body)], strict=True)]
         return Reply(req_id, values, None)
     if kind == P.ERROR:
@@ -156,6 +172,19 @@ def _entry(kind: Any, req_id: Any, body: Any, frames: list[Any], pos: int) -> Re
 
 def _buffer(frame: Any) -> Any:
     return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def check_frame_sizes(frames: list[Any], info: dict[str, Any]) -> None:
+    """Refuse, before sending, a request the server would drop the connection for."""
+    limit = info.get("max_msg_size")
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    for frame in frames:
+        size = memoryview(frame).nbytes
+        if size > limit:
+            raise ClientUsageError(
+                f"an item of {size} bytes is over the server's -max_msg_size of {limit} "
+                "bytes; the server would close the connection")
 
 
 def check_hello(info: Any, options: ClientOptions, check_version: bool) -> dict[str, Any]:

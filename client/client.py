@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .base import (
     ClientOptions,
     Reply,
     Response,
+    check_frame_sizes,
     check_hello,
     command_frame,
     connect_timeout_error,
@@ -35,7 +37,13 @@ from .base import (
     parse_replies,
     request_frames,
 )
-from .errors import ClientUsageError, ProtocolError, ServerError, WKRTimeoutError
+from .errors import (
+    ClientUsageError,
+    ConnectionLost,
+    ProtocolError,
+    ServerError,
+    WKRTimeoutError,
+)
 from .version import __version__
 
 __all__ = ["ConcurrentWKRClient", "WKRClient"]
@@ -64,6 +72,13 @@ class WKRClient:
     :param check_version: refuse a server of another version.
     :param ignore_all_checks: skip the handshake at construction (use when the server
         may not be up yet); it then happens before the first request.
+    :param server_public_key: the server's CurveZMQ public key (its ``.key`` file or Z85
+        text), for a server started with ``-curve_secret_key``.
+    :param client_key: this client's ``.key_secret`` file, for a server that only admits
+        listed clients (``-curve_client_keys``); by default a throw-away key pair is used.
+    :param allow_pickle: send values msgpack cannot encode as pickles, and accept
+        pickled results. Unsafe unless you trust the server; the server must also run
+        with ``-allow_pickle``.
     :param busy_poll_us: before blocking for a reply, spin up to this many microseconds
         checking for it (0, the default, never spins). On virtual machines and
         power-saving hosts a blocked process pays a CPU wake-up per reply; spinning
@@ -76,9 +91,11 @@ class WKRClient:
                  timeout: int | None = 60_000, check_version: bool = True,
                  ignore_all_checks: bool = False, show_server_config: bool = False,
                  connect_timeout: int | None = None, busy_poll_us: int = 0,
-                 **_seed_options: Any) -> None:
+                 server_public_key: Any = None, client_key: Any = None,
+                 allow_pickle: bool = False, **_seed_options: Any) -> None:
         self.options = ClientOptions(ip, port, port_out, protocol, identity, timeout,
-                                     connect_timeout)
+                                     connect_timeout, server_public_key, client_key,
+                                     allow_pickle)
         self.check_version = check_version
         if busy_poll_us < 0:
             raise ClientUsageError("busy_poll_us must be >= 0")
@@ -99,6 +116,10 @@ class WKRClient:
         context: zmq.Context = zmq.Context.instance()
         self.sender = self.options.configure(context.socket(zmq.DEALER))
         self.receiver = self.options.configure(context.socket(zmq.DEALER))
+        # A dropped connection fails what waits on it at once (ConnectionLost) instead of
+        # at its timeout: the monitors report disconnects, checked when a read is idle.
+        self._monitors = [s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                          for s in (self.sender, self.receiver)]
         self.sender.connect(self.options.address_in)
         self.receiver.connect(self.options.address_out)
         if not ignore_all_checks:
@@ -141,6 +162,13 @@ class WKRClient:
     def server_status(self) -> dict[str, Any]:
         """The server's configuration, versions, workers, queue and statistics."""
         return self._command("status")
+
+    def terminate(self, token: str | None = None) -> dict[str, Any]:
+        """Ask the server to stop: it drains in-flight work, then exits. Needs the server's
+        ``-auth_token`` if it has one, else must come from the server's own host (else
+        :class:`~wkr_serving.client.errors.Unauthorized`). Returns once the server has
+        accepted, with its supervisor's pid; it keeps running until drained."""
+        return self._command("terminate", {"token": token})
 
     # -- requests -----------------------------------------------------------------------
 
@@ -237,6 +265,10 @@ class WKRClient:
             self._cond.notify_all()
             while self._reading:  # the reading thread returns within READ_SLICE_MS
                 self._cond.wait(READ_SLICE_MS / 1000.0)
+        for socket, monitor in zip((self.sender, self.receiver), self._monitors, strict=True):
+            with contextlib.suppress(zmq.ZMQError):
+                socket.disable_monitor()
+            monitor.close(0)
         self.sender.close(0)
         self.receiver.close(0)
 
@@ -280,7 +312,8 @@ class WKRClient:
             self._connect()
         req_id = next(self._ids) if req_id is None else req_id
         budget = self.timeout if timeout is None else timeout
-        frames = request_frames(req_id, budget, items, self.protocol)
+        frames = request_frames(req_id, budget, items, self.protocol, self.options.allow_pickle)
+        check_frame_sizes(frames, self._server_info)
         with self._lock:
             self._check_open()
             if req_id in self._expected:
@@ -357,14 +390,21 @@ class WKRClient:
                 self._reading = True
                 self._lock.release()
                 arrived: list[Reply] = []
+                lost: str | None = None
                 try:
                     slice_ms = READ_SLICE_MS if remaining is None else max(
                         1, min(READ_SLICE_MS, int(remaining * 1000)))
                     arrived = self._read(slice_ms)
+                    if not arrived:
+                        lost = self._disconnected()
+                        if lost is not None:  # keep what the server sent before it went
+                            arrived = self._read(0)
                 finally:
                     self._lock.acquire()
                     self._reading = False
                     self._store(arrived)
+                    if lost is not None:
+                        self._fail_pending(lost)
                     self._cond.notify_all()
 
     def _read(self, timeout_ms: int) -> list[Reply]:
@@ -374,7 +414,10 @@ class WKRClient:
         frames = self._spin(min(self.busy_poll_us, timeout_ms * 1000)) if self.busy_poll_us \
             else None
         if frames is None:
-            if timeout_ms != self._rcvtimeo:
+            if not timeout_ms:
+                if not self.receiver.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
+                    return []
+            elif timeout_ms != self._rcvtimeo:
                 self.receiver.setsockopt(zmq.RCVTIMEO, timeout_ms)
                 self._rcvtimeo = timeout_ms
             try:
@@ -384,7 +427,7 @@ class WKRClient:
         replies = []
         for _ in range(READ_BATCH):
             try:
-                replies.extend(parse_replies(frames))
+                replies.extend(parse_replies(frames, self.options.allow_pickle))
             except ProtocolError as exc:
                 warnings.warn(f"dropped a malformed reply from the server: {exc}",
                               stacklevel=2)
@@ -401,6 +444,27 @@ class WKRClient:
                 return self.receiver.recv_multipart(copy=False)
             if time.perf_counter() >= deadline:
                 return None
+
+    def _disconnected(self) -> str | None:
+        """Which connection dropped since the last look (None: neither)."""
+        lost = None
+        for name, monitor in zip(("port", "port_out"), self._monitors, strict=True):
+            while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    lost = name
+        return lost
+
+    def _fail_pending(self, which: str) -> None:
+        """Fail every request still waiting (lock held): its connection dropped, so the
+        server will never answer it."""
+        address = self.options.address_in if which == "port" else self.options.address_out
+        for req_id in list(self._expected):
+            del self._expected[req_id]
+            self._replies[req_id] = Reply(req_id, None, ConnectionLost(
+                f"the connection to {address} dropped while request {req_id} was pending "
+                "(the server stopped or crashed, or refused a frame over its "
+                "-max_msg_size); its result is lost", "", req_id))
 
     def _store(self, replies: list[Reply]) -> None:
         """Keep replies someone is waiting for (lock held); drop late or unknown ones."""

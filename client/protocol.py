@@ -43,14 +43,20 @@ metas, error]`` with ``metas`` None when ``error`` is set.
 
 Items are encoded one frame each by :func:`encode_item`. An item's *meta* is ``0`` for a
 msgpack-encoded value, or ``[dtype, shape]`` for an ndarray carried as its raw buffer.
-Inside msgpack values, ndarrays travel as extension type :data:`EXT_NDARRAY`. Pickle is
-never used.
+Inside msgpack values, ndarrays travel as extension type :data:`EXT_NDARRAY`.
+
+Meta ``1`` (:data:`PICKLE_ITEM`) marks a pickled item. It exists only for deployments
+whose clients are all trusted: a side sends one only when its ``allow_pickle`` option is
+on and msgpack cannot encode the value, and a side refuses to unpickle one unless its
+own ``allow_pickle`` is on (the server's ``-allow_pickle``). Unpickling runs code chosen
+by whoever made the bytes.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,6 +76,8 @@ __all__ = [
     "EXT_NDARRAY",
     "FORWARD",
     "HELLO",
+    "MSGPACK_ITEM",
+    "PICKLE_ITEM",
     "PROTOCOLS",
     "PROTOCOL_VERSION",
     "READY",
@@ -122,6 +130,7 @@ EXT_NDARRAY = 1
 # dtype kinds that hold plain data: bool, ints, floats, complex, bytes, str, datetimes.
 _SAFE_DTYPE_KINDS = frozenset("biufcSUMm")
 MSGPACK_ITEM = 0
+PICKLE_ITEM = 1
 
 
 def pack(header: Sequence[Any]) -> bytes:
@@ -161,11 +170,12 @@ def unpack_header(buf: Any, expect: int | None = None) -> list[Any]:
 # -- items -------------------------------------------------------------------------------
 
 
-def encode_item(value: Any, protocol: str) -> tuple[Any, Any]:
+def encode_item(value: Any, protocol: str, allow_pickle: bool = False) -> tuple[Any, Any]:
     """Encode one item as ``(meta, buffer)``; ``buffer`` may be sent with ``copy=False``.
 
     With ``protocol="numpy"`` every item becomes an ndarray; with ``"obj"`` ndarrays still
-    travel raw and anything else is msgpack.
+    travel raw and anything else is msgpack, or pickle with ``allow_pickle`` when msgpack
+    cannot encode it.
     """
     if protocol == "numpy" and not isinstance(value, np.ndarray):
         value = np.asarray(value)
@@ -178,17 +188,31 @@ def encode_item(value: Any, protocol: str) -> tuple[Any, Any]:
     try:
         return MSGPACK_ITEM, msgpack.packb(value, use_bin_type=True, default=_ext_default)
     except (TypeError, ValueError, OverflowError) as exc:
+        if allow_pickle:
+            return PICKLE_ITEM, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         raise ProtocolError(
             f"cannot encode a value of type {type(value).__name__} with protocol 'obj' "
             f"(msgpack-able values and ndarrays only): {exc}"
         ) from None
 
 
-def decode_item(meta: Any, buf: Any) -> Any:
+def decode_item(meta: Any, buf: Any, allow_pickle: bool = False) -> Any:
     """Decode one item from its meta and buffer; raise :class:`ProtocolError` on bad data.
 
-    Raw ndarrays are zero-copy views over ``buf`` (read-only when ``buf`` is).
+    Raw ndarrays are zero-copy views over ``buf`` (read-only when ``buf`` is). A pickled
+    item is refused unless ``allow_pickle``.
     """
+    if meta == PICKLE_ITEM and not isinstance(meta, bool):
+        if not allow_pickle:
+            raise ProtocolError(
+                "pickled item refused: pickle is off on this side (the server needs "
+                "-allow_pickle, the client allow_pickle=True; both are unsafe with "
+                "untrusted peers)")
+        try:
+            return pickle.loads(buf)
+        except Exception as exc:
+            raise ProtocolError(f"item is not a valid pickle ({type(exc).__name__}: {exc})"
+                                ) from None
     if meta == MSGPACK_ITEM:
         try:
             return msgpack.unpackb(buf, raw=False, strict_map_key=False, ext_hook=_ext_hook)

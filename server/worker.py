@@ -170,6 +170,7 @@ class WorkerProcess(Role):
                                            self.config.tmp_dir)
         self.logger.info("model ready in %.2fs", time.perf_counter() - started)
         self.stack = self.config.protocol == "numpy"
+        self.allow_pickle = self.config.allow_pickle
         self._ready_frame = P.pack([P.PROTOCOL_VERSION, P.READY, self.index, os.getpid(),
                                     self.device_id])
         return {"index": self.index, "device_id": self.device_id}
@@ -223,7 +224,8 @@ class WorkerProcess(Role):
                 parts.append(_part(seg, None, _EXPIRED))
                 continue
             try:
-                decoded = [_checked_item(m, f) for m, f in zip(seg[7], seg_frames, strict=True)]
+                decoded = [_checked_item(m, f, self.allow_pickle)
+                           for m, f in zip(seg[7], seg_frames, strict=True)]
             except E.ProtocolError as exc:
                 parts.append(_part(seg, None, E.BadInput(str(exc)).to_wire()))
                 continue
@@ -259,7 +261,8 @@ class WorkerProcess(Role):
             if len(outputs) != hi - lo:
                 raise ValueError(f"predict returned {len(outputs)} results for "
                                  f"{hi - lo} inputs")
-            out_metas, out_bufs = _encode_outputs(outputs, self.config.protocol)
+            out_metas, out_bufs = _encode_outputs(outputs, self.config.protocol,
+                                                  self.allow_pickle)
         except Exception as exc:
             if len(group) > 1:
                 half = len(group) // 2
@@ -280,12 +283,12 @@ class WorkerProcess(Role):
         and shape, one stacked, writable array (a single copy of the payload bytes);
         otherwise a list of items."""
         first = metas[0]
-        if self.stack and first != P.MSGPACK_ITEM and all(m == first for m in metas):
+        if self.stack and isinstance(first, list) and all(m == first for m in metas):
             joined = bytearray().join(f.buffer for f in items)
             return np.frombuffer(joined, dtype=P.parse_dtype(first[0])).reshape(
                 len(items), *first[1])
         # Raw items were validated by _checked_item: view them without checking again.
-        return [item if m == P.MSGPACK_ITEM else
+        return [item if not isinstance(m, list) else
                 np.frombuffer(item.buffer, dtype=P.parse_dtype(m[0])).reshape(m[1])
                 for m, item in zip(metas, items, strict=True)]
 
@@ -314,11 +317,12 @@ def _limit_threads(threads: int) -> None:
     threadpool_limits(limits=threads)  # for libraries already loaded (numpy's BLAS)
 
 
-def _checked_item(meta: Any, frame: zmq.Frame) -> Any:
-    """Validate one input item: msgpack items are decoded now, raw arrays are checked
-    against their meta and kept as frames until the batch is assembled."""
-    if meta == P.MSGPACK_ITEM:
-        return P.decode_item(meta, frame.buffer)
+def _checked_item(meta: Any, frame: zmq.Frame, allow_pickle: bool) -> Any:
+    """Validate one input item: msgpack (and allowed pickle) items are decoded now, raw
+    arrays are checked against their meta and kept as frames until the batch is
+    assembled."""
+    if not isinstance(meta, list):
+        return P.decode_item(meta, frame.buffer, allow_pickle)
     P.check_raw(meta, frame.buffer)
     return frame
 
@@ -328,7 +332,8 @@ def _part(seg: list[Any], metas: list[Any] | None, error: Any) -> list[Any]:
     return [seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], metas, error]
 
 
-def _encode_outputs(outputs: Any, protocol: str) -> tuple[list[Any], list[Any]]:
+def _encode_outputs(outputs: Any, protocol: str, allow_pickle: bool,
+                    ) -> tuple[list[Any], list[Any]]:
     """Encode each result as ``(meta, buffer)``, slicing one buffer when outputs are an
     ndarray so no per-item copy is made."""
     if isinstance(outputs, np.ndarray) and outputs.ndim >= 1:
@@ -341,7 +346,7 @@ def _encode_outputs(outputs: Any, protocol: str) -> tuple[list[Any], list[Any]]:
     metas: list[Any] = []
     bufs: list[Any] = []
     for value in outputs:
-        meta, buf = P.encode_item(value, protocol)
+        meta, buf = P.encode_item(value, protocol, allow_pickle)
         metas.append(meta)
         bufs.append(buf)
     return metas, bufs
