@@ -9,6 +9,7 @@ It also keeps the request statistics reported by ``server_status``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -204,6 +205,7 @@ class Sink(Role):
         now = time.monotonic()
         latency = {k: v * 1000.0 for k, v in self.latency.percentiles((50, 90, 99)).items()}
         status.update({
+            "sink_pid": os.getpid(),
             "num_results": self.results,
             "num_errors": dict(self.errors),
             "num_undeliverable": self.undeliverable,

@@ -375,7 +375,26 @@ class Ventilator(Role):
             self.draining = True
             self.logger.info("draining: no new requests, finishing %d queued items",
                              self.queue.items)
-        return name == "stop"
+        elif name == "stop":
+            self._abandon_all()
+            return True
+        return False
+
+    def _abandon_all(self) -> None:
+        """Stopping before the queue drained: answer every request still held, so none is
+        lost silently (the sink delivers these before it stops, and ignores a worker's
+        late answer to a batch failed here)."""
+        error = E.ShuttingDown("the server stopped before this request was computed")
+        held = self.queue.items
+        queued = self.queue.take(held)
+        if queued:
+            self._fail_parts(queued, error)
+        for worker in self.workers.values():
+            if worker.busy:
+                self._fail_segments(worker, worker.batch or [], error)
+        if queued or self.busy:
+            self.logger.warning("stopped with %d queued items and %d busy workers: their "
+                                "requests were answered ShuttingDown", held, self.busy)
 
     def _snapshot(self) -> dict[str, Any]:
         in_flight = sum(count for w in self.workers.values() if w.batch
@@ -389,6 +408,7 @@ class Ventilator(Role):
                          "numpy": np.__version__, "msgpack": ".".join(map(str, msgpack.version))},
             "config": self.config.as_dict(redact=True),
             "ventilator_pid": os.getpid(),
+            "supervisor_pid": os.getppid(),
             "uptime_s": time.time() - self.started_at,
             "ready": len(self.workers) >= self.config.num_worker,
             "draining": self.draining,
