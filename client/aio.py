@@ -18,10 +18,12 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from .base import (
     ClientOptions,
     Reply,
+    check_frame_sizes,
     check_hello,
     command_frame,
     connect_timeout_error,
@@ -29,7 +31,7 @@ from .base import (
     parse_replies,
     request_frames,
 )
-from .errors import ClientUsageError, ProtocolError, WKRTimeoutError
+from .errors import ClientUsageError, ConnectionLost, ProtocolError, WKRTimeoutError
 
 __all__ = ["AsyncWKRClient"]
 
@@ -42,15 +44,18 @@ class AsyncWKRClient:
     def __init__(self, ip: str = "localhost", port: int = 5555, port_out: int = 5556,
                  protocol: str = "obj", identity: bytes | str | None = None,
                  timeout: int | None = 60_000, check_version: bool = True,
-                 connect_timeout: int | None = None) -> None:
+                 connect_timeout: int | None = None, server_public_key: Any = None,
+                 client_key: Any = None, allow_pickle: bool = False) -> None:
         self.options = ClientOptions(ip, port, port_out, protocol, identity, timeout,
-                                     connect_timeout)
+                                     connect_timeout, server_public_key, client_key,
+                                     allow_pickle)
         self.check_version = check_version
         self._ids = itertools.count(1)
         self._futures: dict[int, asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._sender: Any = None
         self._receiver: Any = None
+        self._monitors: list[Any] = []
         self._closed = False
         self.server_info: dict[str, Any] = {}
 
@@ -63,6 +68,8 @@ class AsyncWKRClient:
         context = zmq.asyncio.Context.instance()
         self._sender = self.options.configure(context.socket(zmq.DEALER))
         self._receiver = self.options.configure(context.socket(zmq.DEALER))
+        self._monitors = [s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                          for s in (self._sender, self._receiver)]
         self._sender.connect(self.options.address_in)
         self._receiver.connect(self.options.address_out)
         self._reader = asyncio.get_running_loop().create_task(self._read_replies())
@@ -93,12 +100,19 @@ class AsyncWKRClient:
         return (await self._request(list(items), timeout)).value
 
     async def server_status(self) -> dict[str, Any]:
+        return await self._command("status")
+
+    async def terminate(self, token: str | None = None) -> dict[str, Any]:
+        """Ask the server to stop (see :meth:`WKRClient.terminate`)."""
+        return await self._command("terminate", {"token": token})
+
+    async def _command(self, name: str, args: Any = None) -> Any:
         await self.connect()
         req_id = next(self._ids)
         budget = self.options.timeout
         reply = await self._exchange(
-            req_id, self._sender, [command_frame(req_id, budget, "status")],
-            None if budget is None else budget / 1000.0, "command 'status'")
+            req_id, self._sender, [command_frame(req_id, budget, name, args)],
+            None if budget is None else budget / 1000.0, f"command {name!r}")
         if reply.error is not None:
             raise reply.error
         return reply.value
@@ -110,6 +124,12 @@ class AsyncWKRClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
             self._reader = None
+        for socket, monitor in zip((self._sender, self._receiver), self._monitors,
+                                   strict=False):
+            with contextlib.suppress(zmq.ZMQError):
+                socket.disable_monitor()
+            monitor.close(0)
+        self._monitors = []
         for socket in (self._sender, self._receiver):
             if socket is not None:
                 socket.close(0)
@@ -130,7 +150,9 @@ class AsyncWKRClient:
         await self.connect()
         budget = self.options.timeout if timeout is None else timeout
         req_id = next(self._ids)
-        frames = request_frames(req_id, budget, items, self.options.protocol)
+        frames = request_frames(req_id, budget, items, self.options.protocol,
+                                self.options.allow_pickle)
+        check_frame_sizes(frames, self.server_info)
         reply = await self._exchange(req_id, self._sender, frames,
                                      None if budget is None else budget / 1000.0, "result")
         if reply.error is not None:
@@ -159,15 +181,40 @@ class AsyncWKRClient:
         await asyncio.shield(future)
 
     async def _read_replies(self) -> None:
+        """Complete calls with their replies; fail every waiting call with
+        :class:`ConnectionLost` when a connection drops (after taking the replies that
+        arrived before the drop)."""
         assert self._receiver is not None
+        poller = zmq.asyncio.Poller()
+        for socket in (self._receiver, *self._monitors):
+            poller.register(socket, zmq.POLLIN)
         while True:
-            frames = await self._receiver.recv_multipart(copy=False)
-            try:
-                replies = parse_replies(frames)
-            except ProtocolError as exc:
-                logger.warning("dropped a malformed reply: %s", exc)
-                continue
-            for reply in replies:
-                future = self._futures.get(reply.req_id)
-                if future is not None and not future.done():
-                    future.set_result(reply)
+            events = dict(await poller.poll())
+            while self._receiver.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._deliver(await self._receiver.recv_multipart(copy=False))
+            for name, monitor in zip(("port", "port_out"), self._monitors, strict=True):
+                if monitor not in events:
+                    continue
+                while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    event = parse_monitor_message(await monitor.recv_multipart())
+                    if event["event"] == zmq.EVENT_DISCONNECTED:
+                        self._fail_all(name)
+
+    def _deliver(self, frames: Any) -> None:
+        try:
+            replies = parse_replies(frames, self.options.allow_pickle)
+        except ProtocolError as exc:
+            logger.warning("dropped a malformed reply: %s", exc)
+            return
+        for reply in replies:
+            future = self._futures.get(reply.req_id)
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+    def _fail_all(self, which: str) -> None:
+        address = self.options.address_in if which == "port" else self.options.address_out
+        for req_id, future in list(self._futures.items()):
+            if not future.done():
+                future.set_exception(ConnectionLost(
+                    f"the connection to {address} dropped while request {req_id} was "
+                    "pending; its result is lost", "", req_id))

@@ -11,6 +11,7 @@ import os
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from .errors import ClientUsageError
 
@@ -20,12 +21,21 @@ Z85_KEY_LENGTH = 40
 
 
 def _as_z85(value: str | bytes) -> bytes | None:
+    """``value`` as a Z85 key if it looks like one (40 characters, not a file name)."""
     raw = value.encode() if isinstance(value, str) else value
-    return raw if len(raw) == Z85_KEY_LENGTH and not os.path.exists(raw) else None
+    if len(raw) != Z85_KEY_LENGTH or os.path.exists(raw):
+        return None
+    try:
+        z85.decode(raw)
+    except (KeyError, ValueError, TypeError, IndexError):
+        raise ClientUsageError(
+            f"{value!r} is neither a key file nor a 40-character Z85 key") from None
+    return raw
 
 
 def load_public_key(value: str | bytes | os.PathLike[str]) -> bytes:
     """A public key from a key file (``.key`` or ``.key_secret``) or Z85 text."""
+    _check_curve()
     if not isinstance(value, os.PathLike):
         key = _as_z85(value)
         if key is not None:
@@ -42,9 +52,13 @@ def load_key_pair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def _load(path: str) -> tuple[bytes, bytes | None]:
+def _check_curve() -> None:
     if not zmq.has("curve"):
         raise ClientUsageError("this libzmq was built without CURVE support")
+
+
+def _load(path: str) -> tuple[bytes, bytes | None]:
+    _check_curve()
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:

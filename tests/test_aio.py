@@ -125,3 +125,37 @@ def test_protocol_mismatch(numpy_server):
             await client.connect()
 
     run(main())
+
+
+def test_pending_calls_fail_with_connection_lost_when_the_sink_dies(tmp_path):
+    """A crashed sink takes the server down; an awaiting call fails with ConnectionLost
+    at once instead of waiting out its timeout."""
+    import os
+    import signal
+
+    from helpers import running_server, server_args, wait_until
+    from wkr_serving.client import ConnectionLost
+    from workers import ControlledWorker
+
+    args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-graceful_timeout", "1")
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    with running_server(args, ControlledWorker) as server:
+
+        async def main():
+            async with make(server, timeout=30_000) as client:
+                sink_pid = (await client.server_status())["sink_pid"]
+                call = asyncio.ensure_future(client.encode(
+                    {"cmd": "block", "started": started, "release": release}))
+                await asyncio.get_running_loop().run_in_executor(
+                    None, wait_until, lambda: os.path.exists(started), 20, "predict to start")
+                t0 = time.monotonic()
+                os.kill(sink_pid, signal.SIGKILL)
+                with pytest.raises(ConnectionLost, match="dropped"):
+                    await call
+                return time.monotonic() - t0
+
+        waited = run(main())
+        assert waited < 10, f"ConnectionLost took {waited:.2f}s"
+        server.join(30)
+        assert server.exit_code == 1, "a dead sink must stop the server with an error"
+        assert "sink" in (server.supervisor.failure or "")
