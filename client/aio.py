@@ -27,6 +27,7 @@ from .base import (
     check_hello,
     command_frame,
     connect_timeout_error,
+    handshake_dropped_error,
     hello_frame,
     parse_replies,
     request_frames,
@@ -74,15 +75,20 @@ class AsyncWKRClient:
         self._receiver.connect(self.options.address_out)
         self._reader = asyncio.get_running_loop().create_task(self._read_replies())
         limit = self.options.connect_timeout / 1000.0
+        step = "handshake with port_out"
         try:
             req_id = next(self._ids)
             info = await self._exchange(req_id, self._receiver, [hello_frame(req_id)], limit,
-                                        "handshake with port_out")
+                                        step)
             self.server_info = check_hello(info.value, self.options, self.check_version)
             req_id = next(self._ids)
+            step = "ping through port"
             await self._exchange(req_id, self._sender,
                                  [command_frame(req_id, self.options.connect_timeout, "ping")],
-                                 limit, "ping through port")
+                                 limit, step)
+        except ConnectionLost:
+            await self.close()
+            raise handshake_dropped_error(self.options, step) from None
         except BaseException:
             await self.close()
             raise

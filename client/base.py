@@ -46,7 +46,7 @@ class Reply(NamedTuple):
 
     req_id: int
     value: Any
-    error: ServerError | None
+    error: ServerError | ProtocolError | None
 
 
 class ClientOptions:
@@ -160,8 +160,12 @@ def _entry(kind: Any, req_id: Any, body: Any, frames: list[Any], pos: int,
     if kind == P.RESULT:
         if not isinstance(body, list) or pos + len(body) > len(frames):
             raise ProtocolError("result metas do not match its payload frames")
-        values = [P.decode_item(m, _buffer(f), allow_pickle)
-                  for m, f in zip(body, frames[pos:pos + len(body)], strict=True)]
+        try:
+            values = [P.decode_item(m, _buffer(f), allow_pickle)
+                      for m, f in zip(body, frames[pos:pos + len(body)], strict=True)]
+        except ProtocolError as exc:  # this reply only: the others in the message are fine
+            exc.request_id = req_id  # type: ignore[attr-defined]
+            return Reply(req_id, None, exc)
         return Reply(req_id, values, None)
     if kind == P.ERROR:
         return Reply(req_id, None, error_from_wire(body, req_id))
@@ -200,6 +204,13 @@ def check_hello(info: Any, options: ClientOptions, check_version: bool) -> dict[
             f"version mismatch: server {info.get('server_version')}, client {__version__}; "
             "upgrade both, or pass check_version=False")
     return info
+
+
+def handshake_dropped_error(options: ClientOptions, step: str) -> ConnectTimeout:
+    return ConnectTimeout(
+        f"the server at {options.address_in} / {options.address_out} dropped the connection "
+        f"during the {step}: it refused this client's CurveZMQ keys (check "
+        "server_public_key and client_key) or it stopped")
 
 
 def connect_timeout_error(options: ClientOptions, step: str) -> ConnectTimeout:

@@ -33,6 +33,7 @@ from .base import (
     check_hello,
     command_frame,
     connect_timeout_error,
+    handshake_dropped_error,
     hello_frame,
     parse_replies,
     request_frames,
@@ -106,7 +107,7 @@ class WKRClient:
         self._expected: dict[int, str] = {}  # sent, no reply yet: id -> reply shape
         self._replies: dict[int, Reply] = {}  # arrived, not yet taken
         self._unfetched: deque[int] = deque()  # non-blocking requests, in send order
-        self._errors: dict[int, ServerError] = {}  # failed fetched requests, for fetch_all
+        self._errors: dict[int, ServerError | ProtocolError] = {}  # failed, fetched: for fetch_all
         self._reading = False
         self._rcvtimeo = -1
         self._closed = False
@@ -219,7 +220,7 @@ class WKRClient:
         if sort and parse_id_func is not None:
             responses.sort(key=parse_id_func)
         out: list[Any] = []
-        first_error: ServerError | None = None
+        first_error: ServerError | ProtocolError | None = None
         for r in responses:
             value = r.embedding
             if r.error_code:
@@ -293,13 +294,15 @@ class WKRClient:
             self._expected[req_id] = _VALUE
             self.receiver.send(hello_frame(req_id))
         info = self._wait(req_id, self.options.connect_timeout, "handshake with port_out")
+        _raise_handshake_error(info, self.options, "handshake with port_out")
         self._server_info = check_hello(info.value, self.options, self.check_version)
         req_id = next(self._ids)
         with self._lock:
             self._expected[req_id] = _VALUE
             self._send_frames([command_frame(req_id, self.options.connect_timeout, "ping")])
         left_ms = max(0, int((deadline - time.monotonic()) * 1000))  # one budget for both
-        self._wait(req_id, left_ms, "ping through port")
+        _raise_handshake_error(self._wait(req_id, left_ms, "ping through port"), self.options,
+                               "ping through port")
         self._connected = True
 
     def _check_open(self) -> None:
@@ -483,6 +486,15 @@ class WKRClient:
             f"no {what} for request {req_id} within {budget_ms} ms from "
             f"{self.options.address_in} / {self.options.address_out}: is the server up, "
             "and is the timeout long enough for this input?")
+
+
+def _raise_handshake_error(reply: Reply, options: Any, step: str) -> None:
+    """A handshake step answered by a dropped connection: the server refused it (a CURVE
+    key mismatch) or went away."""
+    if isinstance(reply.error, ConnectionLost):
+        raise handshake_dropped_error(options, step)
+    if reply.error is not None:
+        raise reply.error
 
 
 class ConcurrentWKRClient:

@@ -23,14 +23,22 @@ Z85_KEY_LENGTH = 40
 def _as_z85(value: str | bytes) -> bytes | None:
     """``value`` as a Z85 key if it looks like one (40 characters, not a file name)."""
     raw = value.encode() if isinstance(value, str) else value
-    if len(raw) != Z85_KEY_LENGTH or os.path.exists(raw):
+    if (len(raw) != Z85_KEY_LENGTH or os.path.exists(raw)
+            or raw.endswith((b".key", b".key_secret"))):  # a key file's name, mistyped
         return None
+    if not _is_z85_key(raw):
+        raise ClientUsageError(f"{value!r} is neither a key file nor a 40-character Z85 key")
+    return raw
+
+
+def _is_z85_key(raw: bytes) -> bool:
+    if len(raw) != Z85_KEY_LENGTH:
+        return False
     try:
         z85.decode(raw)
     except (KeyError, ValueError, TypeError, IndexError):
-        raise ClientUsageError(
-            f"{value!r} is neither a key file nor a 40-character Z85 key") from None
-    return raw
+        return False
+    return True
 
 
 def load_public_key(value: str | bytes | os.PathLike[str]) -> bytes:
@@ -63,4 +71,7 @@ def _load(path: str) -> tuple[bytes, bytes | None]:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise ClientUsageError(f"cannot read CurveZMQ key file {path}: {exc}") from None
+    if not _is_z85_key(public) or (secret is not None and not _is_z85_key(secret)):
+        raise ClientUsageError(f"{path} is not a CurveZMQ key file: its keys are not "
+                               f"{Z85_KEY_LENGTH}-character Z85 text")
     return public, secret

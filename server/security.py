@@ -10,9 +10,12 @@ server's public key to connect at all. With ``-curve_client_keys DIR`` the ZAP h
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +45,10 @@ def start_authenticator(context: zmq.Context, config: ServerConfig,
             raise FileNotFoundError(f"-curve_client_keys {config.curve_client_keys} is not a "
                                     "directory")
         auth.configure_curve(domain="*", location=config.curve_client_keys)
+        listed = [n for n in os.listdir(config.curve_client_keys) if n.endswith(".key")]
+        if not listed:
+            logger.warning("-curve_client_keys %s holds no .key file: no client can connect",
+                           config.curve_client_keys)
     else:
         auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
     return auth
@@ -61,17 +68,58 @@ def main_keygen(argv: Sequence[str] | None = None) -> int:
     if not zmq.has("curve"):
         print("wkr-serving-keygen: error: this libzmq has no CURVE support", file=sys.stderr)
         return 2
-    public = os.path.join(args.directory, f"{args.name}.key")
+    name = args.name
+    if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+        print(f"wkr-serving-keygen: error: NAME must be a plain file name, got {name!r}",
+              file=sys.stderr)
+        return 2
+    public = os.path.join(args.directory, f"{name}.key")
     secret = public + "_secret"
     if not args.force and any(os.path.exists(p) for p in (public, secret)):
         print(f"wkr-serving-keygen: error: {public} or {secret} exists (use -force)",
               file=sys.stderr)
         return 2
     os.makedirs(args.directory, exist_ok=True)
-    made_public, made_secret = zmq.auth.create_certificates(args.directory, args.name)
-    os.chmod(made_secret, 0o600)
-    print(f"public key: {made_public}\nsecret key: {made_secret}")
+    public_key, secret_key = zmq.curve_keypair()
+    now = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+    # The secret file is private from its creation on (never briefly world-readable), and
+    # each file appears complete, by rename, or not at all.
+    _write_key_file(secret, _SECRET_BANNER.format(now), public_key, secret_key, 0o600)
+    _write_key_file(public, _PUBLIC_BANNER.format(now), public_key, None, 0o644)
+    print(f"public key: {public}\nsecret key: {secret}")
     return 0
+
+
+# The zmq.auth certificate format, so zmq.auth.load_certificate(s) read these files.
+_SECRET_BANNER = """#   ****  Generated on {} by wkr-serving-keygen  ****
+#   ZeroMQ CURVE **Secret** Certificate
+#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.
+
+"""
+_PUBLIC_BANNER = """#   ****  Generated on {} by wkr-serving-keygen  ****
+#   ZeroMQ CURVE Public Certificate
+#   Give this file to the clients of this server (server key), or put it in the
+#   server's -curve_client_keys directory (client key).
+
+"""
+
+
+def _write_key_file(path: str, banner: str, public_key: bytes, secret_key: bytes | None,
+                    mode: int) -> None:
+    lines = [banner, "metadata\n", "curve\n", f'    public-key = "{public_key.decode()}"\n']
+    if secret_key is not None:
+        lines.append(f'    secret-key = "{secret_key.decode()}"\n')
+    directory, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("".join(lines))
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 if __name__ == "__main__":

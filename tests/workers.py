@@ -104,3 +104,56 @@ class ThreadsWorker(WKRHardWorker):
 
         blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
         return [max(blas) if blas else -1 for _ in input]
+
+
+class Opaque:
+    """A value msgpack cannot encode (pickle tests). Defined here so the worker processes,
+    which import this module, can unpickle it."""
+
+    def __init__(self, payload):
+        self.payload = payload
+
+    def __eq__(self, other):
+        return isinstance(other, Opaque) and other.payload == self.payload
+
+    __hash__ = None
+
+
+class FractionWorker(WKRHardWorker):
+    """Echo, except ``{"fraction": [n, d]}`` -> ``fractions.Fraction(n, d)``: a result that
+    only pickle can carry back (for the ``-allow_pickle`` tests)."""
+
+    def predict(self, model, input):
+        from fractions import Fraction
+
+        return [Fraction(*x["fraction"]) if isinstance(x, dict) and "fraction" in x else x
+                for x in input]
+
+
+class CrashWorker(ControlledWorker):
+    """ControlledWorker plus ``{"cmd": "segv"}``: the worker process is killed by SIGSEGV,
+    as by a segfault in native code (supervision tests)."""
+
+    def predict(self, model, input):
+        for item in input:
+            if isinstance(item, dict) and item.get("cmd") == "segv":
+                import signal
+
+                os.kill(os.getpid(), signal.SIGSEGV)
+                raise RuntimeError("SIGSEGV did not end the worker")
+        return super().predict(model, input)
+
+
+class BootOnceWorker(ControlledWorker):
+    """Loads its model once; every later load in the same ``model_dir`` fails (as after a
+    model file got corrupted). Each load attempt appends its pid to
+    ``<model_dir>/boots-<worker_id>.txt``, so a test can count the attempts."""
+
+    def get_model(self, envs, model_dir, model_name, tmp_dir):
+        path = os.path.join(model_dir, f"boots-{self.worker_id}.txt")
+        first = not os.path.exists(path)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()}\n")
+        if not first:
+            raise RuntimeError("boot-again: this model can only be loaded once")
+        return super().get_model(envs, model_dir, model_name, tmp_dir)
