@@ -1,0 +1,799 @@
+"""Production run scripts: ``wkr-serving-make`` and ``wkr-serving-terminate``.
+
+``wkr-serving-make <wkr-serving-start args...> -name NAME [-dir DIR]`` prints a bash
+script with the commands ``start``, ``stop``, ``stopf``, ``restart`` and ``status`` for
+one service. The script stays thin: every step that must wait (until the server is
+ready, until a process has exited) or must find processes (the service's whole tree)
+runs in the helper of this module, ``python -m wkr_serving.server.runscript``, with the
+interpreter that generated the script.
+
+``wkr-serving-terminate`` sends the ``terminate`` command to a running server and waits
+until it has really stopped: its supervisor process has exited (when it runs on this
+host) and its ports no longer accept connections.
+
+Waiting never sleeps blindly: a process exit is awaited on a pidfd (it becomes readable
+when the process ends), readiness by connecting a client, each with a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import fcntl
+import os
+import re
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psutil
+from wkr_serving.client import WKRClient
+from wkr_serving.client.errors import (
+    ClientUsageError,
+    ConnectionLost,
+    ConnectTimeout,
+    ProtocolMismatch,
+    ServerError,
+    ShuttingDown,
+    Unauthorized,
+    WKRError,
+    WKRTimeoutError,
+)
+from wkr_serving.client.protocol import PROTOCOLS
+from wkr_serving.client.version import __version__
+
+from .config import ConfigError, ServerConfig, load_config
+from .supervisor import STOP_GRACE
+
+__all__ = ["main_helper", "main_make", "main_terminate", "make_script", "wait_pid_exit"]
+
+#: The module the generated scripts call (``python -m ...``) and the command they run.
+HELPER_MODULE = "wkr_serving.server.runscript"
+SERVER_MODULE = "wkr_serving.server.cli"
+#: Seconds added to the server's own -startup_timeout / -graceful_timeout (+ the role
+#: stop grace) before the scripts give up waiting.
+MARGIN_S = 30.0
+#: Seconds ``stopf`` waits for killed processes to disappear.
+KILL_WAIT_S = 15.0
+#: Lines of the log shown when a start fails.
+LOG_TAIL_LINES = 40
+#: Exit status of ``status`` for a service that is not running (LSB).
+STATUS_NOT_RUNNING = 3
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def is_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie nobody reaped yet counts as ended)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
+
+
+def wait_pid_exit(pid: int, timeout: float, proc: psutil.Process | None = None) -> bool:
+    """Wait up to ``timeout`` seconds for process ``pid`` to end; return whether it did.
+
+    Uses a pidfd (readable once the process has ended, zombie or reaped), so the wait is
+    woken by the exit itself; ``proc`` (a psutil handle taken earlier) guards against
+    the pid having been reused by another process meanwhile.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except (AttributeError, OSError):
+        fd = -1
+    if fd >= 0:
+        try:
+            if proc is not None and not proc.is_running():  # the pid now names another one
+                return True
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(max(0, int(timeout * 1000))))
+        finally:
+            os.close(fd)
+    # No pidfd (old kernel): poll the process table, bounded.
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not (is_gone(pid) or (proc is not None and not proc.is_running())):
+        if time.monotonic() >= deadline:
+            return False
+        pause.wait(0.05)
+    return True
+
+
+def wait_all_gone(pids: Sequence[int], timeout: float) -> list[int]:
+    """Wait (bounded) for every pid to end; return those still running."""
+    deadline = time.monotonic() + timeout
+    left = []
+    for pid in pids:
+        if not wait_pid_exit(pid, max(0.0, deadline - time.monotonic())):
+            left.append(pid)
+    return left
+
+
+def session_members(sid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes of session ``sid``.
+
+    A pid stays reserved while any process uses it as its session id, so when the
+    session leader is gone the remaining members can only be its own leftovers."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def is_service_process(pid: int) -> psutil.Process | None:
+    """The process ``pid`` if it is a running service started by a generated script
+    (a session leader running the server module), else None (a stale pid)."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE or os.getsid(pid) != pid:
+            return None
+        cmdline = proc.cmdline()
+    except (OSError, psutil.Error):
+        return None
+    if any(SERVER_MODULE in part or "wkr-serving-start" in part for part in cmdline):
+        return proc
+    return None
+
+
+def service_tree(pid: int) -> list[psutil.Process]:
+    """The service leader ``pid`` (if it is one), its descendants and every live member
+    of its session; empty when ``pid`` is some other live process (stale pid file)."""
+    leader = is_service_process(pid)
+    found: dict[int, psutil.Process] = {}
+    if leader is not None:
+        found[pid] = leader
+        with contextlib.suppress(psutil.Error):
+            for child in leader.children(recursive=True):
+                found[child.pid] = child
+    elif psutil.pid_exists(pid) and not is_gone(pid):
+        return []  # the pid was reused by an unrelated process: touch nothing
+    for member in session_members(pid):
+        found.setdefault(member.pid, member)
+    return list(found.values())
+
+
+def kill_tree(pid: int, timeout: float = KILL_WAIT_S) -> tuple[list[int], list[int]]:
+    """SIGKILL the service tree of ``pid``; return ``(killed, still_running)`` pids."""
+    procs = service_tree(pid)
+    killed = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()  # psutil checks the process is still the one we listed
+            killed.append(proc.pid)
+    left = wait_all_gone(killed, timeout)
+    # A child forked while we were killing: one more sweep of the session.
+    extra = [p for p in session_members(pid) if p.pid not in killed]
+    for proc in extra:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+            killed.append(proc.pid)
+    left += wait_all_gone([p.pid for p in extra], timeout)
+    return killed, left
+
+
+# -- probing a server ---------------------------------------------------------------------
+
+
+def probe_address(bind: str) -> str:
+    """Where a client on this host reaches a server bound to ``bind``."""
+    if bind in ("0.0.0.0", "*", ""):
+        return "127.0.0.1"
+    if bind in ("::", "[::]"):
+        return "::1"
+    return bind.strip("[]")
+
+
+def client_for(config: ServerConfig, client_key: str | None, connect_ms: int,
+               timeout_ms: int) -> WKRClient:
+    """A client of the server ``config`` describes, from this host (raises on failure)."""
+    curve: dict[str, Any] = {}
+    if config.curve_secret_key:
+        curve["server_public_key"] = config.curve_secret_key  # holds the public key too
+        if client_key:
+            curve["client_key"] = client_key
+    return WKRClient(probe_address(config.bind), config.port, config.port_out,
+                     protocol=config.protocol, check_version=False,
+                     connect_timeout=max(1, connect_ms), timeout=max(1, timeout_ms), **curve)
+
+
+def summarize(status: dict[str, Any]) -> str:
+    workers = status.get("workers") or []
+    states: dict[str, int] = {}
+    restarts = 0
+    for row in workers:
+        states[str(row.get("state"))] = states.get(str(row.get("state")), 0) + 1
+        restarts += int(row.get("restarts") or 0)
+    config = status.get("config") or {}
+    return (f"{'ready' if status.get('ready') else 'NOT ready'}"
+            f"{', draining' if status.get('draining') else ''}; "
+            f"ports {config.get('port')}/{config.get('port_out')}, protocol "
+            f"{status.get('protocol')}, version {status.get('server_version')}; "
+            f"{len(workers)} worker(s) "
+            f"({', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}), "
+            f"{restarts} restart(s); {status.get('queue_items')} queued, "
+            f"{status.get('in_flight_items')} in flight; {status.get('num_requests')} "
+            f"request(s) served; up {float(status.get('uptime_s') or 0):.0f}s")
+
+
+# -- the helper the generated scripts call -----------------------------------------------
+
+
+class HelperError(Exception):
+    """A step of a script command failed; the message says why (exit status 1)."""
+
+
+def _log_tail(path: str, offset: int, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    tail = text.splitlines()[-lines:]
+    return "\n".join(tail) if tail else "(the log is empty)"
+
+
+def read_pid(path: str) -> int | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read().strip()
+    except FileNotFoundError:
+        return None
+    try:
+        pid = int(text)
+    except ValueError:
+        return None
+    return pid if pid > 0 else None
+
+
+def _write_pid(path: str, pid: int) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(f"{pid}\n")
+    os.replace(tmp, path)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def _service_lock(pid_file: str, name: str) -> Any:
+    """Only one start/stop/stopf of a service at a time (refuse, do not queue)."""
+    lock_path = os.path.join(os.path.dirname(pid_file) or ".", f".{name}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # no directory, so no pid file either: nothing to guard
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HelperError(f"another start/stop of {name} is in progress "
+                              f"(lock {lock_path})") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class Service:
+    """One service of a generated script: its files, server command line and config."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.name: str = args.name
+        self.pid_file: str = os.path.abspath(args.pid_file)
+        self.log_file: str = os.path.abspath(args.log_file)
+        self.client_key: str | None = args.client_key
+        self.server_args: list[str] = list(args.server_args)
+        try:
+            os.chdir(args.cwd)  # the worker class and relative paths resolve from here
+        except OSError as exc:
+            raise HelperError(f"{self.name}: cannot enter the work directory: {exc}") from None
+        try:
+            self.config, self.spec = load_config(self.server_args)
+            self.config_error: str | None = None
+        except (ConfigError, SystemExit) as exc:  # argparse exits on bad flags
+            self.config, self.spec = ServerConfig(), None
+            self.config_error = str(exc) if isinstance(exc, ConfigError) else \
+                "invalid wkr-serving-start arguments"
+
+    @property
+    def start_wait(self) -> float:
+        return self.config.startup_timeout + MARGIN_S
+
+    @property
+    def stop_wait(self) -> float:
+        return self.config.graceful_timeout + 2 * STOP_GRACE + MARGIN_S
+
+    def running(self) -> psutil.Process | None:
+        pid = read_pid(self.pid_file)
+        return None if pid is None else is_service_process(pid)
+
+    # -- commands -------------------------------------------------------------------------
+
+    def start(self) -> int:
+        if self.config_error:
+            raise HelperError(f"cannot start {self.name}: {self.config_error}")
+        if not self.config.port or not self.config.port_out:
+            raise HelperError(f"cannot start {self.name}: it needs fixed -port and -port_out "
+                              "(0 picks a random port nobody could find)")
+        with _service_lock(self.pid_file, self.name):
+            pid = read_pid(self.pid_file)
+            if pid is not None:
+                if is_service_process(pid) is not None:
+                    print(f"{self.name} is already running (pid {pid}); not starting it "
+                          "again", file=sys.stderr)
+                    return 1
+                leftovers = [p.pid for p in session_members(pid)] if is_gone(pid) else []
+                if leftovers:
+                    raise HelperError(f"{self.name}: pid {pid} is gone but processes of its "
+                                      f"session are left: {leftovers}; use stopf first")
+                print(f"{self.name}: removing stale pid file {self.pid_file} (pid {pid} is "
+                      "not running)")
+                _remove(self.pid_file)
+            return self._launch()
+
+    def _launch(self) -> int:
+        os.makedirs(os.path.dirname(self.log_file), exist_ok=True)
+        command = [sys.executable, "-m", SERVER_MODULE, *self.server_args]
+        with open(self.log_file, "ab") as log:
+            offset = log.tell()
+            stamp = datetime.datetime.now().isoformat(timespec="seconds")
+            log.write(f"===== {stamp} start {self.name}: {shlex.join(command)} (in "
+                      f"{os.getcwd()}) =====\n".encode())
+            log.flush()
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        _write_pid(self.pid_file, proc.pid)
+        print(f"{self.name}: started pid {proc.pid}, logging to {self.log_file}; waiting up "
+              f"to {self.start_wait:.0f}s for it to be ready")
+        try:
+            status = self._wait_ready(proc)
+        except HelperError as exc:
+            if proc.poll() is None or session_members(proc.pid):
+                kill_tree(proc.pid)
+            proc.poll()
+            _remove(self.pid_file)
+            print(f"{self.name}: start FAILED: {exc}\n--- last lines of {self.log_file} ---\n"
+                  f"{_log_tail(self.log_file, offset)}", file=sys.stderr)
+            return 1
+        print(f"{self.name} is running (pid {proc.pid}): {summarize(status)}")
+        return 0
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+        deadline = time.monotonic() + self.start_wait
+        client: WKRClient | None = None
+
+        def check_alive() -> None:
+            code = proc.poll()
+            if code is not None:
+                raise HelperError(f"the server exited with code {code} before it was ready")
+
+        try:
+            while True:
+                check_alive()
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    raise HelperError(f"not ready within {self.start_wait:.0f}s")
+                if client is None:
+                    try:  # the handshake waits for the ports to open (bounded)
+                        client = client_for(self.config, self.client_key, min(500, left_ms),
+                                            min(5000, left_ms))
+                    except WKRTimeoutError:
+                        continue
+                    except WKRError as exc:
+                        raise HelperError(f"cannot query the server: {exc}") from None
+                try:
+                    status = client.server_status
+                except (WKRTimeoutError, ConnectionLost):
+                    client.close()
+                    client = None
+                    continue
+                if status.get("ready"):
+                    return status
+                # Not ready yet: pause, but wake at once if the server dies.
+                wait_pid_exit(proc.pid, min(0.1, max(0.0, deadline - time.monotonic())))
+        finally:
+            if client is not None:
+                client.close()
+
+    def stop(self) -> int:
+        with _service_lock(self.pid_file, self.name):
+            pid = read_pid(self.pid_file)
+            if pid is None:
+                print(f"{self.name} is not running (no pid file {self.pid_file})")
+                return 0
+            leader = is_service_process(pid)
+            if leader is None:
+                leftovers = [p.pid for p in session_members(pid)] if is_gone(pid) else []
+                if leftovers:
+                    raise HelperError(f"{self.name}: pid {pid} is gone but processes of its "
+                                      f"session are left: {leftovers}; use stopf")
+                _remove(self.pid_file)
+                print(f"{self.name} was not running (stale pid file for pid {pid} removed)")
+                return 0
+            tree = [p.pid for p in service_tree(pid)]
+            print(f"{self.name}: sending SIGTERM to pid {pid}; waiting up to "
+                  f"{self.stop_wait:.0f}s for it to stop")
+            deadline = time.monotonic() + self.stop_wait
+            with contextlib.suppress(psutil.NoSuchProcess):
+                leader.send_signal(signal.SIGTERM)
+            if not wait_pid_exit(pid, self.stop_wait, leader):
+                raise HelperError(f"{self.name} (pid {pid}) did not stop within "
+                                  f"{self.stop_wait:.0f}s; use stopf to kill it")
+            left = wait_all_gone(tree, max(0.0, deadline - time.monotonic()))
+            left += [p.pid for p in session_members(pid) if p.pid not in left]
+            if left:
+                raise HelperError(f"{self.name}: pid {pid} exited but processes {left} of its "
+                                  "tree are still running; use stopf")
+            _remove(self.pid_file)
+            print(f"{self.name} stopped (pid {pid})")
+            return 0
+
+    def kill(self) -> int:
+        with _service_lock(self.pid_file, self.name):
+            pid = read_pid(self.pid_file)
+            if pid is None:
+                print(f"{self.name} is not running (no pid file {self.pid_file})")
+                return 0
+            killed, left = kill_tree(pid)
+            if left:
+                raise HelperError(f"{self.name}: processes {left} survived SIGKILL")
+            _remove(self.pid_file)
+            print(f"{self.name}: killed {len(killed)} process(es) of pid {pid}'s tree "
+                  f"{sorted(killed)}" if killed else
+                  f"{self.name} was not running (stale pid file for pid {pid} removed)")
+            return 0
+
+    def status(self) -> int:
+        pid = read_pid(self.pid_file)
+        if pid is None:
+            print(f"{self.name} is not running")
+            return STATUS_NOT_RUNNING
+        if self.running() is None:
+            print(f"{self.name} is not running (stale pid file {self.pid_file}: pid {pid})")
+            return STATUS_NOT_RUNNING
+        try:
+            with client_for(self.config, self.client_key, 2000, 5000) as client:
+                summary = summarize(client.server_status)
+        except WKRError as exc:
+            summary = f"not answering: {type(exc).__name__}: {exc}".splitlines()[0]
+        print(f"{self.name} is running (pid {pid}): {summary}")
+        return 0
+
+
+def main_helper(argv: Sequence[str] | None = None) -> int:
+    """``python -m wkr_serving.server.runscript COMMAND ...``: what generated scripts run."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {HELPER_MODULE}",
+        description="Steps of the scripts made by wkr-serving-make (not meant to be typed).",
+        usage=f"python -m {HELPER_MODULE} COMMAND --name NAME --pid-file FILE --log-file "
+        "FILE --cwd DIR [--client-key FILE] -- <wkr-serving-start arguments>")
+    parser.add_argument("command", choices=("start", "stop", "stopf", "status"))
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--pid-file", required=True)
+    parser.add_argument("--log-file", required=True)
+    parser.add_argument("--cwd", required=True)
+    parser.add_argument("--client-key", default=None)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.server_args = argv[split + 1:]  # verbatim, whatever they look like
+    try:
+        service = Service(args)
+        return {"start": service.start, "stop": service.stop, "stopf": service.kill,
+                "status": service.status}[args.command]()
+    except HelperError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+
+
+# -- wkr-serving-make ------------------------------------------------------------------------
+
+_SCRIPT = """\
+#!/usr/bin/env bash
+# Run script of the wkr-serving service "{name}", made by wkr-serving-make {version}.
+#
+#   bash THIS_SCRIPT start    start in the background, log to logs/{name}.log, wait until
+#                             the server is ready (exit 1 with the log's tail if it fails)
+#   bash THIS_SCRIPT stop     graceful stop: SIGTERM, wait for the drain and the exit
+#   bash THIS_SCRIPT stopf    kill the service's whole process tree at once
+#   bash THIS_SCRIPT restart  stop, then start
+#   bash THIS_SCRIPT status   running or not (exit 0 if running, 3 if not)
+#
+# The waiting and process handling happen in python -m {helper} (same interpreter).
+set -euo pipefail
+
+NAME={q_name}
+PYTHON={q_python}
+# The worker class and relative paths in the arguments resolve from this directory.
+WORKDIR={q_workdir}
+# The pid file NAME.pid and logs/NAME.log live here.
+{base_dir_line}
+PID_FILE="$BASE_DIR/$NAME.pid"
+LOG_FILE="$BASE_DIR/logs/$NAME.log"
+# The arguments of wkr-serving-start.
+SERVER_ARGS=(
+{server_args}
+)
+HELPER_OPTS=({client_key})
+
+helper() {{
+  "$PYTHON" -m {helper} "$1" --name "$NAME" --pid-file "$PID_FILE" \\
+    --log-file "$LOG_FILE" --cwd "$WORKDIR" ${{HELPER_OPTS[@]+"${{HELPER_OPTS[@]}}"}} \\
+    -- "${{SERVER_ARGS[@]}}"
+}}
+
+case "${{1:-}}" in
+  start)
+    mkdir -p "$BASE_DIR/logs"
+    helper start
+    ;;
+  stop) helper stop ;;
+  stopf) helper stopf ;;
+  restart)
+    helper stop
+    mkdir -p "$BASE_DIR/logs"
+    helper start
+    ;;
+  status) helper status ;;
+  *)
+    echo "usage: $0 {{start|stop|stopf|restart|status}}" >&2
+    exit 2
+    ;;
+esac
+"""
+
+
+def _arg_lines(args: Sequence[str]) -> str:
+    """One line per flag and its values, every argument quoted."""
+    lines: list[list[str]] = []
+    for arg in args:
+        if not lines or re.match(r"^-[A-Za-z_]", arg):
+            lines.append([])
+        lines[-1].append(shlex.quote(arg))
+    return "\n".join("  " + " ".join(line) for line in lines)
+
+
+def make_script(server_args: Sequence[str], name: str, base_dir: str | None = None,
+                workdir: str | None = None, python: str | None = None,
+                client_key: str | None = None) -> str:
+    """The text of the run script (see :func:`main_make`); every value is shell-quoted."""
+    if not _NAME_RE.match(name):
+        raise ValueError(f"-name must be letters, digits, '.', '_' or '-' (not starting "
+                         f"with '.' or '-'), got {name!r}")
+    if base_dir is None:
+        base_dir_line = 'BASE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"'
+    else:
+        base_dir_line = f"BASE_DIR={shlex.quote(os.path.abspath(base_dir))}"
+    return _SCRIPT.format(
+        name=name, version=__version__, helper=HELPER_MODULE,
+        q_name=shlex.quote(name), q_python=shlex.quote(python or sys.executable),
+        q_workdir=shlex.quote(workdir or os.getcwd()), base_dir_line=base_dir_line,
+        server_args=_arg_lines(server_args),
+        client_key=("--client-key " + shlex.quote(os.path.abspath(client_key)))
+        if client_key else "")
+
+
+def main_make(argv: Sequence[str] | None = None) -> int:
+    """``wkr-serving-make <wkr-serving-start args> -name NAME [-dir DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog="wkr-serving-make", allow_abbrev=False,
+        usage="wkr-serving-make <wkr-serving-start arguments> -name NAME [-dir DIR] "
+        "[-client_key FILE] > run_NAME.sh",
+        description="Print a bash run script (start|stop|stopf|restart|status) for a "
+        "wkr-serving service. Every other argument is passed to wkr-serving-start "
+        "unchanged; the worker class and relative paths are resolved from the current "
+        "directory.")
+    parser.add_argument("-name", required=True,
+                        help="service name: NAME.pid and logs/NAME.log")
+    parser.add_argument("-dir", default=None,
+                        help="where NAME.pid and logs/ go (default: the script's directory)")
+    parser.add_argument("-client_key", default=None,
+                        help="a client .key_secret the script's readiness probe uses, for a "
+                        "server started with -curve_client_keys")
+    try:
+        args, server_args = parser.parse_known_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) and 2
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the script: keep it clean
+            config, spec = load_config(server_args)
+    except ConfigError as exc:
+        print(f"wkr-serving-make: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit:  # argparse printed what is wrong (or -h / -version output)
+        print("wkr-serving-make: error: no script made: check the wkr-serving-start "
+              "arguments (above)", file=sys.stderr)
+        return 2
+    problem = None
+    if not spec:
+        problem = "the worker class (<file>.<Class>) is required"
+    elif not config.port or not config.port_out:
+        problem = "give fixed -port and -port_out (0 would pick a random port)"
+    elif config.curve_client_keys and not args.client_key:
+        problem = ("with -curve_client_keys the readiness probe needs -client_key (a "
+                   ".key_secret whose .key is in that directory)")
+    if problem is None:
+        try:
+            script = make_script(server_args, args.name, args.dir, client_key=args.client_key)
+        except ValueError as exc:
+            problem = str(exc)
+    if problem is not None:
+        print(f"wkr-serving-make: error: {problem}", file=sys.stderr)
+        return 2
+    sys.stdout.write(script)
+    return 0
+
+
+# -- wkr-serving-terminate -------------------------------------------------------------------
+
+
+def port_answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (bounded)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _local_server(status: dict[str, Any], ports: tuple[int, int]) -> list[psutil.Process]:
+    """The server's processes when it runs on this host: its supervisor (the
+    ventilator's parent) and the supervisor's descendants; empty when the pids in the
+    status are not a local process listening on the server's ports."""
+    with contextlib.suppress(psutil.Error, TypeError, ValueError):
+        vent = psutil.Process(int(status["ventilator_pid"]))
+        supervisor = psutil.Process(int(status["supervisor_pid"]))
+        if vent.ppid() != supervisor.pid:
+            return []
+        listening = {c.laddr.port for c in vent.net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN}
+        if not listening & set(ports):
+            return []
+        return [supervisor, *supervisor.children(recursive=True)]
+    return []
+
+
+def _connect_any(args: argparse.Namespace, connect_ms: int) -> WKRClient:
+    """A client of the server, whatever protocol it speaks."""
+    order = [args.protocol] if args.protocol else []
+    order += [p for p in PROTOCOLS if p not in order]
+    curve: dict[str, Any] = {}
+    if args.server_public_key:
+        curve["server_public_key"] = args.server_public_key
+    if args.client_key:
+        curve["client_key"] = args.client_key
+    last: Exception | None = None
+    for protocol in order:
+        try:
+            return WKRClient(args.ip, args.port, args.port_out, protocol=protocol,
+                             check_version=False, connect_timeout=connect_ms,
+                             timeout=max(connect_ms, 1000), **curve)
+        except ProtocolMismatch as exc:
+            last = exc
+    raise ClientUsageError(f"the server speaks no protocol this client knows: {last}")
+
+
+def main_terminate(argv: Sequence[str] | None = None) -> int:
+    """``wkr-serving-terminate``: stop a server and wait until it has stopped.
+
+    Exit status: 0 stopped, 1 still running at the deadline, 2 usage error, refused
+    (unauthorized) or no server answering."""
+    parser = argparse.ArgumentParser(
+        prog="wkr-serving-terminate", allow_abbrev=False,
+        description="Send the terminate command to a WKR server (it drains in-flight work "
+        "and exits), then wait until it has stopped: its processes have exited when it "
+        "runs on this host, and its ports no longer accept connections. Exit status: 0 "
+        "stopped, 1 still running after -timeout, 2 usage error, refused or unreachable.")
+    parser.add_argument("-ip", default="localhost", help="server address")
+    parser.add_argument("-port", type=int, default=5555, help="the server's -port")
+    parser.add_argument("-port_out", type=int, default=5556, help="the server's -port_out")
+    parser.add_argument("-timeout", type=float, default=60.0,
+                        help="seconds to wait for the server to confirm it stopped")
+    parser.add_argument("-token", default=os.environ.get("WKR_AUTH_TOKEN"),
+                        help="the server's -auth_token (default: $WKR_AUTH_TOKEN); without "
+                        "one, only a server on this host accepts the command")
+    parser.add_argument("-protocol", default=None, choices=PROTOCOLS,
+                        help="the server's protocol (default: detected)")
+    parser.add_argument("-server_public_key", default=None,
+                        help="the server's CurveZMQ public key (.key file or Z85 text)")
+    parser.add_argument("-client_key", default=None,
+                        help="this client's .key_secret, for a server with "
+                        "-curve_client_keys")
+    args = parser.parse_args(argv)
+
+    def fail(message: str, code: int = 2) -> int:
+        print(f"wkr-serving-terminate: {'error: ' if code == 2 else ''}{message}",
+              file=sys.stderr)
+        return code
+
+    if args.timeout <= 0:
+        return fail("-timeout must be > 0 seconds")
+    where = f"{args.ip}:{args.port}/{args.port_out}"
+    deadline = time.monotonic() + args.timeout
+    connect_ms = max(1, int(min(args.timeout, 10.0) * 1000))
+    host = args.ip.strip("[]")
+    if not port_answers(host, args.port, min(args.timeout, 2.0)):
+        return fail(f"no server is listening at {host}:{args.port}")
+    hint = "" if args.server_public_key else (
+        " (a server started with -curve_secret_key also needs -server_public_key)")
+    try:
+        client = _connect_any(args, connect_ms)
+    except ConnectTimeout:
+        return fail(f"no WKR server answered at {where} within {connect_ms / 1000:g}s{hint}")
+    except (WKRError, ValueError, OSError) as exc:
+        return fail(f"cannot connect to {where}: {str(exc).splitlines()[0]}{hint}")
+    local: list[psutil.Process] = []
+    pid: int | None = None
+    try:
+        with contextlib.suppress(ServerError, WKRTimeoutError):
+            status = client.server_status
+            local = _local_server(status, (args.port, args.port_out))
+            pid = status.get("supervisor_pid")
+        try:
+            reply = client.terminate(args.token)
+            pid = reply.get("supervisor_pid", pid) if isinstance(reply, dict) else pid
+            print(f"terminate accepted by the server at {where} (supervisor pid {pid})")
+        except Unauthorized as exc:
+            return fail(f"the server at {where} refused: {exc.message}")
+        except ShuttingDown:
+            print(f"the server at {where} is already stopping (supervisor pid {pid})")
+        except ConnectionLost:
+            print(f"the server at {where} dropped the connection (stopping)")
+        except WKRTimeoutError as exc:
+            return fail(f"no answer to terminate from {where}: {exc}", 1)
+    finally:
+        client.close()
+
+    if local:
+        print(f"waiting up to {args.timeout:g}s for its {len(local)} process(es) on this "
+              f"host to exit")
+        left = [p.pid for p in local
+                if not wait_pid_exit(p.pid, max(0.0, deadline - time.monotonic()), p)]
+        if left:
+            return fail(f"still running after {args.timeout:g}s: processes {left} of the "
+                        f"server at {where}", 1)
+    else:
+        print(f"waiting up to {args.timeout:g}s for {where} to stop accepting connections")
+    pause = threading.Event()
+    while True:
+        open_ports = [p for p in (args.port, args.port_out)
+                      if port_answers(host, p, min(1.0, max(0.05, deadline -
+                                                            time.monotonic())))]
+        if not open_ports:
+            break
+        if time.monotonic() >= deadline:
+            return fail(f"still running after {args.timeout:g}s: {host} port(s) "
+                        f"{open_ports} still accept connections", 1)
+        pause.wait(0.05)
+    print(f"the server at {where} has stopped"
+          + (f" (supervisor pid {pid} exited)" if local else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_helper())

@@ -1,0 +1,330 @@
+"""wkr-serving-make and the run scripts it prints, run for real with bash.
+
+Each test generates a script in its tmp_path for a real server on free 127.0.0.1
+ports and drives it with ``bash script start|stop|stopf|restart|status`` as a user
+would; the processes are checked with psutil. Whatever a test started is killed at the
+end by the pids its scripts recorded (only their own sessions).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import REPO_DIR, TESTS_DIR, free_port, gone
+from wkr_serving.client import WKRClient
+from wkr_serving.server.runscript import kill_tree, session_members
+
+#: Seconds one script command may take (a start waits for the server to be ready).
+SCRIPT_LIMIT_S = 120
+#: A value no shell may expand or split: quotes, $, backticks, ;, a newline, globbing.
+NASTY = "it's a \"dir\" $HOME `echo hi` $(echo no) ;|& *?\\ \n second line"
+
+
+def tool(name: str) -> str:
+    exe = shutil.which(name)
+    assert exe, f"the {name} entry point is not installed (pip install -e .)"
+    return exe
+
+
+def ports() -> list[str]:
+    port, port_out = free_port(), free_port()
+    while port_out == port:
+        port_out = free_port()
+    return ["-port", str(port), "-port_out", str(port_out)]
+
+
+def server_args(model_dir: Path | str, *extra: str) -> list[str]:
+    """wkr-serving-start options of a small, quick-to-stop test service."""
+    return [*ports(), "-bind", "127.0.0.1", "-cpu", "-num_worker", "1",
+            "-graceful_timeout", "2", "-model_dir", str(model_dir), *extra]
+
+
+def make(args: list[str], cwd: str = TESTS_DIR) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool("wkr-serving-make"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=SCRIPT_LIMIT_S, stdin=subprocess.DEVNULL)
+
+
+def arg_value(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+class Script:
+    """A generated run script and what its runs started."""
+
+    def __init__(self, path: Path, args: list[str], pid_dir: Path, name: str):
+        self.path = path
+        self.args = args
+        self.name = name
+        self.pid_file = pid_dir / f"{name}.pid"
+        self.log_file = pid_dir / "logs" / f"{name}.log"
+        self.port = int(arg_value(args, "-port"))
+        self.port_out = int(arg_value(args, "-port_out"))
+        self.leaders: set[int] = set()  # every pid a start reported, for the cleanup
+
+    def run(self, command: str, cwd: str | Path | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(["bash", str(self.path), command], capture_output=True,
+                             text=True, timeout=SCRIPT_LIMIT_S, stdin=subprocess.DEVNULL,
+                             cwd=str(cwd or self.path.parent))
+        self.leaders |= {int(p) for p in re.findall(r"started pid (\d+)", out.stdout)}
+        return out
+
+    def pid(self) -> int:
+        return int(self.pid_file.read_text().strip())
+
+    def client(self, **kwargs) -> WKRClient:
+        kwargs.setdefault("timeout", 10_000)
+        kwargs.setdefault("connect_timeout", 10_000)
+        return WKRClient("127.0.0.1", self.port, self.port_out, **kwargs)
+
+    def tree(self) -> list[int]:
+        """The service's live processes: its leader and every descendant."""
+        leader = psutil.Process(self.pid())
+        return [leader.pid, *(c.pid for c in leader.children(recursive=True))]
+
+
+def explain(out: subprocess.CompletedProcess[str]) -> str:
+    return f"rc={out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+
+
+@pytest.fixture
+def scripts(tmp_path) -> Iterator:
+    """Make run scripts; at the end kill whatever their starts left (by recorded pid)."""
+    made: list[Script] = []
+
+    def generate(args: list[str], name: str = "svc", cwd: str = TESTS_DIR,
+                 pid_dir: Path | None = None) -> Script:
+        extra = ["-dir", str(pid_dir)] if pid_dir is not None else []
+        out = make([*args, "-name", name, *extra], cwd=cwd)
+        assert out.returncode == 0, explain(out)
+        path = tmp_path / f"run_{name}.sh"
+        path.write_text(out.stdout)
+        script = Script(path, args, pid_dir or tmp_path, name)
+        made.append(script)
+        return script
+
+    yield generate
+    for script in made:
+        for pid in script.leaders:
+            kill_tree(pid)
+
+
+def test_make_prints_a_bash_clean_script_that_keeps_every_argument_verbatim(tmp_path):
+    args = ["workers.EchoWorker", *server_args(tmp_path / NASTY), "-model_name", NASTY,
+            "-tmp_folder", "-leading dash is a value"]
+    out = make([*args, "-name", "quoting"])
+    assert out.returncode == 0, explain(out)
+    script = tmp_path / "run_quoting.sh"
+    script.write_text(out.stdout)
+    assert out.stdout.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in out.stdout
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True,
+                            timeout=30)
+    assert syntax.returncode == 0, syntax.stderr
+    # Read the argument array back through bash itself: every byte survives, nothing
+    # was expanded or executed.
+    dump = subprocess.run(
+        ["bash", "-c", 'set -euo pipefail; eval "$(sed -n "/^SERVER_ARGS=(/,/^)$/p" "$1")"; '
+         'printf "%s\\0" "${SERVER_ARGS[@]}"', "dump", str(script)],
+        capture_output=True, timeout=30, cwd=tmp_path)
+    assert dump.returncode == 0, dump.stderr
+    assert dump.stdout.decode().split("\0")[:-1] == args
+    assert not (tmp_path / "hi").exists() and "no\n" not in out.stdout
+    usage = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True,
+                           timeout=30)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    assert not (tmp_path / "logs").exists(), "a usage error must not touch anything"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["workers.EchoWorker", "-port", "7001", "-port_out", "7002"], "-name"),
+    (["workers.EchoWorker", "-port", "0", "-port_out", "7002", "-name", "x"], "-port"),
+    (["workers.EchoWorker", "-port", "7001", "-port_out", "7002", "-batch_size", "0",
+      "-name", "x"], "batch_size"),
+    (["workers.EchoWorker", "-port", "7001", "-port_out", "7002", "-name", "../x"],
+     "-name"),
+    (["-port", "7001", "-port_out", "7002", "-name", "x"], "worker_class"),
+    (["workers.EchoWorker", "-no_such_flag", "1", "-name", "x"], "no_such_flag"),
+], ids=["no-name", "port-0", "bad-option", "bad-name", "no-worker", "unknown-flag"])
+def test_make_refuses_bad_arguments(args, needle):
+    out = make(args)
+    assert out.returncode == 2, explain(out)
+    assert out.stdout == "", "nothing may be printed where the script would go"
+    assert needle in out.stderr
+
+
+def test_start_refuse_status_stop(scripts, tmp_path):
+    """The whole life of one service: start over a stale pid file, a second start is
+    refused, status, graceful stop (every process gone), status and stop when stopped."""
+    script = scripts(["workers.EchoWorker", *server_args(tmp_path)])
+    dead = subprocess.Popen(["true"])
+    dead.wait(30)
+    script.pid_file.write_text(f"{dead.pid}\n")  # a stale pid file from a crash
+
+    out = script.run("start")
+    assert out.returncode == 0, explain(out)
+    assert "stale pid file" in out.stdout and "is running" in out.stdout
+    pid = script.pid()
+    assert pid in script.leaders and os.getsid(pid) == pid, "its own session"
+    assert script.log_file.exists()
+    with script.client() as client:
+        assert client.server_status["ready"] is True
+        assert client.server_status["supervisor_pid"] == pid
+        assert client.encode({"via": "script"}) == {"via": "script"}
+        tree = script.tree()
+        assert len(tree) >= 4, "supervisor, ventilator, sink and a worker"
+
+        again = script.run("start")
+        assert again.returncode != 0, explain(again)
+        assert "already running" in again.stderr
+        assert script.pid() == pid and script.tree() == tree
+        assert client.encode(2) == 2, "the refused start must not disturb the server"
+
+    status = script.run("status")
+    assert status.returncode == 0, explain(status)
+    assert f"is running (pid {pid})" in status.stdout and "ready" in status.stdout
+
+    stop = script.run("stop")
+    assert stop.returncode == 0, explain(stop)
+    assert all(gone(p) for p in tree), "stop returns once every process has exited"
+    assert session_members(pid) == []
+    assert not script.pid_file.exists()
+    assert "stopped cleanly" in script.log_file.read_text()
+
+    status = script.run("status")
+    assert status.returncode == 3, explain(status)
+    assert "not running" in status.stdout
+    again = script.run("stop")
+    assert again.returncode == 0 and "not running" in again.stdout, explain(again)
+
+
+def test_restart_then_stopf_kills_exactly_this_service_tree(scripts, tmp_path):
+    """restart replaces the process tree; stopf kills all of it at once and nothing
+    else: not a second service of the same kind, not an unrelated process."""
+    first = scripts(["workers.EchoWorker", *server_args(tmp_path / "a")], name="first")
+    other = scripts(["workers.EchoWorker", *server_args(tmp_path / "b")], name="other")
+    bystander = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                 stdin=subprocess.PIPE)
+    try:
+        for script in (first, other):
+            out = script.run("start")
+            assert out.returncode == 0, explain(out)
+        old_tree = first.tree()
+
+        out = first.run("restart")
+        assert out.returncode == 0, explain(out)
+        assert "stopped" in out.stdout and "is running" in out.stdout
+        assert all(gone(p) for p in old_tree)
+        tree = first.tree()
+        assert not set(tree) & set(old_tree)
+        with first.client() as client:
+            assert client.encode("after restart") == "after restart"
+        other_tree = other.tree()
+
+        out = first.run("stopf")
+        assert out.returncode == 0, explain(out)
+        assert "killed" in out.stdout
+        assert all(gone(p) for p in tree), [p for p in tree if not gone(p)]
+        assert not first.pid_file.exists()
+        assert session_members(tree[0]) == []
+
+        assert bystander.poll() is None, "an unrelated process was touched"
+        assert not any(gone(p) for p in other_tree), "the other service was touched"
+        with other.client() as client:
+            assert client.encode("still here") == "still here"
+        out = other.run("stop")
+        assert out.returncode == 0, explain(out)
+    finally:
+        bystander.kill()
+        bystander.wait(30)
+
+
+def test_failing_start_exits_non_zero_with_the_log_tail(scripts, tmp_path):
+    script = scripts(["workers.FailingLoadWorker", *server_args(tmp_path)])
+    out = script.run("start")
+    assert out.returncode != 0, explain(out)
+    assert "FAILED" in out.stderr and "boom-load" in out.stderr, explain(out)
+    assert not script.pid_file.exists()
+    (pid,) = script.leaders
+    assert gone(pid) and session_members(pid) == [], "nothing of it may be left running"
+    status = script.run("status")
+    assert status.returncode == 3, explain(status)
+
+
+def test_arguments_reach_the_server_verbatim_from_any_directory(scripts, tmp_path):
+    """A nasty model_dir (quotes, $HOME, backticks, a newline) reaches the server as
+    typed; the dir/file.Class worker path resolves from where the script was made, even
+    when the script runs elsewhere; -dir holds the pid file and logs."""
+    model_dir = tmp_path / NASTY
+    model_dir.mkdir()
+    state = tmp_path / "state"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    args = ["example/noop_worker.Worker", *server_args(model_dir, "-model_name", NASTY)]
+    script = scripts(args, name="nasty", cwd=REPO_DIR, pid_dir=state)
+    out = script.run("start", cwd=elsewhere)
+    assert out.returncode == 0, explain(out)
+    assert script.pid_file.exists() and script.log_file.exists()
+    assert script.pid_file.parent == state
+    with script.client() as client:
+        config = client.server_status["config"]
+        assert config["model_dir"] == str(model_dir)
+        assert config["model_name"] == NASTY
+        assert client.encode([1, 2]) == [1, 2]
+    assert not (elsewhere / "hi").exists()
+    out = script.run("stop", cwd=elsewhere)
+    assert out.returncode == 0, explain(out)
+    assert not script.pid_file.exists()
+
+
+def test_curve_service_is_probed_with_keys_and_stopped_by_terminate(scripts, tmp_path):
+    """A server that admits only listed CURVE clients: the script's readiness probe and
+    status use -client_key; wkr-serving-terminate needs the keys too, and a service it
+    stopped shows as not running (stale pid file) in status."""
+    keygen = tool("wkr-serving-keygen")
+    for directory, name in ((tmp_path / "server_keys", "server"),
+                            (tmp_path / "client_keys", "probe")):
+        subprocess.run([keygen, str(directory), name], check=True, capture_output=True,
+                       timeout=30)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(tmp_path / "client_keys" / "probe.key", allowed)
+    args = ["workers.EchoWorker", *server_args(
+        tmp_path, "-curve_secret_key", str(tmp_path / "server_keys" / "server.key_secret"),
+        "-curve_client_keys", str(allowed))]
+    refused = make([*args, "-name", "curve"])
+    assert refused.returncode == 2 and "-client_key" in refused.stderr, explain(refused)
+
+    client_key = str(tmp_path / "client_keys" / "probe.key_secret")
+    script = scripts([*args, "-client_key", client_key], name="curve")
+    out = script.run("start")
+    assert out.returncode == 0, explain(out)
+    status = script.run("status")
+    assert status.returncode == 0 and "ready" in status.stdout, explain(status)
+    pid = script.pid()
+
+    base = ["-ip", "127.0.0.1", "-port", str(script.port), "-port_out", str(script.port_out)]
+    terminate = tool("wkr-serving-terminate")
+    # Without keys the handshake cannot complete (the connection is dropped, or never
+    # answered): a refusal with a hint, and the server keeps running.
+    no_keys = subprocess.run([terminate, *base, "-timeout", "3"], capture_output=True,
+                             text=True, timeout=SCRIPT_LIMIT_S)
+    assert no_keys.returncode == 2 and "-server_public_key" in no_keys.stderr, \
+        explain(no_keys)
+    assert not gone(pid)
+    stopped = subprocess.run(
+        [terminate, *base, "-timeout", "30",
+         "-server_public_key", str(tmp_path / "server_keys" / "server.key"),
+         "-client_key", client_key], capture_output=True, text=True, timeout=SCRIPT_LIMIT_S)
+    assert stopped.returncode == 0, explain(stopped)
+    assert gone(pid) and session_members(pid) == []
+    status = script.run("status")
+    assert status.returncode == 3 and "stale pid file" in status.stdout, explain(status)
