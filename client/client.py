@@ -428,13 +428,13 @@ class WKRClient:
             except zmq.Again:
                 return []
         replies = []
-        for _ in range(READ_BATCH):
+        for n in range(READ_BATCH):
             try:
                 replies.extend(parse_replies(frames, self.options.allow_pickle))
             except ProtocolError as exc:
                 warnings.warn(f"dropped a malformed reply from the server: {exc}",
                               stacklevel=2)
-            if not self.receiver.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
+            if n == READ_BATCH - 1 or not self.receiver.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
                 break
             frames = self.receiver.recv_multipart(copy=False)
         return replies

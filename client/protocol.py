@@ -57,6 +57,7 @@ from __future__ import annotations
 import functools
 import math
 import pickle
+import reprlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,8 @@ __all__ = [
     "REPLY",
     "REQUEST",
     "RESULT",
+    "brief",
+    "check_metas",
     "check_raw",
     "decode_item",
     "encode_item",
@@ -152,13 +155,15 @@ def unpack_header(buf: Any, expect: int | None = None) -> list[Any]:
     if not isinstance(header, list) or len(header) < 2:
         raise ProtocolError("header must be a msgpack array [version, kind, ...]")
     version, kind = header[0], header[1]
-    if version != PROTOCOL_VERSION:
+    # Type checks first: a peer's value may be anything msgpack can carry (an ndarray
+    # extension compares elementwise, a deeply nested list cannot be repr()-ed).
+    if not _is_int(version) or version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
-        )
-    fields = HEADER_FIELDS.get(kind) if isinstance(kind, int) else None
+            f"protocol version {brief(version)} is not supported (this side speaks "
+            f"{PROTOCOL_VERSION})")
+    fields = HEADER_FIELDS.get(kind) if _is_int(kind) else None
     if fields is None:
-        raise ProtocolError(f"unknown message kind {kind!r}")
+        raise ProtocolError(f"unknown message kind {brief(kind)}")
     if expect is not None and kind != expect:
         raise ProtocolError(f"unexpected message kind {kind} (expected {expect})")
     if len(header) != fields + 2:
@@ -202,7 +207,7 @@ def decode_item(meta: Any, buf: Any, allow_pickle: bool = False) -> Any:
     Raw ndarrays are zero-copy views over ``buf`` (read-only when ``buf`` is). A pickled
     item is refused unless ``allow_pickle``.
     """
-    if meta == PICKLE_ITEM and not isinstance(meta, bool):
+    if _is_int(meta) and meta == PICKLE_ITEM:
         if not allow_pickle:
             raise ProtocolError(
                 "pickled item refused: pickle is off on this side (the server needs "
@@ -213,7 +218,7 @@ def decode_item(meta: Any, buf: Any, allow_pickle: bool = False) -> Any:
         except Exception as exc:
             raise ProtocolError(f"item is not a valid pickle ({type(exc).__name__}: {exc})"
                                 ) from None
-    if meta == MSGPACK_ITEM:
+    if _is_int(meta) and meta == MSGPACK_ITEM:
         try:
             return msgpack.unpackb(buf, raw=False, strict_map_key=False, ext_hook=_ext_hook)
         except ProtocolError:
@@ -228,12 +233,17 @@ def decode_item(meta: Any, buf: Any, allow_pickle: bool = False) -> Any:
 def check_raw(meta: Any, buf: Any) -> tuple[np.dtype, list[int]]:
     """Validate a raw-array item's ``[dtype, shape]`` meta against its buffer."""
     if not (isinstance(meta, list) and len(meta) == 2):
-        raise ProtocolError(f"item meta must be 0 or [dtype, shape], got {meta!r}")
+        raise ProtocolError(f"item meta must be 0 or [dtype, shape], got {brief(meta)}")
     dtype, shape = parse_dtype(meta[0]), meta[1]
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise ProtocolError(f"array shape must be a list of non-negative ints, got {shape!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ProtocolError(
+            f"array shape must be a list of non-negative ints, got {brief(shape)}")
+    # What numpy can represent, so that viewing the buffer cannot fail later: at most
+    # MAX_NDIM dimensions, and (empty arrays included) a byte size that fits an intp.
+    if len(shape) > MAX_NDIM:
+        raise ProtocolError(f"array has {len(shape)} dimensions (at most {MAX_NDIM})")
+    if math.prod(d for d in shape if d) * dtype.itemsize > _MAX_NBYTES:
+        raise ProtocolError(f"array shape {brief(shape)} is too large")
     expected = math.prod(shape) * dtype.itemsize
     nbytes = memoryview(buf).nbytes
     if nbytes != expected:
@@ -241,6 +251,54 @@ def check_raw(meta: Any, buf: Any) -> tuple[np.dtype, list[int]]:
             f"array declared as {dtype.str}{tuple(shape)} needs {expected} bytes, got {nbytes}"
         )
     return dtype, shape
+
+
+def check_metas(metas: list[Any]) -> None:
+    """Check the form of a request's item metas before the server queues them: each is
+    ``0``, ``1`` or ``[dtype string, list of ints]`` (the values are checked against the
+    item's buffer by :func:`check_raw` when the item is decoded). This bounds what a client
+    can make the server nest into its internal messages."""
+    for meta in metas:
+        cls = meta.__class__
+        if cls is int:
+            if meta in (MSGPACK_ITEM, PICKLE_ITEM):
+                continue
+        elif (cls is list and len(meta) == 2 and meta[0].__class__ is str
+              and meta[1].__class__ is list and all(d.__class__ is int for d in meta[1])):
+            continue
+        raise ProtocolError(f"item meta must be 0, 1 or [dtype, shape], got {brief(meta)}")
+
+
+def brief(value: Any) -> str:
+    """A short ``repr`` of a value a peer sent, safe for error messages and logs whatever
+    it is (deeply nested, huge, an ndarray)."""
+    return _BRIEF.repr(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _BriefRepr(reprlib.Repr):
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 4
+        self.maxstring = 60
+        self.maxother = 60
+        self.maxlong = 60
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        text = repr(x[:self.maxstring])
+        return text if len(x) <= self.maxstring else text + "..."
+
+    def repr_ndarray(self, x: np.ndarray, level: int) -> str:
+        return f"ndarray(dtype={x.dtype.str}, shape={x.shape})"
+
+
+_BRIEF = _BriefRepr()
+#: Most dimensions of an array on the wire (what this numpy supports: 32 before NumPy 2).
+MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+_MAX_NBYTES = np.iinfo(np.intp).max
 
 
 def parse_dtype(dtype_str: Any) -> np.dtype:
@@ -261,7 +319,8 @@ def _parse_dtype(dtype_str: str) -> np.dtype:
 
 
 def _check_dtype(dtype: np.dtype) -> None:
-    if dtype.kind not in _SAFE_DTYPE_KINDS or dtype.fields is not None or dtype.subdtype:
+    if (dtype.kind not in _SAFE_DTYPE_KINDS or dtype.fields is not None or dtype.subdtype
+            or dtype.itemsize == 0):  # 'S0', 'U0': numpy cannot view a buffer as these
         raise ProtocolError(
             f"dtype {dtype} cannot travel on the wire (plain numeric, bool, bytes, str "
             "and datetime dtypes only; object arrays are refused)"

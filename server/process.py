@@ -97,7 +97,9 @@ class Role:
             self.shutdown()
             if self._authenticator is not None:
                 self._authenticator.stop()
-            self.context.destroy(linger=LINGER_MS)
+            # Each socket keeps its own LINGER: sockets towards the sink flush, the
+            # others (to a ventilator that may be gone) do not hold the exit.
+            self.context.destroy()
 
     def event(self, name: str, value: Any = None) -> None:
         """Tell the supervisor something (ready, boot_failed, drained...)."""

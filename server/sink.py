@@ -118,6 +118,9 @@ class Sink(Role):
             if len(frames) != 2:
                 raise E.ProtocolError("a message on port_out must be exactly one header frame")
             header = P.unpack_header(frames[1].buffer, expect=P.HELLO)
+            if not isinstance(header[2], int) or isinstance(header[2], bool):
+                raise E.ProtocolError(
+                    f"request id must be an integer, got {P.brief(header[2])}")
         except E.ProtocolError as exc:
             self.bad_input_log.log("rejected message on port_out from client %r: %s", client,
                                    exc)

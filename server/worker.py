@@ -25,7 +25,7 @@ from wkr_serving.client import protocol as P
 from .config import ServerConfig
 from .devices import CPU, describe
 from .logs import set_logger
-from .process import Endpoints, Role
+from .process import LINGER_MS, Endpoints, Role
 
 __all__ = ["WKRHardWorker", "WorkerProcess", "load_worker_class"]
 
@@ -153,6 +153,7 @@ class WorkerProcess(Role):
         self.vent.connect(self.endpoints.workers)
         self.sink = self.context.socket(zmq.PUSH)
         self.sink.setsockopt(zmq.SNDHWM, 0)
+        self.sink.setsockopt(zmq.LINGER, LINGER_MS)
         self.sink.connect(self.endpoints.sink)
 
         user_logger = set_logger(f"WORKER-{self.index}", self.config.log_dir,
