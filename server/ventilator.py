@@ -461,9 +461,10 @@ def _peer_address(frame: zmq.Frame) -> str | None:
 
 
 def _is_local(peer: str | None) -> bool:
-    """Whether a peer address is this host (loopback); no address means IPC/inproc."""
+    """Whether a peer address is this host (loopback). The public port is TCP, so a
+    peer without an address is not trusted."""
     if peer is None:
-        return True
+        return False
     try:
         address = ipaddress.ip_address(peer.split("%")[0])
     except ValueError:
