@@ -139,10 +139,12 @@ class Sink(Role):
             if action == "error":
                 self._send_error(client, req_id, value)
             elif action == "failed":  # a batch whose worker died or hung
-                worker, batch_id, offset, total, count, t_recv, error = value
+                worker, batch_id, parts, error = value
                 if self.settled.get(worker, 0) < batch_id:
                     self.settled[worker] = batch_id
-                    self._fail_part(client, req_id, offset, total, count, t_recv, error)
+                    for p_client, p_req_id, offset, total, count, t_recv in parts:
+                        self._fail_part(p_client, p_req_id, offset, total, count, t_recv,
+                                        error)
             elif action == "part_error":  # items that never reached a worker
                 offset, total, count, t_recv, error = value
                 self._fail_part(client, req_id, offset, total, count, t_recv, error)

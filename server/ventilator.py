@@ -27,7 +27,7 @@ from .batching import BatchQueue, Request, Segment, dispatch_wait, should_dispat
 from .config import ServerConfig
 from .devices import describe
 from .logs import LogThrottle
-from .process import Endpoints, Role, bind_public, drain
+from .process import LINGER_MS, Endpoints, Role, bind_public, drain
 from .stats import Histogram
 
 __all__ = ["Ventilator"]
@@ -80,6 +80,7 @@ class Ventilator(Role):
         self.backend.bind(self.endpoints.workers)
         self.sink = self.context.socket(zmq.PUSH)
         self.sink.setsockopt(zmq.SNDHWM, 0)
+        self.sink.setsockopt(zmq.LINGER, LINGER_MS)
         self.sink.connect(self.endpoints.sink)
 
         self.queue = BatchQueue()
@@ -271,7 +272,7 @@ class Ventilator(Role):
         index, pid, device_id = header[2], header[3], header[4]
         worker = self.workers.get(index)
         if worker is not None and worker.pid != pid:
-            self._lose_worker(index)  # a restarted worker took over this slot
+            self._lose_worker(index, "was replaced")  # a restarted worker took its slot
             worker = None
         if worker is None:
             worker = self.workers[index] = _WorkerState(index, pid, device_id)
@@ -283,7 +284,7 @@ class Ventilator(Role):
             self.busy -= 1
         self.idle.append(index)
 
-    def _lose_worker(self, index: int, why: str = "died") -> None:
+    def _lose_worker(self, index: int, why: str) -> None:
         """Forget a dead worker and fail the items it held, at once."""
         worker = self.workers.pop(index, None)
         if worker is None:
@@ -293,7 +294,8 @@ class Ventilator(Role):
         if worker.busy:
             self.busy -= 1
             self._fail_segments(worker, worker.batch or [], E.WorkerDied(
-                f"worker {index} (pid {worker.pid}) {why} while computing this request"))
+                f"worker {index} (pid {worker.pid}) died while computing this request: it "
+                f"{why}"))
 
     def _check_hung(self, now: float) -> float:
         """Give up on batches running longer than ``-worker_timeout``: fail their requests
@@ -307,19 +309,19 @@ class Ventilator(Role):
                 continue
             self.logger.error("worker %d (pid %d) exceeded -worker_timeout %.1fs; killing it",
                               worker.index, worker.pid, limit)
-            self._lose_worker(worker.index, f"exceeded -worker_timeout {limit:g}s")
+            self._lose_worker(worker.index,
+                              f"exceeded -worker_timeout {limit:g}s and is being killed")
             self.event("worker_hung", {"index": worker.index, "pid": worker.pid})
         return next_in
 
     def _fail_segments(self, worker: _WorkerState, segments: list[Segment],
                        error: E.ServerError) -> None:
-        """Fail a worker's batch through the sink, which skips it if the worker's DONE for
-        that batch already arrived (the worker died after answering)."""
-        wire = error.to_wire()
-        for req, offset, count in segments:
-            self.sink.send(P.pack([P.PROTOCOL_VERSION, P.FORWARD, req.client, req.req_id,
-                                   "failed", [worker.index, worker.batch_id, offset,
-                                              req.total, count, req.t_recv, wire]]))
+        """Fail a worker's batch through the sink, in one message, which the sink skips if
+        the worker's DONE for that batch already arrived (it died after answering)."""
+        parts = [[req.client, req.req_id, offset, req.total, count, req.t_recv]
+                 for req, offset, count in segments]
+        self.sink.send(P.pack([P.PROTOCOL_VERSION, P.FORWARD, b"", 0, "failed",
+                               [worker.index, worker.batch_id, parts, error.to_wire()]]))
 
     def _dispatch(self, now: float, group_timeout: float) -> float | None:
         """Send batches while workers are idle; return seconds until a wait expires."""
@@ -379,7 +381,7 @@ class Ventilator(Role):
                                    "last_error": value["reason"]}
             worker = self.workers.get(index)
             if worker is not None and worker.pid == value["pid"]:
-                self._lose_worker(index)
+                self._lose_worker(index, value["reason"])
         elif name == "drain":
             self.draining = True
             self.logger.info("draining: no new requests, finishing %d queued items",
