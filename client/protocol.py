@@ -37,9 +37,10 @@ ERROR (``body``: ``[code, message, tb]``) or REPLY (``body``: a value).
 it into an absolute deadline on arrival, so client and server clocks never meet.
 
 A *segment* (in BATCH) is ``[client, req_id, offset, total, count, t_recv, deadline,
-metas]``: ``count`` consecutive items, starting at ``offset``, of a request that has
-``total`` items. A *part* (in DONE) is ``[client, req_id, offset, total, count, t_recv,
-metas, error]`` with ``metas`` None when ``error`` is set.
+metas, serial]``: ``count`` consecutive items, starting at ``offset``, of a request that
+has ``total`` items; ``serial`` numbers the requests the ventilator accepted, so the
+sink reassembles split requests by it. A *part* (in DONE) is ``[client, req_id, offset,
+total, count, t_recv, metas, error, serial]`` with ``metas`` None when ``error`` is set.
 
 Items are encoded one frame each by :func:`encode_item`. An item's *meta* is ``0`` for a
 msgpack-encoded value, or ``[dtype, shape]`` for an ndarray carried as its raw buffer.

@@ -24,6 +24,9 @@ class Request:
     metas: list[Any]
     frames: list[Any]
     taken: int = field(default=0)
+    #: Unique per accepted request: the sink reassembles split requests by it, so a
+    #: client reusing a request id cannot mix two requests' parts.
+    serial: int = field(default=0)
 
     @property
     def total(self) -> int:

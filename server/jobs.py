@@ -39,15 +39,19 @@ class Reassembler:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def add(self, client: bytes, req_id: int, offset: int, total: int, count: int,
+    def add(self, client: bytes, request: int, offset: int, total: int, count: int,
             metas: list[Any] | None, frames: list[Any], error: Any = None) -> Completed | None:
         """Record one part; return the request's answer when it is decided, else None.
+
+        ``request`` tells the requests of ``client`` apart; the sink gives the
+        ventilator's serial number, not the client's request id, which a client could
+        reuse while an earlier request with that id is still being assembled.
 
         An error is answered at once; a success only when the last item arrived.
         """
         if count == total and offset == 0:
             return Completed(None, None, error) if error is not None else Completed(metas, frames)
-        key = (client, req_id)
+        key = (client, request)
         job = self._jobs.get(key)
         if job is None:
             job = self._jobs[key] = _Job(total)

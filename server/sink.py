@@ -142,20 +142,20 @@ class Sink(Role):
                 worker, batch_id, parts, error = value
                 if self.settled.get(worker, 0) < batch_id:
                     self.settled[worker] = batch_id
-                    for p_client, p_req_id, offset, total, count, t_recv in parts:
-                        self._fail_part(p_client, p_req_id, offset, total, count, t_recv,
-                                        error)
+                    for p_client, p_req_id, offset, total, count, t_recv, serial in parts:
+                        self._fail_part(p_client, p_req_id, serial, offset, total, count,
+                                        t_recv, error)
             elif action == "part_error":  # items that never reached a worker
-                offset, total, count, t_recv, error = value
-                self._fail_part(client, req_id, offset, total, count, t_recv, error)
+                offset, total, count, t_recv, error, serial = value
+                self._fail_part(client, req_id, serial, offset, total, count, t_recv, error)
             elif action == "status":
                 self._send_replies(client, [(req_id, P.REPLY, self._status(value), [])])
             else:
                 self._send_replies(client, [(req_id, P.REPLY, value, [])])
 
-    def _fail_part(self, client: bytes, req_id: int, offset: int, total: int, count: int,
-                   t_recv: float, error: Any) -> None:
-        reply = self._finish(client, req_id, offset, total, count, t_recv, None, [], error,
+    def _fail_part(self, client: bytes, req_id: int, serial: int, offset: int, total: int,
+                   count: int, t_recv: float, error: Any) -> None:
+        reply = self._finish(client, serial, offset, total, count, t_recv, None, [], error,
                              time.monotonic())
         if reply is not None:
             self._send_replies(client, [(req_id, *reply)])
@@ -168,12 +168,12 @@ class Sink(Role):
         now = time.monotonic()
         pos = 1
         outbox: dict[bytes, list[tuple[int, int, Any, list[Any]]]] = {}
-        for client, req_id, offset, total, count, t_recv, metas, error in parts:
+        for client, req_id, offset, total, count, t_recv, metas, error, serial in parts:
             part_frames = []
             if error is None:
                 part_frames = frames[pos:pos + count]
                 pos += count
-            reply = self._finish(client, req_id, offset, total, count, t_recv, metas,
+            reply = self._finish(client, serial, offset, total, count, t_recv, metas,
                                  part_frames, error, now)
             if reply is not None:
                 outbox.setdefault(client, []).append((req_id, *reply))
@@ -189,12 +189,12 @@ class Sink(Role):
             for value in values:
                 summary.add(value)
 
-    def _finish(self, client: bytes, req_id: int, offset: int, total: int, count: int,
+    def _finish(self, client: bytes, serial: int, offset: int, total: int, count: int,
                 t_recv: float, metas: list[Any] | None, frames: list[Any], error: Any,
                 now: float) -> tuple[int, Any, list[Any]] | None:
-        """Account one part of a request; once the request is decided, return its reply
-        as ``(kind, body, frames)``."""
-        done = self.jobs.add(client, req_id, offset, total, count, metas, frames, error)
+        """Account one part of request ``serial``; once the request is decided, return its
+        reply as ``(kind, body, frames)``."""
+        done = self.jobs.add(client, serial, offset, total, count, metas, frames, error)
         if done is None:
             return None
         self.latency.add(now - t_recv)

@@ -195,8 +195,9 @@ class Ventilator(Role):
                     f"{limit}); retry later").to_wire())
                 return
         deadline = now + timeout_ms / 1000.0 if timeout_ms else 0.0
-        self.queue.push(Request(client, req_id, now, deadline, metas, frames[2:]))
         self.requests += 1
+        self.queue.push(Request(client, req_id, now, deadline, metas, frames[2:],
+                                serial=self.requests))
         self.items += len(metas)
 
     def _on_command(self, client: bytes, req_id: int, name: Any, args: Any,
@@ -260,7 +261,7 @@ class Ventilator(Role):
         wire = error.to_wire()
         for req, offset, count in segments:
             self._forward(req.client, req.req_id, "part_error",
-                          [offset, req.total, count, req.t_recv, wire])
+                          [offset, req.total, count, req.t_recv, wire, req.serial])
 
     def _forward(self, client: bytes, req_id: int, action: str, value: Any) -> None:
         self.sink.send(P.pack([P.PROTOCOL_VERSION, P.FORWARD, client, req_id, action, value]))
@@ -318,7 +319,7 @@ class Ventilator(Role):
                        error: E.ServerError) -> None:
         """Fail a worker's batch through the sink, in one message, which the sink skips if
         the worker's DONE for that batch already arrived (it died after answering)."""
-        parts = [[req.client, req.req_id, offset, req.total, count, req.t_recv]
+        parts = [[req.client, req.req_id, offset, req.total, count, req.t_recv, req.serial]
                  for req, offset, count in segments]
         self.sink.send(P.pack([P.PROTOCOL_VERSION, P.FORWARD, b"", 0, "failed",
                                [worker.index, worker.batch_id, parts, error.to_wire()]]))
@@ -347,7 +348,7 @@ class Ventilator(Role):
         for req, offset, count in segments:
             end = offset + count
             headers.append([req.client, req.req_id, offset, req.total, count, req.t_recv,
-                            req.deadline, req.metas[offset:end]])
+                            req.deadline, req.metas[offset:end], req.serial])
             frames.extend(req.frames[offset:end])
         self.batch_id += 1
         worker.batch_id = self.batch_id

@@ -330,7 +330,7 @@ def _checked_item(meta: Any, frame: zmq.Frame, allow_pickle: bool) -> Any:
 
 def _part(seg: list[Any], metas: list[Any] | None, error: Any) -> list[Any]:
     """A DONE part for a BATCH segment: [client, req_id, offset, total, count, t_recv,...]."""
-    return [seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], metas, error]
+    return [seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], metas, error, seg[8]]
 
 
 def _encode_outputs(outputs: Any, protocol: str, allow_pickle: bool,
