@@ -15,7 +15,7 @@ _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
-from helpers import connect, running_server, server_args  # noqa: E402
+from helpers import CLIServer, connect, running_server, server_args  # noqa: E402
 from wkr_serving.client import WKRClient  # noqa: E402
 from wkr_serving.server import WKRServer  # noqa: E402
 from workers import ControlledWorker, EchoWorker  # noqa: E402
@@ -37,6 +37,23 @@ def numpy_server(tmp_path_factory) -> Iterator[WKRServer]:
                        "-num_worker", "1", "-batch_size", "4", "-cpu")
     with running_server(args, EchoWorker) as server:
         yield server
+
+
+@pytest.fixture
+def cli_server(tmp_path) -> Iterator[Callable[..., CLIServer]]:
+    """Start ``wkr-serving-start`` subprocesses: ``cli_server(args, cwd=..., env=...)``
+    returns a :class:`helpers.CLIServer`; every one still running is stopped after the
+    test (SIGTERM, then SIGKILL)."""
+    started: list[CLIServer] = []
+
+    def start(args: list[str], **kwargs: Any) -> CLIServer:
+        server = CLIServer(args, tmp_path, name=f"server{len(started)}", **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
 
 
 @pytest.fixture

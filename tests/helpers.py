@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
 import zmq
-from wkr_serving.client import WKRClient
+from wkr_serving.client import ConnectTimeout, WKRClient
 from wkr_serving.client import protocol as P
 from wkr_serving.server import WKRServer
 from wkr_serving.server.helper import get_args_parser
+from workers import touch
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
@@ -138,3 +142,121 @@ class RawClient:
         self.to_vent.close(0)
         self.from_sink.close(0)
         self.context.term()
+
+
+def port_refused(port: int) -> bool:
+    """Whether a fresh TCP connect to ``port`` on loopback is refused (nothing listens)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(5.0)
+        try:
+            s.connect(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            return True
+        return False
+
+
+class Gate:
+    """A ControlledWorker ``block`` command: its worker creates ``started`` and waits
+    until the test creates ``release`` (several gates may share one ``release`` file)."""
+
+    def __init__(self, directory: Any, name: str, release: str | None = None) -> None:
+        self.name = name
+        self.started = os.path.join(str(directory), f"{name}.started")
+        self.release = release or os.path.join(str(directory), f"{name}.release")
+
+    def item(self, value: Any = None) -> dict[str, Any]:
+        """The input that blocks a worker; once released, its result carries ``value``."""
+        return {"cmd": "block", "started": self.started, "release": self.release,
+                "value": value}
+
+    def wait_started(self, limit: float = 60.0) -> None:
+        """Wait until a worker is blocked in this gate's item."""
+        wait_until(lambda: os.path.exists(self.started), limit, f"{self.name} to start")
+
+    def open(self) -> None:
+        """Release the blocked worker (idempotent: safe in ``finally`` blocks)."""
+        if not os.path.exists(self.release):
+            touch(self.release)
+
+
+def start_command() -> list[str]:
+    """The installed ``wkr-serving-start`` entry point, as a command line."""
+    exe = shutil.which("wkr-serving-start")
+    assert exe, "the wkr-serving-start entry point is not installed"
+    return [exe]
+
+
+class CLIServer:
+    """A ``wkr-serving-start`` subprocess on 127.0.0.1 with free ports and ``-model_dir``
+    ``tmp_path``; its stdout and stderr go to files ``<name>.stdout.txt`` and
+    ``<name>.stderr.txt`` in ``tmp_path`` (never an unread pipe)."""
+
+    def __init__(self, args: list[str], tmp_path: Path, *, cwd: str = TESTS_DIR,
+                 env: dict[str, str] | None = None, name: str = "server") -> None:
+        self.port, self.port_out = free_port(), free_port()
+        while self.port_out == self.port:  # bounded in practice: ports are rarely reused
+            self.port_out = free_port()
+        self.stdout_path = tmp_path / f"{name}.stdout.txt"
+        self.stderr_path = tmp_path / f"{name}.stderr.txt"
+        self._out = open(self.stdout_path, "wb")  # noqa: SIM115 (closed in close())
+        self._err = open(self.stderr_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*start_command(), *args, "-port", str(self.port), "-port_out", str(self.port_out),
+             "-bind", "127.0.0.1", "-model_dir", str(tmp_path)],
+            cwd=cwd, stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})})
+
+    def stderr(self) -> str:
+        """Everything the server has written to stderr so far (its log)."""
+        self._err.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_exit(self, limit: float = STOP_LIMIT_S) -> int:
+        """Wait (bounded) for the process to exit; return its exit code."""
+        try:
+            return self.proc.wait(limit)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"wkr-serving-start did not exit within {limit}s:\n"
+                                 f"{self.stderr()[-4000:]}") from None
+
+    def client(self, **kwargs: Any) -> WKRClient:
+        """A client, once the server answers and all its workers are ready."""
+        kwargs.setdefault("timeout", 10_000)
+        holder: list[WKRClient] = []
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n"
+                                     f"{self.stderr()[-4000:]}")
+            if not holder:
+                try:
+                    holder.append(WKRClient("127.0.0.1", self.port, self.port_out,
+                                            connect_timeout=500, **kwargs))
+                except ConnectTimeout:
+                    return False
+            return holder[0].server_status["ready"]
+
+        try:
+            wait_until(ready, START_LIMIT_S, "wkr-serving-start to be ready", 0.05)
+        except BaseException:
+            for c in holder:
+                c.close()
+            raise
+        return holder[0]
+
+    def close(self, grace: float = STOP_LIMIT_S) -> None:
+        """Stop the process if it still runs: SIGTERM and up to ``grace`` seconds, then
+        SIGKILL (at once when ``grace`` is 0); close the output files."""
+        if self.proc.poll() is None:
+            if grace > 0:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+            else:
+                self.proc.kill()
+                self.proc.wait(30)
+        self._out.close()
+        self._err.close()

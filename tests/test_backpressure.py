@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any
 
 import numpy as np
 import pytest
 from helpers import (
     STOP_LIMIT_S,
+    Gate,
     connect,
     running_server,
     server_args,
@@ -32,30 +32,9 @@ from wkr_serving.client import (
     WKRTimeoutError,
 )
 from wkr_serving.server import WKRServer
-from workers import ControlledWorker, touch
+from workers import ControlledWorker
 
 QUEUE = 20
-
-
-class Gate:
-    """A ControlledWorker ``block`` command: its worker creates ``started`` and waits
-    until the test creates ``release``."""
-
-    def __init__(self, directory: Any, name: str) -> None:
-        self.name = name
-        self.started = os.path.join(str(directory), f"{name}.started")
-        self.release = os.path.join(str(directory), f"{name}.release")
-
-    def item(self, value: Any = None) -> dict[str, Any]:
-        return {"cmd": "block", "started": self.started, "release": self.release,
-                "value": value}
-
-    def wait_started(self, limit: float = 60.0) -> None:
-        wait_until(lambda: os.path.exists(self.started), limit, f"{self.name} to start")
-
-    def open(self) -> None:
-        if not os.path.exists(self.release):
-            touch(self.release)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,96 +9,9 @@ import sys
 import numpy as np
 import psutil
 import pytest
-from helpers import REPO_DIR, TESTS_DIR, free_port, gone, wait_until
-from wkr_serving.client import ConnectTimeout, WKRClient
+from helpers import REPO_DIR, TESTS_DIR, CLIServer, gone, start_command, wait_until
 
-START_LIMIT_S = 60
 EXIT_LIMIT_S = 30
-
-
-def cli_command() -> list[str]:
-    exe = shutil.which("wkr-serving-start")
-    assert exe, "the wkr-serving-start entry point is not installed"
-    return [exe]
-
-
-class CLIServer:
-    """A wkr-serving-start process whose output goes to files (never an unread pipe)."""
-
-    def __init__(self, args: list[str], cwd: str, tmp_path, env=None):
-        self.port, self.port_out = free_port(), free_port()
-        while self.port_out == self.port:  # bounded in practice: ports are rarely reused
-            self.port_out = free_port()
-        self.stdout_path = tmp_path / "stdout.txt"
-        self.stderr_path = tmp_path / "stderr.txt"
-        self._out = open(self.stdout_path, "wb")  # noqa: SIM115 (closed in close())
-        self._err = open(self.stderr_path, "wb")  # noqa: SIM115
-        full = [*cli_command(), *args, "-port", str(self.port), "-port_out", str(self.port_out),
-                "-bind", "127.0.0.1", "-model_dir", str(tmp_path)]
-        self.proc = subprocess.Popen(full, cwd=cwd, stdout=self._out, stderr=self._err,
-                                     stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})})
-
-    def stderr(self) -> str:
-        self._err.flush()
-        return self.stderr_path.read_text(errors="replace")
-
-    def wait_exit(self, limit: float = EXIT_LIMIT_S) -> int:
-        try:
-            return self.proc.wait(limit)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"wkr-serving-start did not exit within {limit}s:\n"
-                                 f"{self.stderr()[-4000:]}") from None
-
-    def client(self, **kwargs) -> WKRClient:
-        """Connect once the server answers and all its workers are ready."""
-        kwargs.setdefault("timeout", 10_000)
-        holder: list[WKRClient] = []
-
-        def attempt():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n"
-                                     f"{self.stderr()[-4000:]}")
-            if not holder:
-                try:
-                    holder.append(WKRClient("127.0.0.1", self.port, self.port_out,
-                                            connect_timeout=500, **kwargs))
-                except ConnectTimeout:
-                    return False
-            return holder[0].server_status["ready"]
-
-        try:
-            wait_until(attempt, START_LIMIT_S, "wkr-serving-start to be ready", 0.05)
-        except BaseException:
-            for c in holder:
-                c.close()
-            raise
-        return holder[0]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(EXIT_LIMIT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._out.close()
-        self._err.close()
-
-
-@pytest.fixture
-def cli(tmp_path):
-    started: list[CLIServer] = []
-
-    def start(args, cwd=TESTS_DIR, env=None):
-        server = CLIServer(args, cwd, tmp_path, env)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.close()
 
 
 def check_sigterm_stops_everything(server: CLIServer) -> None:
@@ -113,8 +24,8 @@ def check_sigterm_stops_everything(server: CLIServer) -> None:
                "the server's child processes to exit")
 
 
-def test_cli_serves_a_worker_from_the_current_directory_and_stops_on_sigterm(cli):
-    server = cli(["workers.EchoWorker", "-num_worker", "2", "-batch_size", "3"])
+def test_cli_serves_a_worker_from_the_current_directory_and_stops_on_sigterm(cli_server):
+    server = cli_server(["workers.EchoWorker", "-num_worker", "2", "-batch_size", "3"])
     with server.client() as client:
         status = client.server_status
         assert status["ready"] is True
@@ -129,8 +40,8 @@ def test_cli_serves_a_worker_from_the_current_directory_and_stops_on_sigterm(cli
     assert "worker_class" in server.stderr()  # the options are printed at start
 
 
-def test_cli_dir_file_class_form_from_repo_root(cli):
-    server = cli(["example/noop_worker.Worker", "-protocol", "numpy", "-cpu"], cwd=REPO_DIR)
+def test_cli_dir_file_class_form_from_repo_root(cli_server):
+    server = cli_server(["example/noop_worker.Worker", "-protocol", "numpy", "-cpu"], cwd=REPO_DIR)
     with server.client(protocol="numpy") as client:
         x = np.linspace(0, 1, 7, dtype=np.float32)
         got = client.encode(x)
@@ -140,23 +51,23 @@ def test_cli_dir_file_class_form_from_repo_root(cli):
     check_sigterm_stops_everything(server)
 
 
-def test_cli_sigint_also_stops_cleanly(cli):
-    server = cli(["workers.EchoWorker"])
+def test_cli_sigint_also_stops_cleanly(cli_server):
+    server = cli_server(["workers.EchoWorker"])
     with server.client() as client:
         assert client.encode(1) == 1
     server.proc.send_signal(signal.SIGINT)
     assert server.wait_exit() == 0
 
 
-def test_cli_model_load_failure_exits_non_zero(cli):
-    server = cli(["workers.FailingLoadWorker"])
+def test_cli_model_load_failure_exits_non_zero(cli_server):
+    server = cli_server(["workers.FailingLoadWorker"])
     code = server.wait_exit()
     assert code != 0
     assert "boom-load" in server.stderr()
 
 
-def test_cli_missing_gpu_exits_non_zero(cli):
-    server = cli(["workers.EchoWorker", "-device_map", "0"])
+def test_cli_missing_gpu_exits_non_zero(cli_server):
+    server = cli_server(["workers.EchoWorker", "-device_map", "0"])
     code = server.wait_exit()
     assert code != 0
     err = server.stderr()
@@ -169,14 +80,14 @@ def test_cli_missing_gpu_exits_non_zero(cli):
     (["workers.EchoWorker", "-batch_size", "0"], "batch_size"),
     (["workers.EchoWorker", "-protocol", "pickle"], "protocol"),
 ])
-def test_cli_usage_errors_exit_non_zero(cli, args, needle):
-    server = cli(args)
+def test_cli_usage_errors_exit_non_zero(cli_server, args, needle):
+    server = cli_server(args)
     assert server.wait_exit() != 0
     assert needle in server.stderr()
 
 
 def test_cli_version():
-    out = subprocess.run([*cli_command(), "-version"], capture_output=True, text=True,
+    out = subprocess.run([*start_command(), "-version"], capture_output=True, text=True,
                          timeout=EXIT_LIMIT_S, cwd=TESTS_DIR)
     from wkr_serving.client import __version__
 
@@ -184,11 +95,11 @@ def test_cli_version():
     assert __version__ in out.stdout + out.stderr
 
 
-def test_cli_env_and_yaml_config(cli, tmp_path):
+def test_cli_env_and_yaml_config(cli_server, tmp_path):
     config = tmp_path / "server.yaml"
     config.write_text("num_worker: 2\nbatch_size: 5\nprotocol: numpy\n")
-    server = cli(["workers.EchoWorker", "-config", str(config), "-batch_size", "6"],
-                 env={"WKR_BATCH_SIZE": "7", "WKR_NUM_WORKER": "1"})
+    server = cli_server(["workers.EchoWorker", "-config", str(config), "-batch_size", "6"],
+                        env={"WKR_BATCH_SIZE": "7", "WKR_NUM_WORKER": "1"})
     with server.client(protocol="numpy") as client:
         cfg = client.server_status["config"]
         assert cfg["protocol"] == "numpy"  # from the YAML file

@@ -9,38 +9,16 @@ client's tables or the sink's table of split requests.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from typing import Any
 
 import pytest
-from helpers import connect, running_server, server_args, wait_idle, wait_until
+from helpers import Gate, connect, running_server, server_args, wait_idle, wait_until
 from wkr_serving.client import DeadlineExceeded, WKRClient, WKRTimeoutError
-from workers import ControlledWorker, touch
+from workers import ControlledWorker
 
 BATCH_SIZE = 10
-
-
-class Gate:
-    """A ControlledWorker ``block`` command: its worker creates ``started`` and waits
-    until the test creates ``release``."""
-
-    def __init__(self, directory: Any, name: str) -> None:
-        self.name = name
-        self.started = os.path.join(str(directory), f"{name}.started")
-        self.release = os.path.join(str(directory), f"{name}.release")
-
-    def item(self, value: Any = None) -> dict[str, Any]:
-        return {"cmd": "block", "started": self.started, "release": self.release,
-                "value": value}
-
-    def wait_started(self, limit: float = 60.0) -> None:
-        wait_until(lambda: os.path.exists(self.started), limit, f"{self.name} to start")
-
-    def open(self) -> None:
-        if not os.path.exists(self.release):
-            touch(self.release)
 
 
 def stat(key: str) -> dict[str, Any]:

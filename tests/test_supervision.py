@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -23,8 +22,10 @@ import pytest
 from helpers import (
     START_LIMIT_S,
     STOP_LIMIT_S,
+    Gate,
     connect,
     gone,
+    port_refused,
     running_server,
     server_args,
     wait_idle,
@@ -38,34 +39,13 @@ from wkr_serving.client import (
     WorkerDied,
 )
 from wkr_serving.server import WKRServer
-from workers import BootOnceWorker, ControlledWorker, CrashWorker, touch
+from workers import BootOnceWorker, ControlledWorker, CrashWorker
 
 #: Loader threads must finish well within the test timeout.
 LOAD_LIMIT_S = 90.0
 #: The issue asks for WorkerDied "within a second"; asserted with headroom for a loaded
 #: 2-core machine, and the measured time is shown in the message.
 WORKER_DIED_LIMIT_S = 3.0
-
-
-class Gate:
-    """A ControlledWorker ``block`` command: its worker creates ``started`` and waits
-    until the test creates ``release``."""
-
-    def __init__(self, directory: Any, name: str, release: str | None = None) -> None:
-        self.name = name
-        self.started = os.path.join(str(directory), f"{name}.started")
-        self.release = release or os.path.join(str(directory), f"{name}.release")
-
-    def item(self, value: Any = None) -> dict[str, Any]:
-        return {"cmd": "block", "started": self.started, "release": self.release,
-                "value": value}
-
-    def wait_started(self, limit: float = 60.0) -> None:
-        wait_until(lambda: os.path.exists(self.started), limit, f"{self.name} to start")
-
-    def open(self) -> None:
-        if not os.path.exists(self.release):
-            touch(self.release)
 
 
 def answered(status: dict[str, Any]) -> int:
@@ -89,17 +69,6 @@ def settled(client: WKRClient, num_worker: int, limit: float = 60.0) -> dict[str
 
 def busy_pids(client: WKRClient) -> set[int]:
     return {w["pid"] for w in client.server_status["workers"] if w["state"] == "busy"}
-
-
-def port_refused(port: int) -> bool:
-    """Whether a fresh TCP connect to ``port`` on loopback is refused (nothing listens)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(5.0)
-        try:
-            s.connect(("127.0.0.1", port))
-        except ConnectionRefusedError:
-            return True
-        return False
 
 
 def ipc_dir(server: WKRServer) -> str:

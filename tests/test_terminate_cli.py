@@ -12,83 +12,16 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
-from helpers import TESTS_DIR, free_port, wait_until
-from wkr_serving.client import ConnectTimeout, WKRClient
+from helpers import CLIServer, Gate, free_port
 from wkr_serving.server.runscript import port_answers
-from workers import touch
 
-START_LIMIT_S = 60
 EXIT_LIMIT_S = 30
 #: Seconds one wkr-serving-terminate run may take in these tests (its own -timeout
 #: is smaller).
 CLI_LIMIT_S = 90
-
-
-class Server:
-    """A wkr-serving-start process (output to a file, never an unread pipe)."""
-
-    def __init__(self, args: list[str], tmp_path: Path, log_name: str,
-                 env: dict[str, str] | None = None):
-        self.port, self.port_out = free_port(), free_port()
-        while self.port_out == self.port:
-            self.port_out = free_port()
-        exe = shutil.which("wkr-serving-start")
-        assert exe, "the wkr-serving-start entry point is not installed"
-        self.log_path = tmp_path / log_name
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
-            [exe, *args, "-port", str(self.port), "-port_out", str(self.port_out), "-bind",
-             "127.0.0.1", "-model_dir", str(tmp_path), "-cpu"],
-            cwd=TESTS_DIR, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def client(self, **kwargs) -> WKRClient:
-        """A client, once the server answers and its workers are ready."""
-        kwargs.setdefault("timeout", 10_000)
-        holder: list[WKRClient] = []
-
-        def ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n"
-                                     f"{self.log()[-4000:]}")
-            if not holder:
-                try:
-                    holder.append(WKRClient("127.0.0.1", self.port, self.port_out,
-                                            connect_timeout=500, **kwargs))
-                except ConnectTimeout:
-                    return False
-            return holder[0].server_status["ready"]
-
-        try:
-            wait_until(ready, START_LIMIT_S, "wkr-serving-start to be ready", 0.05)
-        except BaseException:
-            for c in holder:
-                c.close()
-            raise
-        return holder[0]
-
-    def terminate_cli(self, *args: str, env: dict[str, str] | None = None,
-                      ) -> subprocess.CompletedProcess[str]:
-        return run_cli("-ip", "127.0.0.1", "-port", str(self.port), "-port_out",
-                       str(self.port_out), *args, env=env)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(EXIT_LIMIT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -103,45 +36,48 @@ def explain(out: subprocess.CompletedProcess[str]) -> str:
     return f"rc={out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}"
 
 
+def terminate_cli(server: CLIServer, *args: str, env: dict[str, str] | None = None,
+                  ) -> subprocess.CompletedProcess[str]:
+    """wkr-serving-terminate aimed at ``server``'s ports, with ``args``."""
+    return run_cli("-ip", "127.0.0.1", "-port", str(server.port), "-port_out",
+                   str(server.port_out), *args, env=env)
+
+
 @pytest.fixture
-def start(tmp_path) -> Iterator:
-    started: list[Server] = []
+def start(cli_server) -> Callable[..., CLIServer]:
+    """Start a wkr-serving-start process with ``-cpu`` (stopped after the test)."""
 
-    def make(args: list[str], env: dict[str, str] | None = None) -> Server:
-        server = Server(args, tmp_path, f"server{len(started)}.log", env)
-        started.append(server)
-        return server
+    def make(args: list[str], env: dict[str, str] | None = None) -> CLIServer:
+        return cli_server([*args, "-cpu"], env=env)
 
-    yield make
-    for server in started:
-        server.close()
+    return make
 
 
-def assert_stopped_cleanly(server: Server, out: subprocess.CompletedProcess[str]) -> None:
-    assert out.returncode == 0, explain(out) + server.log()[-3000:]
+def assert_stopped_cleanly(server: CLIServer, out: subprocess.CompletedProcess[str]) -> None:
+    assert out.returncode == 0, explain(out) + server.stderr()[-3000:]
     assert "has stopped" in out.stdout
     # The CLI returned only after the server had exited: no waiting needed here.
     assert server.proc.poll() is not None, "wkr-serving-terminate returned too early"
-    assert server.proc.returncode == 0, server.log()[-3000:]
+    assert server.proc.returncode == 0, server.stderr()[-3000:]
     assert not port_answers("127.0.0.1", server.port)
     assert not port_answers("127.0.0.1", server.port_out)
-    assert "terminate command" in server.log()
+    assert "terminate command" in server.stderr()
 
 
 def test_wrong_token_is_refused_and_the_right_one_stops_the_server(start):
     server = start(["workers.EchoWorker", "-auth_token", "s3cret token"])
     with server.client() as client:
         assert client.encode("up") == "up"
-        out = server.terminate_cli("-token", "wrong", "-timeout", "20")
+        out = terminate_cli(server, "-token", "wrong", "-timeout", "20")
         assert out.returncode == 2, explain(out)
         assert "refused" in out.stderr and "auth_token" in out.stderr
         assert server.proc.poll() is None
         assert client.encode("still up") == "still up"
-        missing = server.terminate_cli("-timeout", "20")  # no token at all
+        missing = terminate_cli(server, "-timeout", "20")  # no token at all
         assert missing.returncode == 2, explain(missing)
         assert client.encode("still up") == "still up"
 
-    out = server.terminate_cli("-token", "s3cret token", "-timeout", "30")
+    out = terminate_cli(server, "-token", "s3cret token", "-timeout", "30")
     assert_stopped_cleanly(server, out)
     assert f"supervisor pid {server.proc.pid}" in out.stdout
 
@@ -153,7 +89,7 @@ def test_token_from_the_environment_and_the_protocol_is_detected(start):
                    env={"WKR_AUTH_TOKEN": "from-env"})
     with server.client(protocol="numpy") as client:
         assert client.server_status["config"]["auth_token"] == "<redacted>"
-    out = server.terminate_cli("-timeout", "30", env={"WKR_AUTH_TOKEN": "from-env"})
+    out = terminate_cli(server, "-timeout", "30", env={"WKR_AUTH_TOKEN": "from-env"})
     assert_stopped_cleanly(server, out)
 
 
@@ -162,23 +98,22 @@ def test_server_still_draining_at_the_deadline_exits_1(start, tmp_path):
     30 s), so a 2-second -timeout must report "still running" (exit 1), and the server
     stops by itself once the request is done."""
     server = start(["workers.ControlledWorker", "-graceful_timeout", "30"])
-    started, release = tmp_path / "started", tmp_path / "release"
+    gate = Gate(tmp_path, "held")
     with server.client(timeout=60_000) as client:
-        req = client.encode({"cmd": "block", "started": str(started),
-                             "release": str(release), "value": 7}, blocking=False)
-        wait_until(started.exists, 30, "the worker to pick up the blocking request")
+        req = client.encode(gate.item(7), blocking=False)
+        gate.wait_started(30)
         began = time.monotonic()
-        out = server.terminate_cli("-timeout", "2")  # loopback: no token needed
+        out = terminate_cli(server, "-timeout", "2")  # loopback: no token needed
         assert out.returncode == 1, explain(out)
         assert "accepted" in out.stdout and "still running" in out.stderr
         assert time.monotonic() - began >= 2.0
         assert server.proc.poll() is None, "the server must still be draining"
-        touch(str(release))
+        gate.open()
         (reply,) = list(client.fetch())
         assert reply.id == req and reply.error_code == 0
         assert reply.embedding == {"pid": reply.embedding["pid"], "value": 7,
                                    "released": True}
-    assert server.proc.wait(EXIT_LIMIT_S) == 0, server.log()[-3000:]
+    assert server.proc.wait(EXIT_LIMIT_S) == 0, server.stderr()[-3000:]
 
 
 def test_no_server_listening_exits_2_within_the_timeout():
