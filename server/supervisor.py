@@ -35,6 +35,9 @@ __all__ = ["StartupError", "Supervisor"]
 #: Seconds a role gets to exit after being told to stop, before SIGKILL (roles ignore
 #: SIGTERM: the supervisor orchestrates stopping).
 STOP_GRACE = 5.0
+#: Least time a role is given to stop before it is killed, even when the graceful
+#: timeout is spent: enough for one that is not busy to flush its sockets and exit.
+MIN_STOP_GRACE = 0.25
 #: A worker that dies more often than this within RESTART_WINDOW seconds halts the server.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
@@ -287,19 +290,27 @@ class Supervisor:
     # -- stop ---------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        """Drain, then stop every role. A graceful stop fits in ``-graceful_timeout``:
+        draining gets it minus a reserve for stopping, in which the roles that are still
+        busy (a worker stuck in predict) are killed."""
+        upstream = [n for n in self.children if n != "sink"]
         vent = self.children.get("ventilator")
         if self.failure is None and vent is not None and vent.ready and self._send(
                 "ventilator", "drain"):
-            deadline = time.monotonic() + self.config.graceful_timeout
+            timeout = self.config.graceful_timeout
+            end = time.monotonic() + timeout
+            reserve = min(STOP_GRACE, max(MIN_STOP_GRACE * 2, 0.2 * timeout))
             while (not self.drained and self.failure is None and vent.process.is_alive()
-                   and time.monotonic() < deadline):
+                   and time.monotonic() < end - reserve):
                 self._tick(100)
             if not self.drained:
-                self.logger.warning("in-flight work not drained within %.1fs",
-                                    self.config.graceful_timeout)
-        upstream = [n for n in self.children if n != "sink"]
-        self._stop_children(upstream)
-        self._stop_children(["sink"])
+                self.logger.warning("in-flight work not drained within %.1fs", timeout)
+            sink_reserve = reserve / 2
+            self._stop_children(upstream, end - sink_reserve - time.monotonic())
+            self._stop_children(["sink"], end - time.monotonic())
+        else:
+            self._stop_children(upstream, STOP_GRACE)
+            self._stop_children(["sink"], STOP_GRACE)
         self.control.close(0)
         self.context.term()
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -314,12 +325,13 @@ class Supervisor:
         os.close(wake_r)
         os.close(wake_w)
 
-    def _stop_children(self, names: list[str]) -> None:
+    def _stop_children(self, names: list[str], grace: float) -> None:
         """Tell roles to stop, repeating until each took it (a role that was still
-        starting may not have connected yet), then kill whatever outlives the grace."""
+        starting may not have connected yet), then kill whatever outlives ``grace``
+        seconds (at least :data:`MIN_STOP_GRACE`)."""
         live = [self.children[n] for n in names if n in self.children]
         told: set[str] = set()
-        deadline = time.monotonic() + STOP_GRACE
+        deadline = time.monotonic() + max(grace, MIN_STOP_GRACE)
         while time.monotonic() < deadline:
             for child in live:
                 name = child.role.identity

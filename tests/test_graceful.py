@@ -24,8 +24,9 @@ from wkr_serving.client import ConnectionLost, ShuttingDown, WKRClient
 
 LOADERS = 3
 WINDOW = 20
-#: Exit within -graceful_timeout, plus this much for a loaded 2-core machine.
-EXIT_MARGIN_S = 5.0
+#: Exit within -graceful_timeout (the supervisor budgets draining and stopping inside
+#: it), plus this much for process exit on a loaded 2-core machine.
+EXIT_MARGIN_S = 2.5
 
 
 def ipc_dir(server: CLIServer) -> str:
@@ -134,7 +135,7 @@ def test_graceful_stop_under_load(tmp_path, how):
             waited = time.monotonic() - asked_at
             gate.open()  # the server gave up on it; let the worker leave predict
             assert isinstance(held, ShuttingDown), held
-            assert grace - 0.5 <= waited < grace + EXIT_MARGIN_S, (
+            assert grace - 1.0 <= waited < grace + EXIT_MARGIN_S, (
                 f"ShuttingDown for the held request after {waited:.2f}s "
                 f"(-graceful_timeout {grace:g})")
 
