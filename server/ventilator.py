@@ -35,6 +35,8 @@ __all__ = ["Ventilator"]
 #: Most messages read from one socket before dispatching, so a flood on one side
 #: cannot starve the other.
 MAX_DRAIN = 256
+#: Messages libzmq buffers per client connection before it stops reading from it.
+CLIENT_RCVHWM = 10_000
 #: Poll interval (ms) when nothing is due; control messages wake the loop anyway.
 IDLE_POLL_MS = 1000
 
@@ -70,7 +72,9 @@ class Ventilator(Role):
         assert self.context is not None
         self.frontend = self.context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
-        self.frontend.setsockopt(zmq.RCVHWM, 0)
+        # Per connection: a client sending faster than the ventilator reads is held back
+        # by TCP (its send then times out) instead of growing this process's memory.
+        self.frontend.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
         self.secure_public(self.frontend)
         port = bind_public(self.frontend, self.config.bind, self.config.port)
         self.backend = self.context.socket(zmq.ROUTER)
