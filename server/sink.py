@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections import deque
 from typing import Any
 
 import zmq
@@ -27,6 +29,10 @@ __all__ = ["Sink"]
 
 MAX_DRAIN = 256
 V = P.PROTOCOL_VERSION
+#: How often (ms) replies held for a client that is not reading are offered again.
+BACKLOG_RETRY_MS = 10
+#: Longest (s) a stopping sink keeps offering held replies to clients that are not reading.
+BACKLOG_FLUSH_S = 1.0
 
 
 class Sink(Role):
@@ -40,7 +46,9 @@ class Sink(Role):
         self.pull.bind(self.endpoints.sink)
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.SNDHWM, 0)
+        # Per client: once this many replies wait unread in libzmq, sends to that client
+        # fail with EAGAIN and the sink holds its replies itself (see _send).
+        self.router.setsockopt(zmq.SNDHWM, self.config.max_queue_size)
         self.router.setsockopt(zmq.LINGER, 1000)
         self.secure_public(self.router)
         port_out = bind_public(self.router, self.config.bind, self.config.port_out)
@@ -55,8 +63,14 @@ class Sink(Role):
         # worker index -> id of its last batch answered (DONE) or failed (worker died or
         # hung): a batch is answered once, whichever of the two comes first.
         self.settled: dict[int, int] = {}
+        # Replies held for clients that stopped reading (their libzmq queue is full),
+        # oldest first. Such a client is "congested": the ventilator refuses its new
+        # requests (Overloaded) until this is delivered, so the backlog stays bounded by
+        # what the client already had in flight.
+        self.backlog: dict[bytes, deque[list[Any]]] = {}
         self.bad_input_log = LogThrottle(self.logger)
         self.gone_log = LogThrottle(self.logger, logging.INFO)
+        self.congestion_log = LogThrottle(self.logger, logging.INFO)
         self.statistic: dict[str, Summary] = {}
         self.hello = {"server_version": __version__, "protocol": self.config.protocol,
                       "protocol_version": V, "max_msg_size": self.config.max_msg_size}
@@ -69,7 +83,9 @@ class Sink(Role):
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         while True:
-            events = dict(poller.poll())
+            events = dict(poller.poll(BACKLOG_RETRY_MS if self.backlog else None))
+            if self.backlog:
+                self._flush_backlog()
             if self.pull in events:
                 drain(self.pull, self._on_internal, MAX_DRAIN)
             if self.router in events:
@@ -80,18 +96,69 @@ class Sink(Role):
                     # Roles upstream have stopped: deliver whatever they already sent.
                     while drain(self.pull, self._on_internal, MAX_DRAIN):
                         pass
+                    self._last_flush()
                     return
 
     # -- sending ------------------------------------------------------------------------
 
     def _send(self, client: bytes, frames: list[Any]) -> None:
+        backlog = self.backlog.get(client)
+        if backlog is not None:  # keep its replies in order behind the held ones
+            backlog.append(frames)
+            return
         try:
-            self.router.send_multipart([client, *frames], copy=False)
+            self.router.send_multipart([client, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # this client's queue is full: it is not reading
+            self.backlog[client] = deque([frames])
+            self._congested(client, True)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            self.undeliverable += 1
-            self.gone_log.log("client %r is not connected; its reply was dropped", client)
+            self._gone(client, 1)
+
+    def _gone(self, client: bytes, replies: int) -> None:
+        self.undeliverable += replies
+        self.gone_log.log("client %r is not connected; %d repl%s dropped", client, replies,
+                          "y" if replies == 1 else "ies")
+
+    def _flush_backlog(self) -> None:
+        """Offer held replies again, oldest first, while their clients take them."""
+        for client in list(self.backlog):
+            backlog = self.backlog[client]
+            while backlog:
+                try:
+                    self.router.send_multipart([client, *backlog[0]], flags=zmq.NOBLOCK,
+                                               copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EHOSTUNREACH:
+                        raise
+                    self._gone(client, len(backlog))
+                    backlog.clear()
+                    break
+                backlog.popleft()
+            if not backlog:
+                del self.backlog[client]
+                self._congested(client, False)
+
+    def _last_flush(self) -> None:
+        """Stopping: give clients that are not reading a last, bounded chance."""
+        deadline = time.monotonic() + BACKLOG_FLUSH_S
+        pause = threading.Event()
+        while self.backlog and time.monotonic() < deadline:
+            self._flush_backlog()
+            pause.wait(BACKLOG_RETRY_MS / 1000.0)
+        for client, backlog in self.backlog.items():
+            self._gone(client, len(backlog))
+
+    def _congested(self, client: bytes, on: bool) -> None:
+        """Tell the ventilator (through the supervisor) to refuse, or again accept, new
+        requests from ``client``."""
+        self.congestion_log.log("client %r %s", client, "stopped reading: holding its "
+                                "replies, refusing its new requests" if on else
+                                "reads again: backlog delivered")
+        self.event("congested", {"client": client, "on": on})
 
     def _send_error(self, client: bytes, req_id: int, error: list[Any]) -> None:
         self._count_error(error)
@@ -211,6 +278,8 @@ class Sink(Role):
         latency = {k: v * 1000.0 for k, v in self.latency.percentiles((50, 90, 99)).items()}
         status.update({
             "sink_pid": os.getpid(),
+            "congested_clients": len(self.backlog),
+            "held_replies": sum(len(b) for b in self.backlog.values()),
             "num_results": self.results,
             "num_errors": dict(self.errors),
             "num_undeliverable": self.undeliverable,

@@ -226,6 +226,8 @@ class Supervisor:
         elif event == "terminate" and name == "ventilator":
             self.logger.warning("terminate command received from %s", (value or {}).get("peer"))
             self.request_stop("terminate command")
+        elif event == "congested" and name == "sink":
+            self._send("ventilator", "congested", value)
         elif event == "worker_hung" and name == "ventilator":
             self._kill_hung(value["index"], value["pid"])
 

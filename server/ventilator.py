@@ -99,6 +99,7 @@ class Ventilator(Role):
         self.overloaded = 0
         self.batch_sizes = Histogram()
         self.history: dict[int, dict[str, Any]] = {}  # worker index -> restarts, last error
+        self.congested: set[bytes] = set()  # clients whose results wait unread in the sink
         self.bad_input_log = LogThrottle(self.logger)
         self.draining = False
         self.drained_reported = False
@@ -181,6 +182,12 @@ class Ventilator(Role):
             return
         if self.draining:
             self._reject(client, req_id, E.ShuttingDown("server is shutting down"))
+            return
+        if client in self.congested:
+            self.overloaded += 1
+            self._forward(client, req_id, "error", E.Overloaded(
+                "this client is not reading its results: the server holds them and accepts "
+                "no new request from it until they are read").to_wire())
             return
         now = time.monotonic()
         n = len(metas)
@@ -391,6 +398,11 @@ class Ventilator(Role):
             self.draining = True
             self.logger.info("draining: no new requests, finishing %d queued items",
                              self.queue.items)
+        elif name == "congested":
+            if value["on"]:
+                self.congested.add(value["client"])
+            else:
+                self.congested.discard(value["client"])
         elif name == "stop":
             self._abandon_all()
             return True

@@ -182,3 +182,88 @@ def test_fetch_gets_an_error_for_each_request_when_the_server_stops(stopping_ser
             client.close()
         if closer is not None:
             closer.join(STOP_LIMIT_S)
+
+
+def test_client_that_never_reads_is_held_back_and_still_gets_every_reply(small_queue_server):
+    """A client that sends but does not read fills its reply queue (-max_queue_size
+    messages in the sink, plus the TCP buffers). The sink then holds its replies itself
+    and the ventilator refuses that client's new requests with Overloaded, so memory
+    stays bounded; when it reads at last it gets exactly one reply per request: every
+    accepted one's result, then the Overloaded refusals. Other clients are not affected."""
+    import zmq
+    from wkr_serving.client import protocol as P
+    from wkr_serving.client.base import parse_replies, request_frames
+
+    payload = os.urandom(256 * 1024)  # big replies fill the TCP buffers quickly
+    context = zmq.Context()
+    sockets = []
+    for port, hwm in ((small_queue_server.port, 1000), (small_queue_server.port_out, 1)):
+        s = context.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, b"never-reads")
+        s.setsockopt(zmq.RCVHWM, hwm)  # this client buffers almost nothing itself
+        s.connect(f"tcp://127.0.0.1:{port}")
+        sockets.append(s)
+    to_vent, from_sink = sockets
+    try:
+        with connect(small_queue_server) as probe, connect(small_queue_server) as other:
+            from_sink.send(P.pack([P.PROTOCOL_VERSION, P.HELLO, 0]))
+            assert from_sink.poll(10_000), "no handshake reply"
+            from_sink.recv_multipart()
+            base = wait_idle(probe)
+            sent = 0
+
+            def send_wave(n):
+                nonlocal sent
+                for _ in range(n):
+                    sent += 1
+                    assert to_vent.poll(10_000, zmq.POLLOUT)
+                    to_vent.send_multipart(request_frames(sent, 60_000, [payload], "obj"))
+
+            def answered():  # replies the server made for this client, delivered or held
+                s = probe.server_status
+                done = s["num_results"] + sum(s["num_errors"].values())
+                return s if done - base["num_results"] - sum(
+                    base["num_errors"].values()) >= sent else None
+
+            congested = None
+            for _ in range(200):  # bounded: each wave waits for its replies
+                send_wave(5)
+                status = wait_until(answered, 30, "the server to answer the wave")
+                if status["congested_clients"]:
+                    congested = status
+                    break
+            assert congested is not None, "the sink never held replies for a non-reader"
+            accepted = sent
+            send_wave(5)  # refused: its results are waiting unread
+            wait_until(lambda: probe.server_status["num_overloaded"]
+                       >= base["num_overloaded"] + 5, 30, "the refusals")
+            assert other.encode({"still": "served"}) == {"still": "served"}
+
+            replies = {}
+            deadline = time.monotonic() + 60
+            while len(replies) < sent and time.monotonic() < deadline:
+                if from_sink.poll(1000):
+                    for reply in parse_replies(from_sink.recv_multipart(copy=False)):
+                        assert reply.req_id not in replies, f"two replies for {reply.req_id}"
+                        replies[reply.req_id] = reply
+            assert sorted(replies) == list(range(1, sent + 1)), "a request got no reply"
+            assert all(replies[i].error is None and replies[i].value == [payload]
+                       for i in range(1, accepted + 1))
+            for i in range(accepted + 1, sent + 1):
+                assert isinstance(replies[i].error, Overloaded), replies[i]
+                assert "not reading" in replies[i].error.message
+            assert not from_sink.poll(200), "an extra reply arrived"
+
+            after = wait_until(lambda: (lambda s: s if not s["congested_clients"] else None)(
+                probe.server_status), 20, "the backlog to be delivered")
+            assert after["held_replies"] == 0
+            sent += 1
+            to_vent.send_multipart(request_frames(sent, 60_000, ["again"], "obj"))
+            assert from_sink.poll(10_000), "a client that reads again must be served again"
+            (reply,) = parse_replies(from_sink.recv_multipart(copy=False))
+            assert reply.req_id == sent and reply.value == ["again"]
+    finally:
+        for s in sockets:
+            s.close(0)
+        context.term()
