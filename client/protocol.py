@@ -265,7 +265,8 @@ def check_metas(metas: list[Any]) -> None:
             if meta in (MSGPACK_ITEM, PICKLE_ITEM):
                 continue
         elif (cls is list and len(meta) == 2 and meta[0].__class__ is str
-              and meta[1].__class__ is list and all(d.__class__ is int for d in meta[1])):
+              and meta[1].__class__ is list and len(meta[1]) <= MAX_NDIM
+              and all(d.__class__ is int for d in meta[1])):
             continue
         raise ProtocolError(f"item meta must be 0, 1 or [dtype, shape], got {brief(meta)}")
 

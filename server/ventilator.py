@@ -175,6 +175,12 @@ class Ventilator(Role):
                 or not 0 <= timeout_ms < 1e12):
             self._reject(client, req_id, E.BadInput(f"bad timeout_ms {P.brief(timeout_ms)}"))
             return
+        limit = self.config.max_queue_size
+        if len(metas) > limit:  # before looking at each item
+            self._reject(client, req_id, E.BadInput(
+                f"request of {len(metas)} items is larger than the server's -max_queue_size "
+                f"{limit}: send it in smaller requests"))
+            return
         try:
             P.check_metas(metas)
         except E.ProtocolError as exc:
@@ -191,13 +197,7 @@ class Ventilator(Role):
             return
         now = time.monotonic()
         n = len(metas)
-        limit = self.config.max_queue_size
         if self.queue.items + n > limit:
-            if n > limit:
-                self._reject(client, req_id, E.BadInput(
-                    f"request of {n} items is larger than the server's -max_queue_size "
-                    f"{limit}: send it in smaller requests"))
-                return
             self._expire(now)
             if self.queue.items + n > limit:
                 self.overloaded += 1

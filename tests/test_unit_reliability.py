@@ -169,3 +169,12 @@ def test_garbage_pickle_is_a_protocol_error():
         P.decode_item(P.PICKLE_ITEM, b"\x80\x05garbage", allow_pickle=True)
     with pytest.raises(ProtocolError):
         P.decode_item(True, b"\x00")  # a bool is not the pickle meta
+
+
+def test_check_metas_bounds_what_a_client_can_nest():
+    P.check_metas([0, 1, ["<f4", [2, 3]], ["|u1", []]])
+    P.check_metas([["<f4", [1] * P.MAX_NDIM]])
+    for bad in (["<f4", [1] * (P.MAX_NDIM + 1)], ["<f4", [[1]]], [b"<f4", [1]], 2, True,
+                ["<f4", (1,)], {"dtype": "<f4"}, ["<f4", [1], "extra"]):
+        with pytest.raises(ProtocolError, match="item meta"):
+            P.check_metas([0, bad])
