@@ -90,10 +90,14 @@ class ServerConfig:
     curve_client_keys: str | None = _opt(
         None, "directory of client public key files: with -curve_secret_key, only clients "
         "whose key is there may connect (default: any client that knows the server key)")
-    http_port: int | None = _opt(None, "port of the HTTP bridge (not served by this version)",
+    http_port: int | None = _opt(None, "port of the HTTP bridge (0: any free port; default: "
+                                 "no bridge)",
                                  kind=int)
     http_max_connect: int = _opt(20, "client pool size of the HTTP bridge", kind=int)
     cors: str = _opt("*", "Access-Control-Allow-Origin of the HTTP bridge")
+    http_token: str | None = _opt(
+        None, "bearer token the HTTP bridge requires on every route but the health checks",
+        secret=True)
 
     def __post_init__(self) -> None:
         for name, value in (("num_worker", self.num_worker), ("batch_size", self.batch_size),

@@ -42,6 +42,11 @@ class WKRServer(threading.Thread):
     def port_out(self) -> int | None:
         return self.supervisor.port_out
 
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP bridge's port (None without ``-http_port``)."""
+        return self.supervisor.http_port
+
     def run(self) -> None:
         try:
             self.exit_code = self.supervisor.serve(on_ready=self._on_ready)

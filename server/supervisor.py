@@ -24,6 +24,7 @@ from wkr_serving.client import protocol as P
 
 from .config import ServerConfig
 from .devices import DeviceError, assign_devices, describe, discover_gpus
+from .httpbridge import HTTPBridge
 from .logs import set_logger
 from .process import EXIT_BOOT_FAILED, Endpoints, Role, run_role
 from .sink import Sink
@@ -74,6 +75,7 @@ class Supervisor:
         self.registered: list[int] = []  # worker indices the ventilator can dispatch to
         self.port: int | None = None
         self.port_out: int | None = None
+        self.http_port: int | None = None
         self.started_at = time.time()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -109,8 +111,9 @@ class Supervisor:
             self._start_roles()
             self._wait_ready()
             if self.failure is None and self.stop_reason is None:
-                self.logger.info("ready: port %s, port_out %s, %d worker(s)", self.port,
-                                 self.port_out, self.config.num_worker)
+                self.logger.info("ready: port %s, port_out %s, %d worker(s)%s", self.port,
+                                 self.port_out, self.config.num_worker,
+                                 f", HTTP on port {self.http_port}" if self.http_port else "")
                 if on_ready is not None:
                     on_ready()
                 while self.failure is None and self.stop_reason is None:
@@ -136,9 +139,6 @@ class Supervisor:
                                  self.config.cpu, existing, free)
         self.logger.info("device assignment: %s", ", ".join(
             f"worker-{i}={describe(d)}" for i, d in enumerate(devices)))
-        if self.config.http_port is not None:
-            self.logger.warning("-http_port %d ignored: this version has no HTTP bridge",
-                                self.config.http_port)
         self._spawn(Sink(self.config, self.endpoints))
         self._spawn(Ventilator(self.config, self.endpoints, self.started_at))
         for index, device_id in enumerate(devices):
@@ -154,7 +154,8 @@ class Supervisor:
         deadline = time.monotonic() + self.config.startup_timeout
         while self.failure is None and self.stop_reason is None:
             if (all(c.ready for c in self.children.values())
-                    and len(self.registered) >= self.config.num_worker):
+                    and len(self.registered) >= self.config.num_worker
+                    and (self.config.http_port is None or "http" in self.children)):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -217,6 +218,8 @@ class Supervisor:
             child.info = value or {}
             self.port = child.info.get("port", self.port)
             self.port_out = child.info.get("port_out", self.port_out)
+            self.http_port = child.info.get("http_port", self.http_port)
+            self._maybe_start_bridge()
         elif event == "boot_failed":
             self.failure = f"{name} failed to start: {value.get('error')}\n{value.get('traceback')}"
         elif event == "drained":
@@ -230,6 +233,15 @@ class Supervisor:
             self._send("ventilator", "congested", value)
         elif event == "worker_hung" and name == "ventilator":
             self._kill_hung(value["index"], value["pid"])
+
+    def _maybe_start_bridge(self) -> None:
+        """Start the HTTP bridge once the ports it connects to are bound."""
+        if (self.config.http_port is None or "http" in self.children or self.port is None
+                or self.port_out is None):
+            return
+        cls = self.worker_class
+        self._spawn(HTTPBridge(self.config, self.endpoints, self.port, self.port_out,
+                               f"{cls.__module__}.{cls.__qualname__}"))
 
     def _kill_hung(self, index: int, pid: int) -> None:
         child = self.children.get(f"worker-{index}")

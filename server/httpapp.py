@@ -1,0 +1,243 @@
+"""The HTTP face of the server: a Flask application over a pool of Python clients.
+
+:func:`create_app` builds the application; the bridge process (``httpbridge.py``) serves
+it with a production WSGI server. Every route talks to the server through
+:class:`Backend`, which lends one :class:`~wkr_serving.client.WKRClient` of a pool to each
+call, so the bridge adds no batching of its own: concurrent HTTP requests become
+concurrent requests to the ventilator, which batches them with everyone else's.
+
+Core routes (this module); other route groups live in their own blueprints:
+
+- ``POST /encode``: ``{"data": x}`` or ``{"batch": [x, ...]}`` (optional ``"dtype"`` for
+  ``-protocol numpy``, optional ``"timeout"`` in ms) → ``{"error_code": 0,
+  "error_message": "", "data": ...}``; on error a real HTTP status and the same envelope.
+- ``GET /status/server``, ``GET /status/client``.
+- ``GET /health/live`` (the bridge answers), ``GET /health/ready`` (every worker has
+  loaded its model and the pipeline answers).
+- ``GET /metadata``: model, worker class, protocol, dtypes and shapes seen, versions.
+
+Every response carries ``X-Request-ID`` (the caller's, or a new one). With a token
+(``-http_token``) every route but the health checks needs ``Authorization: Bearer``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import platform
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flask import Flask, Response, g, jsonify, request
+from wkr_serving.client import ConcurrentWKRClient, WKRClient
+from wkr_serving.client import errors as E
+from wkr_serving.client.version import __version__
+
+from .config import ServerConfig
+
+__all__ = ["Backend", "create_app", "http_status", "to_json"]
+
+#: Paths served without the bearer token (probes must not need a secret).
+OPEN_PATHS = ("/health/", "/v2/health/")
+
+
+def http_status(error: BaseException) -> int:
+    """The HTTP status that reports ``error`` (a client or server error)."""
+    if isinstance(error, (E.BadInput, E.ProtocolError, E.ClientUsageError)):
+        return 400
+    if isinstance(error, E.Unauthorized):
+        return 403
+    if isinstance(error, E.Overloaded):
+        return 429
+    if isinstance(error, (E.ShuttingDown, E.ConnectionLost)):
+        return 503
+    if isinstance(error, (E.DeadlineExceeded, E.WKRTimeoutError)):
+        return 504
+    return 500
+
+
+def error_code(error: BaseException) -> str:
+    return error.code if isinstance(error, E.ServerError) else type(error).__name__
+
+
+def to_json(value: Any) -> Any:
+    """A result as JSON: arrays become nested lists, bytes become base64 text."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "SU":
+            return to_json(value.tolist())
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
+
+
+class Backend:
+    """The bridge's connection to the server: a pool of clients and what it has seen."""
+
+    def __init__(self, config: ServerConfig, port: int, port_out: int, host: str = "127.0.0.1",
+                 worker_class: str = "", client_options: dict[str, Any] | None = None,
+                 ) -> None:
+        self.config = config
+        self.worker_class = worker_class
+        self.protocol = config.protocol
+        options = {"ip": host, "port": port, "port_out": port_out, "protocol": config.protocol,
+                   "timeout": 60_000, **(client_options or {})}
+        self.pool = ConcurrentWKRClient(max_concurrency=config.http_max_connect, **options)
+        self.status_client = WKRClient(**options)
+        self.started_at = time.time()
+        self._seen_lock = threading.Lock()
+        self.seen: dict[str, Any] = {"input": None, "output": None}
+
+    def encode(self, items: list[Any], timeout: int | None) -> list[Any]:
+        results: list[Any] = self.pool.encode_batch(items, timeout=timeout)
+        self._see(items[0], results[0] if results else None)
+        return results
+
+    def _see(self, item: Any, result: Any) -> None:
+        if self.seen["input"] is not None and self.seen["output"] is not None:
+            return
+        with self._seen_lock:
+            self.seen["input"] = self.seen["input"] or describe_value(item)
+            if result is not None:
+                self.seen["output"] = self.seen["output"] or describe_value(result)
+
+    def server_status(self) -> dict[str, Any]:
+        return self.status_client.server_status
+
+    def close(self) -> None:
+        self.pool.close()
+        self.status_client.close()
+
+
+def describe_value(value: Any) -> dict[str, Any]:
+    """``{"dtype", "shape"}`` of an array, or the Python type of another value."""
+    if isinstance(value, np.ndarray):
+        return {"dtype": value.dtype.str, "shape": list(value.shape)}
+    return {"type": type(value).__name__}
+
+
+def create_app(backend: Backend, token: str | None = None, cors: str | None = None,
+               blueprints: list[Callable[[Flask, Backend], None]] | None = None) -> Flask:
+    """The Flask application of the bridge; ``blueprints`` register more route groups."""
+    app = Flask("wkr_serving.http")
+    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["wkr_backend"] = backend
+    if cors:
+        from flask_cors import CORS
+
+        CORS(app, origins=cors, expose_headers=["X-Request-ID"])
+
+    @app.before_request
+    def _before() -> Any:
+        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        g.started = time.perf_counter()
+        if token is not None and not request.path.startswith(OPEN_PATHS):
+            given = request.headers.get("Authorization", "")
+            if not (given.startswith("Bearer ") and hmac.compare_digest(
+                    given[7:].encode(), token.encode())):
+                return envelope_error(401, "unauthorized",
+                                      "this route needs Authorization: Bearer <-http_token>")
+        return None
+
+    @app.after_request
+    def _after(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        return response
+
+    @app.post("/encode")
+    def encode() -> Any:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or ("data" in body) == ("batch" in body):
+            return envelope_error(400, "bad_input", 'the body must be a JSON object with '
+                                  '"data" (one input) or "batch" (a list of inputs)')
+        single = "data" in body
+        items = [body["data"]] if single else body["batch"]
+        if not isinstance(items, list) or not items:
+            return envelope_error(400, "bad_input", '"batch" must be a non-empty list')
+        timeout = body.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
+            return envelope_error(400, "bad_input", '"timeout" must be a positive int (ms)')
+        try:
+            items = [as_input(x, backend.protocol, body.get("dtype")) for x in items]
+            results = backend.encode(items, timeout)
+        except Exception as exc:  # every failure becomes an HTTP status and envelope
+            return envelope_error(http_status(exc), error_code(exc), getattr(
+                exc, "message", str(exc)))
+        data = to_json(results[0] if single else results)
+        return jsonify({"error_code": 0, "error_message": "", "data": data})
+
+    @app.get("/status/server")
+    def status_server() -> Any:
+        try:
+            return jsonify(to_json(backend.server_status()))
+        except Exception as exc:
+            return envelope_error(http_status(exc), error_code(exc), str(exc))
+
+    @app.get("/status/client")
+    def status_client() -> Any:
+        return jsonify(to_json({"pool_size": backend.pool.max_concurrency,
+                                "clients": backend.pool.status}))
+
+    @app.get("/health/live")
+    def live() -> Any:
+        return jsonify({"live": True})
+
+    @app.get("/health/ready")
+    def ready() -> Any:
+        ok, why = is_ready(backend)
+        return jsonify({"ready": ok, "reason": why}), 200 if ok else 503
+
+    @app.get("/metadata")
+    def metadata() -> Any:
+        config = backend.config
+        return jsonify({
+            "model_name": config.model_name, "model_dir": config.model_dir,
+            "worker_class": backend.worker_class, "protocol": config.protocol,
+            "batch_size": config.batch_size, "num_worker": config.num_worker,
+            "input": backend.seen["input"], "output": backend.seen["output"],
+            "versions": {"wkr_serving": __version__, "python": platform.python_version(),
+                         "numpy": np.__version__},
+        })
+
+    for register in blueprints or []:
+        register(app, backend)
+    return app
+
+
+def is_ready(backend: Backend) -> tuple[bool, str]:
+    """Whether every worker has its model loaded and the pipeline answers a status call."""
+    try:
+        status = backend.server_status()
+    except Exception as exc:
+        return False, f"the server does not answer: {exc}"
+    if not status.get("ready"):
+        return False, "workers are still loading their model"
+    if status.get("draining"):
+        return False, "the server is shutting down"
+    return True, ""
+
+
+def as_input(value: Any, protocol: str, dtype: Any = None) -> Any:
+    """A JSON input as the server's protocol wants it (numpy: an array of ``dtype``)."""
+    if protocol != "numpy" and dtype is None:
+        return value
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise E.BadInput(f"input is not an array of {dtype or 'numbers'}: {exc}") from None
+
+
+def envelope_error(status: int, code: str, message: str) -> Any:
+    return jsonify({"error_code": status, "error_type": code, "error_message": message,
+                    "data": None}), status
