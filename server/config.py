@@ -68,6 +68,10 @@ class ServerConfig:
                                "instead of stderr")
     log_name: str | None = _opt(None, "base name of the log files (default: WKRServer)")
     verbose: bool = _opt(False, "debug logging", kind=bool)
+    log_predictions: bool = _opt(
+        False, "write one JSON line per request (time, ids, latency, batch, worker, outcome, "
+        "input and output) to <log_dir>/<log_name>.predictions.jsonl; needs -log_dir",
+        kind=bool)
     max_queue_size: int = _opt(
         10_000, "most items waiting for a worker; beyond it requests get an immediate "
         "Overloaded error", kind=int)
@@ -93,7 +97,10 @@ class ServerConfig:
     http_port: int | None = _opt(None, "port of the HTTP bridge (0: any free port; default: "
                                  "no bridge)",
                                  kind=int)
-    http_max_connect: int = _opt(20, "client pool size of the HTTP bridge", kind=int)
+    http_max_connect: int = _opt(
+        20, "connections from the HTTP bridge to the server: the requests it serves at once, "
+        "shared out among its processes", kind=int)
+    http_workers: int = _opt(2, "processes of the HTTP bridge (gunicorn workers)", kind=int)
     cors: str = _opt("*", "Access-Control-Allow-Origin of the HTTP bridge")
     http_token: str | None = _opt(
         None, "bearer token the HTTP bridge requires on every route but the health checks",
@@ -102,6 +109,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name, value in (("num_worker", self.num_worker), ("batch_size", self.batch_size),
                             ("http_max_connect", self.http_max_connect),
+                            ("http_workers", self.http_workers),
                             ("max_queue_size", self.max_queue_size)):
             if value < 1:
                 raise ConfigError(f"-{name} must be at least 1, got {value}")
@@ -125,6 +133,8 @@ class ServerConfig:
             raise ConfigError("-worker_timeout must be >= 0 seconds (0: no limit)")
         if self.auth_token is not None and not self.auth_token:
             raise ConfigError("-auth_token must not be empty")
+        if self.log_predictions and not self.log_dir:
+            raise ConfigError("-log_predictions needs -log_dir (the file it writes goes there)")
         if self.curve_client_keys and not self.curve_secret_key:
             raise ConfigError("-curve_client_keys needs -curve_secret_key")
         if self.startup_timeout <= 0 or self.graceful_timeout < 0:

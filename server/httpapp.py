@@ -86,13 +86,16 @@ class Backend:
 
     def __init__(self, config: ServerConfig, port: int, port_out: int, host: str = "127.0.0.1",
                  worker_class: str = "", client_options: dict[str, Any] | None = None,
-                 ) -> None:
+                 pool_size: int | None = None) -> None:
         self.config = config
         self.worker_class = worker_class
         self.protocol = config.protocol
+        # No handshake now: each client makes it before its first call, so a bridge
+        # process can start (or restart) while the server is busy or stopping.
         options = {"ip": host, "port": port, "port_out": port_out, "protocol": config.protocol,
-                   "timeout": 60_000, **(client_options or {})}
-        self.pool = ConcurrentWKRClient(max_concurrency=config.http_max_connect, **options)
+                   "timeout": 60_000, "ignore_all_checks": True, **(client_options or {})}
+        self.pool = ConcurrentWKRClient(max_concurrency=pool_size or config.http_max_connect,
+                                        **options)
         self.status_client = WKRClient(**options)
         self.started_at = time.time()
         self._seen_lock = threading.Lock()

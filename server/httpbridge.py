@@ -1,24 +1,37 @@
-"""The HTTP bridge process: serves :mod:`.httpapp` with waitress, a production WSGI server.
+"""The HTTP bridge process: serves :mod:`.httpapp` with gunicorn, a production WSGI server.
 
 Started by the supervisor when ``-http_port`` is given, once the ventilator and the sink
 are up (it needs their ports) and before the workers are ready, so that
-``/health/ready`` can say "not yet" while models load. Waitress runs
-``-http_max_connect`` threads, each borrowing one client of the pool for a call.
+``/health/ready`` can say "not yet" while models load.
+
+This process binds the listening socket itself (so ``-http_port 0`` can report the port
+it got) and then becomes a gunicorn arbiter that runs ``-http_workers`` processes of
+``gthread`` workers. The ``-http_max_connect`` threads are shared out among them; each
+process has its own pool of Python clients of that size, created after the fork. When
+the supervisor says stop, the arbiter stops its workers gracefully (requests in flight
+finish) and this process exits. Group signals (Ctrl-C, a SIGTERM to the whole tree) are
+left to the supervisor, which orchestrates the stop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import signal
+import socket
 import threading
 from typing import Any
 
 from .config import ServerConfig
-from .httpapp import Backend, create_app
-from .process import Endpoints, Role
+from .process import Endpoints, Role, _die_with_parent
 
 __all__ = ["HTTPBridge"]
 
-#: Seconds waitress's threads get to finish their requests when the bridge stops.
-STOP_WAIT_S = 2.0
+#: Seconds gunicorn's workers get to finish their requests when the bridge stops.
+STOP_WAIT_S = 2
+#: Pending connections the kernel queues on the listening socket.
+BACKLOG = 2048
 
 
 class HTTPBridge(Role):
@@ -33,24 +46,53 @@ class HTTPBridge(Role):
         self.worker_class = worker_class
 
     def boot(self) -> dict[str, Any]:
-        from waitress.server import create_server
+        import gunicorn  # noqa: F401  (fail here, at boot, if it is missing)
 
+        bind = self.config.bind
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((bind.strip("[]"), self.config.http_port or 0))
+        self.listener.listen(BACKLOG)
+        self.listener.set_inheritable(True)
+        http_port = self.listener.getsockname()[1]
+        self.logger.info("HTTP bridge on %s:%d (%d process(es), %d connections to the server)",
+                         bind, http_port, self.config.http_workers,
+                         self.config.http_max_connect)
+        return {"http_port": http_port}
+
+    def serve(self) -> None:
+        app = _application_class()(self)
+        watcher = threading.Thread(target=self._watch_control, name="control", daemon=True)
+        watcher.start()
+        with contextlib.suppress(SystemExit):  # the arbiter's way of ending
+            app.run()
+
+    def _watch_control(self) -> None:
+        """Turn the supervisor's stop into the arbiter's graceful stop (a SIGTERM to this
+        process, which gunicorn handles in its main loop)."""
+        while True:
+            name, _ = self.read_control()
+            if name == "stop":
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    # -- what runs inside gunicorn ---------------------------------------------------------
+
+    def wsgi_app(self) -> Any:
+        """Build the application in a worker process, after the fork."""
+        from .httpapp import Backend, create_app
         from .httpblueprints import all_blueprints
 
         host = "127.0.0.1" if self.config.bind in ("0.0.0.0", "::", "*") else self.config.bind
-        self.backend = Backend(self.config, self.port, self.port_out, host, self.worker_class,
-                               client_options=self._client_options())
-        app = create_app(self.backend, token=self.config.http_token,
-                         cors=self.config.cors if self.config.cors else None,
-                         blueprints=all_blueprints())
-        self.server = create_server(app, host=self.config.bind, port=self.config.http_port or 0,
-                                    threads=self.config.http_max_connect,
-                                    connection_limit=max(100, 4 * self.config.http_max_connect),
-                                    ident="wkr-serving", clear_untrusted_proxy_headers=True)
-        http_port = self.server.effective_port
-        self.logger.info("HTTP bridge on %s:%s (%d threads)", self.config.bind, http_port,
-                         self.config.http_max_connect)
-        return {"http_port": http_port}
+        threads = self.threads_per_worker()
+        backend = Backend(self.config, self.port, self.port_out, host, self.worker_class,
+                          client_options=self._client_options(), pool_size=threads)
+        return create_app(backend, token=self.config.http_token,
+                          cors=self.config.cors or None, blueprints=all_blueprints())
+
+    def threads_per_worker(self) -> int:
+        return max(1, math.ceil(self.config.http_max_connect / self.config.http_workers))
 
     def _client_options(self) -> dict[str, Any]:
         if not self.config.curve_secret_key:
@@ -60,19 +102,46 @@ class HTTPBridge(Role):
         public, _ = load_key_pair(self.config.curve_secret_key)
         return {"server_public_key": public}
 
-    def serve(self) -> None:
-        thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
-        thread.start()
-        while True:
-            name, _ = self.read_control()
-            if name == "stop":
-                return
 
-    def shutdown(self) -> None:
-        server = getattr(self, "server", None)
-        if server is not None:  # threads first: a finishing task still wakes the loop
-            server.task_dispatcher.shutdown(timeout=STOP_WAIT_S)
-            server.close()
-        backend = getattr(self, "backend", None)
-        if backend is not None:
-            backend.close()
+def _ignore_group_signals(_arbiter: Any) -> None:
+    """A Ctrl-C or SIGTERM sent to the whole process tree is the supervisor's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_started(_arbiter: Any, _worker: Any) -> None:
+    _die_with_parent()  # a worker process never outlives the bridge
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _application_class() -> type:
+    """gunicorn's application class for the bridge (gunicorn is imported only here)."""
+    from gunicorn.app.base import BaseApplication
+
+    class Application(BaseApplication):
+        def __init__(self, bridge: HTTPBridge) -> None:
+            self.bridge = bridge
+            super().__init__()
+
+        def load_config(self) -> None:
+            bridge = self.bridge
+            settings = {
+                "bind": [f"fd://{bridge.listener.fileno()}"],
+                "workers": bridge.config.http_workers,
+                "worker_class": "gthread",
+                "threads": bridge.threads_per_worker(),
+                "graceful_timeout": STOP_WAIT_S,
+                "timeout": 0,  # requests have their own deadlines; no worker watchdog
+                "keepalive": 5,
+                "proc_name": "wkr-serving-http",
+                "loglevel": "debug" if bridge.config.verbose else "warning",
+                "accesslog": None,
+                "when_ready": _ignore_group_signals,
+                "post_fork": _worker_started,
+            }
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return self.bridge.wsgi_app()
+
+    return Application

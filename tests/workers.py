@@ -157,3 +157,12 @@ class BootOnceWorker(ControlledWorker):
         if not first:
             raise RuntimeError("boot-again: this model can only be loaded once")
         return super().get_model(envs, model_dir, model_name, tmp_dir)
+
+
+class GateLoadWorker(EchoWorker):
+    """Echo, but ``get_model`` waits (bounded) until ``<model_dir>/load-release`` exists,
+    so a test can watch a server whose model is still loading."""
+
+    def get_model(self, envs, model_dir, model_name, tmp_dir):
+        wait_for_file(os.path.join(model_dir, "load-release"))
+        return []
