@@ -2,7 +2,7 @@
 """Benchmark harness for wkr-serving (DESIGN.md section 4).
 
     python benchmarks/run.py                 # full run (about 2 minutes)
-    python benchmarks/run.py --quick         # smoke run (under a minute)
+    python benchmarks/run.py --quick         # smoke run (about a minute)
     python benchmarks/run.py --out benchmarks/results/latest.json
 
 For every workload (W1 ``noop``, W2 ``mlp``) it starts a real server with
@@ -19,6 +19,11 @@ it waits for the oldest one (``next(client.fetch())``), records its round trip w
 ``time.perf_counter()`` and at once re-sends on the same connection with
 ``encode(x, blocking=False)``. ``C = 1`` is a single client calling blocking
 ``encode()`` in a loop. Every loop is bounded by a shared deadline and a request cap.
+
+HTTP rows: the W1 numpy server also runs the HTTP bridge, and ``wrk`` (a C load
+generator; ``apt-get install wrk``, skipped with a note when missing) drives
+``POST /encode`` with ``-t1 -c<C>`` keep-alive connections; a Lua ``done()`` hook prints
+its counts and latency percentiles as JSON. They share the table with the ZeroMQ rows.
 """
 
 from __future__ import annotations
@@ -82,6 +87,15 @@ SPIN_LOADGEN = "spin:1x1x1"
 #: Alternatives measured on W1 noop/numpy at C=64 in full mode.
 LOADGEN_ALTERNATIVES = ["pipe:1x8x8", "pipe:2x1x32", "pipe:2x32x1", "pipe:1x64x1",
                         "aio:1x1x64", "aio:1x8x8", "raw:2x4x8"]
+
+#: HTTP rows (W1 noop/numpy only): the same server also runs the HTTP bridge, and wrk, a
+#: C load generator, POSTs one JSON item per request to /encode over keep-alive
+#: connections. "wrk:TxC" = wrk -tT -cC.
+HTTP_FLAGS = ["-http_port", "0", "-http_max_connect", "64", "-http_workers", "2"]
+HTTP_RUN = ("noop", "numpy")
+HTTP_TRANSPORT = "HTTP JSON /encode (wrk)"
+WRK_THREADS = 1
+WRK = "wrk"
 
 CLIENT_TIMEOUT_MS = 30_000
 REPEAT_KEYS = ("req_per_s", "p50_ms", "p99_ms", "mean_ms", "mean_batch", "cpu_percent")
@@ -481,14 +495,15 @@ def measure(server: dict[str, Any], status_client: Any, loadgen: str, concurrenc
     for r in results:
         window = r["t_stop"] - r["t_meas"]
         rps += r["count"] / window if window > 0 else 0.0
-    roles = _role_names(snapshots["end"], load_pids)
+    roles = _role_names(snapshots["end"], load_pids, server.get("http_pid"))
     hist = _batch_delta(_batch_counts(snapshots["measure"]), _batch_counts(snapshots["end"]))
     batches = sum(hist.values())
     end = snapshots["after"]
     row = {
         "workload": server["workload"], "label": wl["label"], "protocol": server["protocol"],
-        "transport": _transport(kind), "loadgen": loadgen, "concurrency": concurrency,
-        "requests": int(lat.size), "errors": sum(r["errors"] for r in results),
+        "via": "zmq", "transport": _transport(kind), "loadgen": loadgen,
+        "concurrency": concurrency, "requests": int(lat.size),
+        "errors": sum(r["errors"] for r in results),
         "sent": sum(r["sent"] for r in results),
         "window_s": max(r["t_stop"] - r["t_meas"] for r in results),
         "req_per_s": rps,
@@ -503,6 +518,199 @@ def measure(server: dict[str, Any], status_client: Any, loadgen: str, concurrenc
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
     return row
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP rows: wrk against the bridge's POST /encode
+# ---------------------------------------------------------------------------------------
+
+#: wrk script: every request POSTs the same JSON item; done() prints one JSON line with
+#: the counts and latency statistics (wrk's unit: microseconds) after WRK_MARK.
+WRK_MARK = "WKR_BENCH_WRK "
+WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.path = "/encode"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[%(body)s]==]
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '%(mark)s{"requests": %%d, "duration_us": %%d, "bytes": %%d, ' ..
+    '"errors": {"connect": %%d, "read": %%d, "write": %%d, "status": %%d, "timeout": %%d}, ' ..
+    '"latency_us": {"min": %%d, "mean": %%.3f, "stdev": %%.3f, "max": %%d, ' ..
+    '"p50": %%d, "p90": %%d, "p99": %%d}}\\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency.min, latency.mean, latency.stdev, latency.max,
+    latency:percentile(50.0), latency:percentile(90.0), latency:percentile(99.0)))
+end
+"""
+#: Seconds a wrk run may take beyond its -d before it is killed.
+WRK_GRACE_S = 30.0
+
+
+def wrk_path() -> str | None:
+    return shutil.which(WRK)
+
+
+def parse_wrk(spec: str) -> tuple[int, int]:
+    """``"wrk:1x64"`` -> (1 thread, 64 connections)."""
+    kind, _, dims = spec.partition(":")
+    threads, conns = (int(v) for v in dims.split("x"))
+    if kind != "wrk" or threads < 1 or conns < threads:
+        raise ValueError(f"bad wrk spec {spec!r}")
+    return threads, conns
+
+
+def _wrk_seconds(seconds: float) -> int:
+    """wrk's -d takes whole seconds: round up, at least 1."""
+    return max(1, math.ceil(seconds - 1e-9))
+
+
+def _http_check(port: int, body: bytes, x: np.ndarray) -> None:
+    """One POST /encode with the benchmark's body: the reply must be x, error_code 0."""
+    import http.client
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=CLIENT_TIMEOUT_MS / 1000)
+    try:
+        conn.request("POST", "/encode", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        reply = json.loads(response.read())
+    finally:
+        conn.close()
+    if response.status != 200 or reply.get("error_code") != 0:
+        raise RuntimeError(f"HTTP /encode answered {response.status}: {reply}")
+    y = np.asarray(reply["data"], dtype=np.float32)
+    if y.shape != x.shape or not np.array_equal(y, x):
+        raise RuntimeError(f"HTTP /encode did not return its input: {reply['data']}")
+
+
+def _run_wrk(wrk: str, script: str, port: int, threads: int, conns: int, seconds: int,
+             on_started: Callable[[int], None] | None = None
+             ) -> tuple[dict[str, Any], float, float]:
+    """Run wrk for ``seconds``; returns (its done() JSON, its user+system CPU seconds, the
+    wall time from start to exit). ``on_started(pid)`` runs right after the start. Bounded:
+    killed (by its pid) if it has not exited WRK_GRACE_S after its duration."""
+    import resource
+    import select
+    import subprocess
+
+    cmd = [wrk, f"-t{threads}", f"-c{conns}", f"-d{seconds}s",
+           f"--timeout={CLIENT_TIMEOUT_MS // 1000}s", "-s", script,
+           f"http://{HOST}:{port}/encode"]
+    limit = seconds + WRK_GRACE_S
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    if hasattr(os, "pidfd_open"):  # Linux: wait on a pidfd, then reap with wait4's rusage
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            if on_started is not None:
+                on_started(proc.pid)
+            # wrk's output is a few hundred bytes, far below a pipe's buffer: waiting for
+            # the exit before reading cannot block it. The pidfd is readable once it exits.
+            if not select.select([pidfd], [], [], limit)[0]:
+                proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)  # reaps it; rusage: wrk's own CPU
+            wall = time.perf_counter() - started
+        finally:
+            os.close(pidfd)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        cpu_s = usage.ru_utime + usage.ru_stime
+    else:  # elsewhere: the reaped children's CPU (wrk is the only one reaped meanwhile)
+        if on_started is not None:
+            on_started(proc.pid)
+        try:
+            proc.wait(limit)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = (after.ru_utime + after.ru_stime - children_before.ru_utime
+                 - children_before.ru_stime)
+    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
+    line = next((ln for ln in out.splitlines() if ln.startswith(WRK_MARK)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                           f"{out[-2000:]}\n{err[-2000:]}")
+    return json.loads(line[len(WRK_MARK):]), cpu_s, wall
+
+
+def measure_http(server: dict[str, Any], status_client: Any, loadgen: str, concurrency: int,
+                 settings: dict[str, Any]) -> dict[str, Any]:
+    """wrk at ``concurrency`` keep-alive connections against the bridge's POST /encode: a
+    warm-up run, then the measured run; returns a row with the same keys as measure()."""
+    wrk = wrk_path()
+    if wrk is None:
+        raise RuntimeError(f"{WRK} is not installed")
+    threads, conns = parse_wrk(loadgen)
+    if conns != concurrency:
+        raise ValueError(f"{loadgen} does not give concurrency {concurrency}")
+    wl = WORKLOADS[server["workload"]]
+    x = _payload(wl["in_shape"], 0)
+    body = json.dumps({"data": [float(v) for v in x], "dtype": "float32"},
+                      separators=(",", ":"))
+    port = server["http_port"]
+    _http_check(port, body.encode(), x)
+    warmup_s, duration_s = _wrk_seconds(settings["warmup"]), _wrk_seconds(settings["duration"])
+    workdir = tempfile.mkdtemp(prefix="wkr-bench-wrk-")
+    try:
+        script = os.path.join(workdir, "encode.lua")
+        Path(script).write_text(WRK_SCRIPT % {"body": body, "mark": WRK_MARK})
+        if settings["warmup"] > 0:
+            _run_wrk(wrk, script, port, threads, conns, warmup_s)
+        load_before = os.getloadavg()
+        status_start = status_client.server_status
+        cpu: dict[str, tuple[float, dict[int, float]]] = {}
+        wrk_pid: list[int] = []
+
+        def started(pid: int) -> None:
+            wrk_pid.append(pid)
+            cpu["measure"] = (time.perf_counter(), _cpu_seconds())
+
+        result, wrk_cpu, _ = _run_wrk(wrk, script, port, threads, conns, duration_s, started)
+        cpu["end"] = (time.perf_counter(), _cpu_seconds())
+        status_end = status_client.server_status
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    # wrk has been reaped by now: its CPU comes from wait4's rusage (its whole life; the
+    # start-up before the first snapshot is what the snapshot already saw).
+    cpu["end"][1][wrk_pid[0]] = wrk_cpu
+    cpu["measure"][1].setdefault(wrk_pid[0], 0.0)
+    names = _role_names(status_end, [], server.get("http_pid"))
+    names[wrk_pid[0]] = "load-wrk"
+    hist = _batch_delta(_batch_counts(status_start), _batch_counts(status_end))
+    batches = sum(hist.values())
+    lat = result["latency_us"]
+    window = result["duration_us"] / 1e6
+    requests = int(result["requests"])
+    errors = result["errors"]
+    return {
+        "workload": server["workload"], "label": wl["label"], "protocol": server["protocol"],
+        "via": "http", "transport": HTTP_TRANSPORT, "loadgen": loadgen,
+        "concurrency": concurrency, "requests": requests,
+        "errors": int(sum(errors.values())), "wrk_errors": errors, "sent": requests,
+        "window_s": window, "wrk_seconds": {"warmup": warmup_s if settings["warmup"] > 0
+                                            else 0, "duration": duration_s},
+        "req_per_s": requests / window if window > 0 else 0.0,
+        "p50_ms": lat["p50"] / 1000, "p90_ms": lat["p90"] / 1000, "p99_ms": lat["p99"] / 1000,
+        "mean_ms": lat["mean"] / 1000, "max_ms": lat["max"] / 1000,
+        "min_ms": lat["min"] / 1000, "stdev_ms": lat["stdev"] / 1000,
+        "bytes": result["bytes"], "request_body": body,
+        "mean_batch": (sum(k * v for k, v in hist.items()) / batches) if batches else math.nan,
+        "batches": batches, "batch_hist": {str(k): v for k, v in hist.items()},
+        "cpu_percent": _cpu_percent(cpu["measure"], cpu["end"], names),
+        "server_latency_ms": status_end.get("latency_ms"),
+        "server_statistic": status_end.get("statistic"),
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+    }
 
 
 def _cpu_seconds() -> dict[int, float]:
@@ -523,22 +731,36 @@ def _cpu_seconds() -> dict[int, float]:
     return out
 
 
-def _role_names(status: dict[str, Any], load_pids: list[int]) -> dict[int, str]:
-    """pid -> role, from the server's status; the one remaining child is the sink."""
+def _role_names(status: dict[str, Any], load_pids: list[int],
+                http_pid: int | None = None) -> dict[int, str]:
+    """pid -> role, from the server's status (a remaining unnamed child is the sink). The
+    HTTP bridge (``http_pid``) and its gunicorn worker processes are all named "http"."""
+    import psutil
+
     names = {os.getpid(): "bench"}
     names.update({pid: f"load-{i}" for i, pid in enumerate(load_pids)})
     if status.get("ventilator_pid"):
         names[status["ventilator_pid"]] = "ventilator"
+    if status.get("sink_pid"):
+        names[status["sink_pid"]] = "sink"
     for w in status.get("workers", []):
         names[w["pid"]] = f"worker-{w['index']}"
-    import psutil
-
-    for proc in psutil.Process().children(recursive=True):
+    if http_pid:
         try:
-            if "resource_tracker" in " ".join(proc.cmdline()):
-                names[proc.pid] = "mp-resource-tracker"
+            bridge = psutil.Process(http_pid)
+            for proc in [bridge, *bridge.children(recursive=True)]:
+                names[proc.pid] = "http"
         except psutil.Error:
             pass
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if "resource_tracker" in cmdline:
+            names[proc.pid] = "mp-resource-tracker"
+        elif "wkr-serving-http" in cmdline or "gunicorn" in cmdline:
+            names.setdefault(proc.pid, "http")  # process titles, where setproctitle is there
     return names
 
 
@@ -551,13 +773,16 @@ def _cpu_percent(start: tuple[float, dict[int, float]] | None,
     wall = end[0] - start[0]
     out: dict[str, float] = {}
     others = [pid for pid in end[1] if pid not in names and pid in start[1] and pid > 0]
+    sink_named = "sink" in names.values()
     ours = 0.0
     for pid, used in end[1].items():
         if pid not in start[1] or pid < 0:
             continue
         ours += used - start[1][pid]
-        name = names.get(pid) or ("sink" if len(others) == 1 else f"pid-{pid}")
-        out[name] = round(100.0 * (used - start[1][pid]) / wall, 1)
+        name = names.get(pid) or ("sink" if len(others) == 1 and not sink_named
+                                  else f"pid-{pid}")
+        out[name] = out.get(name, 0.0) + 100.0 * (used - start[1][pid]) / wall  # roles of
+    out = {k: round(v, 1) for k, v in out.items()}  # several processes (http) are summed
     if -1 in start[1] and -1 in end[1]:
         busy = end[1][-1] - start[1][-1]
         out["machine_busy"] = round(100.0 * busy / wall, 1)
@@ -626,12 +851,12 @@ def _import_worker_module(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def _server_args(protocol: str, workdir: str) -> Any:
+def _server_args(protocol: str, workdir: str, http: bool = False) -> Any:
     from wkr_serving.server.helper import get_args_parser
 
     return get_args_parser().parse_args(
-        [*SERVER_FLAGS, "-protocol", protocol, "-model_dir", workdir,
-         "-log_dir", workdir, "-log_name", "server"])
+        [*SERVER_FLAGS, "-protocol", protocol, *(HTTP_FLAGS if http else []),
+         "-model_dir", workdir, "-log_dir", workdir, "-log_name", "server"])
 
 
 def floor(workload: str, seconds: float) -> dict[str, Any]:
@@ -680,6 +905,12 @@ def floor(workload: str, seconds: float) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _bridge_pid(server: Any) -> int | None:
+    """The HTTP bridge's pid (its gunicorn workers are its children)."""
+    child = server.supervisor.children.get("http")
+    return child.process.pid if child is not None else None
+
+
 def _time_calls(fn: Callable[[], Any], seconds: float) -> tuple[int, float]:
     """Call ``fn`` in chunks (sized to ~10 ms) until ``seconds`` have passed."""
     pc = time.perf_counter
@@ -704,24 +935,27 @@ def _time_calls(fn: Callable[[], Any], seconds: float) -> tuple[int, float]:
 
 def serve_and_measure(workload: str, protocol: str, settings: dict[str, Any],
                       plan: list[tuple[int, str]]) -> list[dict[str, Any]]:
-    """Start one server and run every (concurrency, loadgen) of ``plan`` against it."""
+    """Start one server and run every (concurrency, loadgen) of ``plan`` against it; a
+    ``wrk:`` loadgen is an HTTP row (the server then also runs the HTTP bridge)."""
     from wkr_serving.client import WKRClient
     from wkr_serving.server import WKRServer
 
     module = _import_worker_module(WORKLOADS[workload]["module"])
     workdir = tempfile.mkdtemp(prefix="wkr-bench-")
+    http = any(spec.startswith("wrk:") for _, spec in plan)
     rows = []
     try:
-        with WKRServer(_server_args(protocol, workdir), module.Worker) as server:
+        with WKRServer(_server_args(protocol, workdir, http), module.Worker) as server:
             info = {"workload": workload, "protocol": protocol, "port": server.port,
-                    "port_out": server.port_out}
+                    "port_out": server.port_out, "http_port": server.http_port,
+                    "http_pid": _bridge_pid(server) if http else None}
             with WKRClient(HOST, server.port, server.port_out, protocol=protocol,
                            timeout=CLIENT_TIMEOUT_MS) as status_client:
                 for concurrency, loadgen in plan:
+                    how = measure_http if loadgen.startswith("wrk:") else measure
                     reps = []
                     for _ in range(settings["repeat"]):
-                        reps.append(measure(info, status_client, loadgen, concurrency,
-                                            settings))
+                        reps.append(how(info, status_client, loadgen, concurrency, settings))
                         print(_row_line(reps[-1]), flush=True)
                     # the repeat with the median throughput stands for the row
                     row = sorted(reps, key=lambda r: r["req_per_s"])[len(reps) // 2]
@@ -778,9 +1012,10 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-COLUMNS = ["workload", "protocol", "transport (zmq client)", "concurrency", "req/s",
+COLUMNS = ["workload", "protocol", "transport / load generator", "concurrency", "req/s",
            "p50 ms", "p99 ms", "mean ms", "mean batch", "ratio to floor b32"]
-CPU_ROLES = ["ventilator", "worker-0", "sink", "load", "bench", "machine_busy", "not_ours"]
+CPU_ROLES = ["ventilator", "worker-0", "sink", "http", "load", "bench", "machine_busy",
+             "not_ours"]
 
 
 def _transport(kind: str) -> str:
@@ -791,6 +1026,9 @@ def _transport(kind: str) -> str:
 
 
 def _layout(loadgen: str) -> str:
+    if loadgen.startswith("wrk:"):
+        threads, conns = parse_wrk(loadgen)
+        return f"{HTTP_TRANSPORT}, {threads} thread x {conns} conn"
     kind, p, n, k = parse_loadgen(loadgen)
     return f"{_transport(kind)}, {p} proc x {n} conn x {k}"
 
@@ -805,7 +1043,8 @@ def _table_cells(row: dict[str, Any]) -> list[str]:
 def _cpu_cells(row: dict[str, Any]) -> list[str]:
     cpu = dict(row.get("cpu_percent") or {})
     cpu["load"] = sum(v for k, v in cpu.items() if k.startswith("load-")) or cpu.get("load")
-    return [f"{row['label']} {row['protocol']} c={row['concurrency']}",
+    via = " HTTP" if row.get("via") == "http" else ""
+    return [f"{row['label']} {row['protocol']}{via} c={row['concurrency']}",
             *(f"{cpu[r]:.0f}" if cpu.get(r) is not None else "-" for r in CPU_ROLES)]
 
 
@@ -851,6 +1090,12 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
         f"{m['pyzmq']} (libzmq {m['libzmq']}), msgpack {m['msgpack']}, wkr-serving "
         f"{m['wkr_serving']}; thread env vars: {env}",
         f"server: ``{' '.join(SERVER_FLAGS)} -protocol <protocol>`` (WKRServer, 1 worker)",
+        *([f"HTTP rows: the W1 numpy server with ``{' '.join(HTTP_FLAGS)}``; load: wrk "
+           f"-t{WRK_THREADS} -c<C>, a warm-up run then the measured run (whole seconds: "
+           f"{st['http']['wrk_warmup_s']} s + {st['http']['wrk_duration_s']} s), one JSON "
+           "item per POST /encode"] if st.get("http", {}).get("enabled") else []),
+        *([f"HTTP rows skipped: {st['http']['skipped']}"]
+          if st.get("http", {}).get("skipped") else []),
         f"closed loop: {st['warmup']} s warm-up then {st['duration']} s measured per row"
         + (f", median of {st['repeat']} repeats" if st["repeat"] > 1 else ""),
         f"load average (1 min) at start: {m['loadavg_at_start'][0]:.2f}",
@@ -918,17 +1163,19 @@ def rst(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any]) -> list[dict[str, Any]]:
-    def find(workload: str, protocol: str, c: int) -> dict[str, Any] | None:
-        return next((r for r in runs if r["workload"] == workload
+def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any],
+                  http_skipped: str = "not run") -> list[dict[str, Any]]:
+    def find(workload: str, protocol: str, c: int, via: str = "zmq") -> dict[str, Any] | None:
+        return next((r for r in runs if r["workload"] == workload and r.get("via") == via
                      and r["protocol"] == protocol and r["concurrency"] == c), None)
 
     targets = []
 
     def add(name: str, row: dict[str, Any] | None, value: Callable[[dict[str, Any]], float],
-            goal: float, higher: bool, shown: Callable[[float], str]) -> None:
+            goal: float, higher: bool, shown: Callable[[float], str],
+            why_not: str = "not run") -> None:
         if row is None:
-            targets.append({"name": name, "status": "SKIP", "line": f"SKIP {name}: not run"})
+            targets.append({"name": name, "status": "SKIP", "line": f"SKIP {name}: {why_not}"})
             return
         v = value(row)
         ok = v >= goal if higher else v <= goal
@@ -943,6 +1190,10 @@ def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any]) -> list[di
         lambda r: r["p50_ms"], 0.5, False, lambda v: f"p50 = {v:.3f} ms")
     add("W1 noop c=64 >= 10,000 req/s (1 worker)", find("noop", "numpy", 64),
         lambda r: r["req_per_s"], 10_000, True, lambda v: f"{v:,.0f} req/s")
+    add("HTTP W1 c=64 >= 2,500 req/s", find("noop", "numpy", 64, "http"),
+        lambda r: r["req_per_s"], 2_500, True, lambda v: f"{v:,.0f} req/s", http_skipped)
+    add("HTTP W1 c=1 p50 <= 1.5 ms", find("noop", "numpy", 1, "http"), lambda r: r["p50_ms"],
+        1.5, False, lambda v: f"p50 = {v:.3f} ms", http_skipped)
     floor_b32 = floors.get("mlp", {}).get("b32", {}).get("items_per_s", math.nan)
     add("W2 mlp c=64 >= 70% of floor batch-32 throughput", find("mlp", "numpy", 64),
         lambda r: r["req_per_s"] / floor_b32, 0.70, True,
@@ -982,6 +1233,8 @@ def main(argv: list[str] | None = None) -> int:
                         "server's workers (default: the libraries' own choice)")
     parser.add_argument("--rst", help="also write the results as an RST page, e.g. "
                         "docs/benchmarks.rst")
+    parser.add_argument("--no-http", dest="http", action="store_false",
+                        help="leave out the HTTP rows (wrk against the bridge's /encode)")
     parser.add_argument("--alternatives", help="comma list of C=64 layouts to compare "
                         f"(default {','.join(LOADGEN_ALTERNATIVES)}); implies the comparison")
     args = parser.parse_args(argv)
@@ -1011,6 +1264,23 @@ def main(argv: list[str] | None = None) -> int:
             parse_loadgen(spec)
         compare = True
 
+    http_skipped = ""
+    if not args.http:
+        http_skipped = "--no-http"
+    elif HTTP_RUN not in runs:
+        http_skipped = f"{'/'.join(HTTP_RUN)} not in --runs"
+    elif wrk_path() is None:
+        http_skipped = (f"{WRK} is not installed (apt-get install wrk); the HTTP rows are "
+                        "left out")
+        print(f"NOTE: {http_skipped}", flush=True)
+    settings["http"] = {"enabled": not http_skipped, "skipped": http_skipped or None,
+                        "server_flags": HTTP_FLAGS, "wrk_threads": WRK_THREADS,
+                        "wrk_warmup_s": _wrk_seconds(settings["warmup"])
+                        if settings["warmup"] > 0 else 0,
+                        "wrk_duration_s": _wrk_seconds(settings["duration"])}
+    if not http_skipped:
+        settings["http"]["wrk_version"] = _wrk_version()
+
     report: dict[str, Any] = {
         "mode": "quick" if quick else "full",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -1038,6 +1308,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(c, loadgens[c]) for c in concurrency]
         if 1 in concurrency and (workload, protocol) == ("noop", "numpy"):
             plan.append((1, SPIN_LOADGEN))
+        if (workload, protocol) == HTTP_RUN and not http_skipped:
+            plan += [(c, f"wrk:{WRK_THREADS}x{c}") for c in concurrency]
         headlines = len(plan)
         extra = [(64, spec) for spec in alternatives if spec != loadgens.get(64)]
         if compare and (workload, protocol) == ("noop", "numpy"):
@@ -1051,11 +1323,11 @@ def main(argv: list[str] | None = None) -> int:
             if headline:
                 rows.append(row)
             if row["concurrency"] == 64 and (workload, protocol) == ("noop", "numpy") \
-                    and compare:
+                    and compare and row["via"] == "zmq":
                 comparison.append(row)
     report["runs"] = rows
     report["loadgen_comparison"] = comparison
-    report["targets"] = check_targets(rows, floors)
+    report["targets"] = check_targets(rows, floors, http_skipped or "not run")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1071,6 +1343,19 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print("wrote " + ", ".join(written))
     return 0
+
+
+def _wrk_version() -> str:
+    """wrk's version line (``wrk -v`` prints it and exits 1)."""
+    import subprocess
+
+    try:
+        done = subprocess.run([wrk_path() or WRK, "-v"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0].split(" Copyright")[0] if text else "unknown"
 
 
 def _clean(value: Any) -> Any:

@@ -31,6 +31,7 @@ from .base import (
     hello_frame,
     parse_replies,
     request_frames,
+    request_options,
 )
 from .errors import ClientUsageError, ConnectionLost, ProtocolError, WKRTimeoutError
 
@@ -94,16 +95,22 @@ class AsyncWKRClient:
             raise
         return self
 
-    async def encode(self, data: Any, timeout: int | None = None) -> Any:
-        """Compute one input; return its result or raise the server's typed error."""
-        reply = await self._request([data], timeout)
+    async def encode(self, data: Any, timeout: int | None = None,
+                     suppress_log_input: bool = False, request_id: str | None = None) -> Any:
+        """Compute one input; return its result or raise the server's typed error.
+        ``suppress_log_input`` and ``request_id``: see :meth:`WKRClient.encode`."""
+        reply = await self._request([data], timeout,
+                                    request_options(suppress_log_input, request_id))
         return reply.value[0]
 
-    async def encode_batch(self, items: Sequence[Any], timeout: int | None = None) -> list[Any]:
+    async def encode_batch(self, items: Sequence[Any], timeout: int | None = None,
+                           suppress_log_input: bool = False, request_id: str | None = None,
+                           ) -> list[Any]:
         """Compute several inputs as one request; return their results in order."""
         if not items:
             raise ClientUsageError("encode_batch takes a non-empty sequence of inputs")
-        return (await self._request(list(items), timeout)).value
+        return (await self._request(list(items), timeout,
+                                    request_options(suppress_log_input, request_id))).value
 
     async def server_status(self) -> dict[str, Any]:
         return await self._command("status")
@@ -152,12 +159,13 @@ class AsyncWKRClient:
 
     # -- internals ----------------------------------------------------------------------
 
-    async def _request(self, items: list[Any], timeout: int | None) -> Reply:
+    async def _request(self, items: list[Any], timeout: int | None,
+                       options: dict[str, Any] | None = None) -> Reply:
         await self.connect()
         budget = self.options.timeout if timeout is None else timeout
         req_id = next(self._ids)
         frames = request_frames(req_id, budget, items, self.options.protocol,
-                                self.options.allow_pickle)
+                                self.options.allow_pickle, options)
         check_frame_sizes(frames, self.server_info)
         reply = await self._exchange(req_id, self._sender, frames,
                                      None if budget is None else budget / 1000.0, "result")

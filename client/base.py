@@ -22,7 +22,7 @@ from .keys import load_key_pair, load_public_key
 from .version import __version__
 
 __all__ = ["ClientOptions", "Reply", "Response", "check_hello", "parse_replies",
-           "request_frames"]
+           "request_frames", "request_options"]
 
 #: Longest the connection handshake may take when the call timeout is longer.
 CONNECT_TIMEOUT_MS = 10_000
@@ -113,16 +113,40 @@ def _host(ip: str) -> str:
 
 
 def request_frames(req_id: int, timeout_ms: int | None, items: Sequence[Any],
-                   protocol: str, allow_pickle: bool = False) -> list[Any]:
-    """Frames of a REQUEST carrying ``items``."""
+                   protocol: str, allow_pickle: bool = False,
+                   options: dict[str, Any] | None = None) -> list[Any]:
+    """Frames of a REQUEST carrying ``items`` (and its ``options`` map, when given)."""
     metas = []
     frames: list[Any] = [b""]
     for item in items:
         meta, buf = P.encode_item(item, protocol, allow_pickle)
         metas.append(meta)
         frames.append(buf)
-    frames[0] = P.pack([P.PROTOCOL_VERSION, P.REQUEST, req_id, int(timeout_ms or 0), metas])
+    header = [P.PROTOCOL_VERSION, P.REQUEST, req_id, int(timeout_ms or 0), metas]
+    if options:
+        header.append(options)
+    frames[0] = P.pack(header)
     return frames
+
+
+def request_options(suppress_log_input: bool = False, request_id: str | None = None,
+                    ) -> dict[str, Any] | None:
+    """The REQUEST options for these per-call settings (None when none is set, so such a
+    request is sent exactly as before). They matter when the server logs predictions
+    (``-log_predictions``): ``suppress_log_input`` keeps this request's inputs out of
+    the log, ``request_id`` is the caller's id for it (at most 128 characters)."""
+    if not suppress_log_input and request_id is None:
+        return None
+    options: dict[str, Any] = {}
+    if suppress_log_input:
+        options["suppress_log_input"] = True
+    if request_id is not None:
+        if not isinstance(request_id, str) or len(request_id) > P.MAX_OPTION_CHARS:
+            raise ClientUsageError(
+                f"request_id must be a string of at most {P.MAX_OPTION_CHARS} characters, "
+                f"got {P.brief(request_id)}")
+        options["request_id"] = request_id
+    return options
 
 
 def command_frame(req_id: int, timeout_ms: int | None, name: str, args: Any = None) -> bytes:

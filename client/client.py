@@ -37,6 +37,7 @@ from .base import (
     hello_frame,
     parse_replies,
     request_frames,
+    request_options,
 )
 from .errors import (
     ClientUsageError,
@@ -174,24 +175,34 @@ class WKRClient:
     # -- requests -----------------------------------------------------------------------
 
     def encode(self, data: Any, blocking: bool = True, target_request_id: int | None = None,
-               timeout: int | None = None) -> Any:
+               timeout: int | None = None, suppress_log_input: bool = False,
+               request_id: str | None = None) -> Any:
         """Send one input; return its result (or, with ``blocking=False``, its request id
-        for :meth:`fetch`). Raises the server's error as a typed exception."""
-        req_id = self._send_items([data], _ONE, timeout, target_request_id)
+        for :meth:`fetch`). Raises the server's error as a typed exception.
+
+        For a server that logs predictions (``-log_predictions``): ``suppress_log_input``
+        keeps this input out of the log (its result is still logged), ``request_id``
+        (a string of at most 128 characters) is written as the request's id in the log.
+        """
+        req_id = self._send_items([data], _ONE, timeout, target_request_id,
+                                  request_options(suppress_log_input, request_id))
         if not blocking:
             self._unfetched.append(req_id)
             return req_id
         return self._result(req_id, timeout)
 
     def encode_batch(self, items: Sequence[Any], blocking: bool = True,
-                     timeout: int | None = None) -> Any:
+                     timeout: int | None = None, suppress_log_input: bool = False,
+                     request_id: str | None = None) -> Any:
         """Send several inputs as one request; return their results as a list. The server
-        may spread them over several batches and reassembles them in order."""
+        may spread them over several batches and reassembles them in order.
+        ``suppress_log_input`` and ``request_id`` as in :meth:`encode`."""
         if isinstance(items, np.ndarray):
             items = list(items)
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not items:
             raise ClientUsageError("encode_batch takes a non-empty sequence of inputs")
-        req_id = self._send_items(items, _MANY, timeout, None)
+        req_id = self._send_items(items, _MANY, timeout, None,
+                                  request_options(suppress_log_input, request_id))
         if not blocking:
             self._unfetched.append(req_id)
             return req_id
@@ -310,12 +321,13 @@ class WKRClient:
             raise ClientUsageError("this WKRClient is closed")
 
     def _send_items(self, items: Sequence[Any], shape: str, timeout: int | None,
-                    req_id: int | None) -> int:
+                    req_id: int | None, options: dict[str, Any] | None = None) -> int:
         if not self._connected:
             self._connect()
         req_id = next(self._ids) if req_id is None else req_id
         budget = self.timeout if timeout is None else timeout
-        frames = request_frames(req_id, budget, items, self.protocol, self.options.allow_pickle)
+        frames = request_frames(req_id, budget, items, self.protocol, self.options.allow_pickle,
+                                options)
         check_frame_sizes(frames, self._server_info)
         with self._lock:
             self._check_open()

@@ -11,6 +11,7 @@ a client connects one DEALER to each, both with the same identity)::
 
     kind      direction                  header fields after [V, kind]     payload
     REQUEST   client  -> ventilator      req_id, timeout_ms, metas         one frame per item
+                                         [, options]
     COMMAND   client  -> ventilator      req_id, timeout_ms, name, args    -
     HELLO     client  -> sink            req_id                            -
     RESULT    sink    -> client          req_id, metas                     one frame per item
@@ -36,10 +37,19 @@ ERROR (``body``: ``[code, message, tb]``) or REPLY (``body``: a value).
 ``timeout_ms`` is the client's budget for the request (0 means none); the ventilator turns
 it into an absolute deadline on arrival, so client and server clocks never meet.
 
+REQUEST may carry a 4th field, ``options``: a map of per-request options (string keys;
+values ``nil``, booleans or strings of at most :data:`MAX_OPTION_CHARS` characters;
+at most :data:`MAX_OPTIONS` entries). Known keys: ``suppress_log_input`` (bool: keep
+this request's inputs out of the prediction log) and ``request_id`` (str: the caller's
+id for the request, written in the prediction log). Unknown keys are ignored. Clients
+send the field only when an option is set.
+
 A *segment* (in BATCH) is ``[client, req_id, offset, total, count, t_recv, deadline,
 metas, serial]``: ``count`` consecutive items, starting at ``offset``, of a request that
 has ``total`` items; ``serial`` numbers the requests the ventilator accepted, so the
-sink reassembles split requests by it. A *part* (in DONE) is ``[client, req_id, offset,
+sink reassembles split requests by it. When the server logs predictions
+(``-log_predictions``) each segment has a 10th field, the request's known ``options``
+(a map, or ``nil`` when it sent none). A *part* (in DONE) is ``[client, req_id, offset,
 total, count, t_recv, metas, error, serial]`` with ``metas`` None when ``error`` is set.
 
 Items are encoded one frame each by :func:`encode_item`. An item's *meta* is ``0`` for a
@@ -111,7 +121,12 @@ FORWARD = 13
 EVENT = 20
 CONTROL = 21
 
-#: How many fields (after ``[version, kind]``) each kind's header carries.
+#: Most entries in a REQUEST's options map, and longest string value in it.
+MAX_OPTIONS = 16
+MAX_OPTION_CHARS = 128
+
+#: How many fields (after ``[version, kind]``) each kind's header carries (REQUEST may
+#: carry one more: its options).
 HEADER_FIELDS = {
     REQUEST: 3,
     COMMAND: 4,
@@ -167,9 +182,10 @@ def unpack_header(buf: Any, expect: int | None = None) -> list[Any]:
         raise ProtocolError(f"unknown message kind {brief(kind)}")
     if expect is not None and kind != expect:
         raise ProtocolError(f"unexpected message kind {kind} (expected {expect})")
-    if len(header) != fields + 2:
+    if len(header) != fields + 2 and not (kind == REQUEST and len(header) == fields + 3):
         raise ProtocolError(
-            f"message kind {kind} needs {fields} header fields, got {len(header) - 2}")
+            f"message kind {kind} needs {fields} header fields"
+            f"{' (or one more: options)' if kind == REQUEST else ''}, got {len(header) - 2}")
     return header
 
 

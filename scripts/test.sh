@@ -27,8 +27,9 @@ fi
 export PIP_NO_INPUT=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# System packages the tests need (for example redis-server, chromium). Empty today.
-APT_PACKAGES=()
+# System packages the tests need: Debian's chromium drives tests/test_dashboard.py
+# (through Playwright, with executable_path; no browser download).
+APT_PACKAGES=(chromium)
 
 # Python packages installed beside the project, pinned where the tests need an exact
 # version (for example torch==2.13.0, tensorflow). Empty today.

@@ -105,6 +105,12 @@ class ServerConfig:
     http_token: str | None = _opt(
         None, "bearer token the HTTP bridge requires on every route but the health checks",
         secret=True)
+    http_jobs_max: int = _opt(
+        10_000, "most jobs (POST /jobs) the HTTP bridge keeps; when all are pending, new "
+        "jobs get 429", kind=int)
+    http_jobs_ttl: float = _opt(
+        300.0, "seconds the HTTP bridge keeps a finished job's result for GET /jobs/<id>",
+        kind=float)
 
     def __post_init__(self) -> None:
         for name, value in (("num_worker", self.num_worker), ("batch_size", self.batch_size),
@@ -129,6 +135,8 @@ class ServerConfig:
             raise ConfigError("-gpu_memory_fraction must be in (0, 1]")
         if self.max_msg_size == 0 or self.max_msg_size < -1:
             raise ConfigError("-max_msg_size must be a positive number of bytes, or -1")
+        if self.http_jobs_max < 1 or self.http_jobs_ttl <= 0:
+            raise ConfigError("-http_jobs_max must be at least 1 and -http_jobs_ttl > 0 s")
         if self.worker_timeout < 0:
             raise ConfigError("-worker_timeout must be >= 0 seconds (0: no limit)")
         if self.auth_token is not None and not self.auth_token:

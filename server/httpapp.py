@@ -35,14 +35,17 @@ import numpy as np
 from flask import Flask, Response, g, jsonify, request
 from wkr_serving.client import ConcurrentWKRClient, WKRClient
 from wkr_serving.client import errors as E
+from wkr_serving.client.protocol import MAX_OPTION_CHARS
 from wkr_serving.client.version import __version__
 
 from .config import ServerConfig
 
 __all__ = ["Backend", "create_app", "http_status", "to_json"]
 
-#: Paths served without the bearer token (probes must not need a secret).
-OPEN_PATHS = ("/health/", "/v2/health/")
+#: Paths served without the bearer token: probes must not need a secret, and the
+#: dashboard's page and static files hold no data (its data route needs the token).
+OPEN_PATHS = ("/health/", "/v2/health/", "/dashboard/static/")
+OPEN_EXACT = ("/dashboard", "/dashboard/")
 
 
 def http_status(error: BaseException) -> int:
@@ -145,7 +148,8 @@ def create_app(backend: Backend, token: str | None = None, cors: str | None = No
     def _before() -> Any:
         g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
         g.started = time.perf_counter()
-        if token is not None and not request.path.startswith(OPEN_PATHS):
+        if (token is not None and not request.path.startswith(OPEN_PATHS)
+                and request.path not in OPEN_EXACT):
             given = request.headers.get("Authorization", "")
             if not (given.startswith("Bearer ") and hmac.compare_digest(
                     given[7:].encode(), token.encode())):
@@ -171,9 +175,18 @@ def create_app(backend: Backend, token: str | None = None, cors: str | None = No
         timeout = body.get("timeout")
         if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
             return envelope_error(400, "bad_input", '"timeout" must be a positive int (ms)')
+        suppress = body.get("suppress_log_input", False)
+        if not isinstance(suppress, bool):
+            return envelope_error(400, "bad_input", '"suppress_log_input" must be a boolean')
         try:
             items = [as_input(x, backend.protocol, body.get("dtype")) for x in items]
-            results = backend.encode(items, timeout)
+            if backend.config.log_predictions:  # the log gets the request id (and suppress)
+                results = backend.pool.encode_batch(
+                    items, timeout=timeout, suppress_log_input=suppress,
+                    request_id=g.request_id[:MAX_OPTION_CHARS])
+                backend._see(items[0], results[0] if results else None)
+            else:
+                results = backend.encode(items, timeout)
         except Exception as exc:  # every failure becomes an HTTP status and envelope
             return envelope_error(http_status(exc), error_code(exc), getattr(
                 exc, "message", str(exc)))

@@ -13,4 +13,7 @@ __all__ = ["all_blueprints"]
 
 
 def all_blueprints() -> list[Callable[[Any, Any], None]]:
-    return []
+    from . import http_dashboard, http_jobs, http_metrics, http_v2
+
+    return [http_dashboard.register, http_v2.register, http_metrics.register,
+            http_jobs.register]

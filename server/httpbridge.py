@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from typing import Any
 
@@ -62,11 +64,20 @@ class HTTPBridge(Role):
         return {"http_port": http_port}
 
     def serve(self) -> None:
+        # One directory shared by the bridge's processes (the jobs store, the HTTP
+        # metrics of every process), removed when the bridge stops.
+        from .http_jobs import STATE_DIR_ENV
+
+        state = tempfile.mkdtemp(prefix="wkr-http-")
+        os.environ[STATE_DIR_ENV] = state
         app = _application_class()(self)
         watcher = threading.Thread(target=self._watch_control, name="control", daemon=True)
         watcher.start()
-        with contextlib.suppress(SystemExit):  # the arbiter's way of ending
-            app.run()
+        try:
+            with contextlib.suppress(SystemExit):  # the arbiter's way of ending
+                app.run()
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
 
     def _watch_control(self) -> None:
         """Turn the supervisor's stop into the arbiter's graceful stop (a SIGTERM to this

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from typing import Any
 
@@ -33,6 +34,10 @@ V = P.PROTOCOL_VERSION
 BACKLOG_RETRY_MS = 10
 #: Longest (s) a stopping sink keeps offering held replies to clients that are not reading.
 BACKLOG_FLUSH_S = 1.0
+#: Upper bounds (s) of the request latency histogram's buckets (``/metrics``); one more
+#: bucket counts the slower requests.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Sink(Role):
@@ -58,6 +63,8 @@ class Sink(Role):
         self.errors: dict[str, int] = {}
         self.undeliverable = 0
         self.latency = Window(4096)
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.latency_sum = 0.0
         self.result_rate = RateMeter()
         self.worker_stats: dict[int, dict[str, float]] = {}
         # worker index -> id of its last batch answered (DONE) or failed (worker died or
@@ -264,7 +271,10 @@ class Sink(Role):
         done = self.jobs.add(client, serial, offset, total, count, metas, frames, error)
         if done is None:
             return None
-        self.latency.add(now - t_recv)
+        elapsed = now - t_recv
+        self.latency.add(elapsed)
+        self.latency_counts[bisect_left(LATENCY_BUCKETS_S, elapsed)] += 1
+        self.latency_sum += elapsed
         self.result_rate.add(now)
         if done.error is not None:
             self._count_error(done.error)
@@ -285,6 +295,9 @@ class Sink(Role):
             "num_undeliverable": self.undeliverable,
             "pending_split_requests": len(self.jobs),
             "latency_ms": {**latency, "window": len(self.latency)},
+            "latency_histogram": {"buckets_s": list(LATENCY_BUCKETS_S),
+                                  "counts": list(self.latency_counts),
+                                  "sum_s": self.latency_sum},
             "throughput_per_s": {"last_1s": self.result_rate.rate(now - 1, 1),
                                  "last_10s": self.result_rate.rate(now, 10),
                                  "last_60s": self.result_rate.rate(now, 60)},

@@ -54,6 +54,48 @@ class _WorkerState:
     items: int = 0
 
 
+@dataclass(slots=True)
+class _OptionsRequest(Request):
+    """A queued request that carries options for the prediction log (only made when the
+    server logs predictions and the request sent options)."""
+
+    options: dict[str, Any] | None = None
+
+
+#: The REQUEST options the server uses, with the type of each value.
+KNOWN_OPTIONS = {"suppress_log_input": bool, "request_id": str}
+
+
+def _request_options(value: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """Check a REQUEST's options map: ``(the known options or None, None)``, or ``(None,
+    why it is refused)``. Unknown keys are ignored (a newer client may send them), but
+    every value must still be small: nil, a boolean or a short string."""
+    if value is None:
+        return None, None
+    if value.__class__ is not dict:
+        return None, f"request options must be a map, got {P.brief(value)}"
+    if len(value) > P.MAX_OPTIONS:
+        return None, f"request options have {len(value)} entries (at most {P.MAX_OPTIONS})"
+    known: dict[str, Any] = {}
+    for key, item in value.items():
+        if key.__class__ is not str or len(key) > P.MAX_OPTION_CHARS:
+            return None, f"request option names are short strings, got {P.brief(key)}"
+        if item is None:
+            continue
+        if not (item.__class__ is bool
+                or (item.__class__ is str and len(item) <= P.MAX_OPTION_CHARS)):
+            return None, (f"request option {key!r} must be a boolean or a string of at most "
+                          f"{P.MAX_OPTION_CHARS} characters, got {P.brief(item)}")
+        kind = KNOWN_OPTIONS.get(key)
+        if kind is None:
+            continue
+        if item.__class__ is not kind:
+            return None, (f"request option {key!r} must be a {kind.__name__}, got "
+                          f"{P.brief(item)}")
+        known[key] = item
+    return known or None, None
+
+
 def _worker_identity(index: int) -> bytes:
     return f"worker-{index}".encode()
 
@@ -166,6 +208,12 @@ class Ventilator(Role):
     def _on_request(self, client: bytes, req_id: int, header: list[Any],
                     frames: list[zmq.Frame]) -> None:
         timeout_ms, metas = header[3], header[4]
+        options = None
+        if len(header) > 5:  # the optional options map (the log's per-request settings)
+            options, why = _request_options(header[5])
+            if why is not None:
+                self._reject(client, req_id, E.BadInput(why))
+                return
         if not isinstance(metas, list) or not metas or len(metas) != len(frames) - 2:
             self._reject(client, req_id, E.BadInput(
                 f"request declares {len(metas) if isinstance(metas, list) else P.brief(metas)}"
@@ -207,8 +255,12 @@ class Ventilator(Role):
                 return
         deadline = now + timeout_ms / 1000.0 if timeout_ms else 0.0
         self.requests += 1
-        self.queue.push(Request(client, req_id, now, deadline, metas, frames[2:],
-                                serial=self.requests))
+        if options is not None and self.config.log_predictions:
+            self.queue.push(_OptionsRequest(client, req_id, now, deadline, metas, frames[2:],
+                                            serial=self.requests, options=options))
+        else:
+            self.queue.push(Request(client, req_id, now, deadline, metas, frames[2:],
+                                    serial=self.requests))
         self.items += len(metas)
 
     def _on_command(self, client: bytes, req_id: int, name: Any, args: Any,
@@ -361,6 +413,9 @@ class Ventilator(Role):
             headers.append([req.client, req.req_id, offset, req.total, count, req.t_recv,
                             req.deadline, req.metas[offset:end], req.serial])
             frames.extend(req.frames[offset:end])
+        if self.config.log_predictions:  # the worker writes each request's options in the log
+            for seg_header, (req, _, _) in zip(headers, segments, strict=True):
+                seg_header.append(getattr(req, "options", None))
         self.batch_id += 1
         worker.batch_id = self.batch_id
         header = P.pack([P.PROTOCOL_VERSION, P.BATCH, self.batch_id, headers])

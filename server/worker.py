@@ -25,12 +25,17 @@ from wkr_serving.client import protocol as P
 from .config import ServerConfig
 from .devices import CPU, describe
 from .logs import set_logger
+from .predlog import Entry, PredictionLog, capture, log_path
 from .process import LINGER_MS, Endpoints, Role
 
 __all__ = ["WKRHardWorker", "WorkerProcess", "load_worker_class"]
 
 #: Most milliseconds an idle worker waits before looking for a supervisor command.
 CONTROL_CHECK_MS = 200
+#: Most lost prediction-log lines reported in one DONE (the rest go with the next ones).
+LOST_REPORT_MAX = 1000
+#: Seconds a stopping worker gives its prediction log to write what is queued.
+PREDLOG_CLOSE_S = 2.0
 _EXPIRED = E.DeadlineExceeded("deadline passed before a worker could compute the request"
                               ).to_wire()
 
@@ -174,6 +179,12 @@ class WorkerProcess(Role):
         self.allow_pickle = self.config.allow_pickle
         self._ready_frame = P.pack([P.PROTOCOL_VERSION, P.READY, self.index, os.getpid(),
                                     self.device_id])
+        self.predlog: PredictionLog | None = None
+        self._lost_lines = 0  # prediction-log lines lost and not yet reported
+        if self.config.log_predictions:
+            assert self.config.log_dir is not None  # checked by ServerConfig
+            self.predlog = PredictionLog(log_path(self.config.log_dir, self.config.log_name),
+                                         logger=self.logger)
         return {"index": self.index, "device_id": self.device_id}
 
     def serve(self) -> None:
@@ -196,6 +207,9 @@ class WorkerProcess(Role):
                     return
 
     def shutdown(self) -> None:
+        predlog = getattr(self, "predlog", None)
+        if predlog is not None:
+            predlog.close(PREDLOG_CLOSE_S)
         model = getattr(self, "model", None)
         if model is not None:
             try:
@@ -240,7 +254,50 @@ class WorkerProcess(Role):
         busy = time.perf_counter() - started
         done = [P.PROTOCOL_VERSION, P.DONE, batch_id, self.index, parts,
                 self.worker._take_statistics(), busy]
+        if self.predlog is None:
+            self.sink.send_multipart([P.pack(done), *result_frames], copy=False)
+        else:
+            self._send_and_log(done, segments, payload, result_frames)
+
+    # -- the prediction log -------------------------------------------------------------
+
+    def _send_and_log(self, done: list[Any], segments: list[list[Any]],
+                      payload: list[zmq.Frame], result_frames: list[Any]) -> None:
+        """Send a batch's DONE, then queue one prediction-log entry per part: a bounded
+        snapshot, formatted and written by the log's own thread. Lines the log lost
+        (queue full, write failed) are reported as the ``prediction_log_dropped``
+        statistic: one value 1.0 per line, so its ``count`` is the number lost."""
+        assert self.predlog is not None
+        self._lost_lines += self.predlog.take_lost()
+        if self._lost_lines:
+            report = min(self._lost_lines, LOST_REPORT_MAX)
+            self._lost_lines -= report
+            done[5].setdefault("prediction_log_dropped", []).extend([1.0] * report)
         self.sink.send_multipart([P.pack(done), *result_frames], copy=False)
+        now, wall = time.monotonic(), time.time()
+        batch_size = len(payload)
+        where: dict[tuple[int, int], tuple[list[Any], int]] = {}  # (serial, offset) -> seg
+        pos = 0
+        for seg in segments:
+            where[(seg[8], seg[2])] = (seg, pos)
+            pos += seg[4]
+        out = 0
+        for client, req_id, offset, total, count, t_recv, metas, error, serial in done[4]:
+            seg, start = where[(serial, offset)]
+            options = seg[9] if len(seg) > 9 else None
+            inputs = None
+            if not (options and options.get("suppress_log_input")):
+                inputs = [capture(m, f.buffer) for m, f in
+                          zip(seg[7], payload[start:start + count], strict=False)]
+            outputs = None
+            if error is None:
+                outputs = [capture(m, b) for m, b in
+                           zip(metas, result_frames[out:out + count], strict=True)]
+                out += count
+            self.predlog.put(Entry(
+                wall, now - t_recv, client, req_id, options.get("request_id") if options
+                else None, offset, count, total, batch_size, self.index, error, inputs,
+                outputs))
 
     def _run_batch(self, live: list[list[Any]], items: list[Any], metas: list[Any],
                    parts: list[list[Any]], result_frames: list[Any]) -> None:

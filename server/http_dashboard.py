@@ -1,0 +1,223 @@
+"""The live dashboard of the HTTP bridge: a page for people, and the JSON it polls.
+
+Routes:
+
+- ``GET /dashboard``: the page (``static/dashboard.html``). It polls ``dashboard/data``
+  every second and draws, without reloading: throughput (requests, results and errors per
+  second), latency p50/p99, queue depth and in-flight items, the batch-size distribution,
+  errors by kind, and a table of the workers and the other processes of the server.
+- ``GET /dashboard/static/<file>``: the page's script, style sheet and the vendored chart
+  library (uPlot, from npm: ``scripts/vendor_js.sh``). Only files of the package's
+  ``static`` directory are served (no CDN, no path outside that directory).
+- ``GET /dashboard/data``: the essentials of ``server_status`` plus, per process, CPU and
+  memory (psutil, by pid) and, when the machine has NVIDIA GPUs, each GPU's utilisation
+  and memory (GPUtil). 503 with ``{"ok": false, "error": ...}`` when the server does
+  not answer.
+
+State: the bridge may run in several processes (gunicorn workers), and each poll may land
+on any of them, so these routes keep no history. Everything that moves over time (rates,
+the time series the charts draw) is computed by the page from successive snapshots of the
+server's own counters, which every process reads alike. The only per-process memory is a
+cache: psutil ``Process`` handles (their CPU percentage is measured since the previous poll
+that reached the same bridge process; ``cpu_s``, cumulative CPU seconds, lets the page
+compute exact rates instead) and GPUtil's answer for :data:`GPU_TTL_S` seconds (it runs
+``nvidia-smi``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from flask import Flask, Response, jsonify, redirect, send_from_directory
+
+__all__ = ["STATIC_DIR", "collect", "gpu_rows", "process_row", "register"]
+
+#: The page's files: part of the package (``[tool.setuptools.package-data]``).
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+#: Seconds one GPUtil (nvidia-smi) answer is reused; after a failure, seconds to wait.
+GPU_TTL_S = 2.0
+GPU_RETRY_S = 30.0
+#: Seconds browsers may cache the static files (the page itself is never cached).
+STATIC_MAX_AGE_S = 300
+
+_procs_lock = threading.Lock()
+_procs: dict[int, Any] = {}  # pid -> psutil.Process (kept for cpu_percent deltas)
+_gpu_lock = threading.Lock()
+_gpu_cache: dict[str, Any] = {"at": -1e9, "rows": [], "error": None, "ttl": GPU_TTL_S}
+
+
+def process_row(pid: int | None) -> dict[str, Any]:
+    """CPU and memory of process ``pid``: ``cpu_percent`` (since the previous call for
+    that pid in this process; 0.0 the first time), ``cpu_s`` (user + system seconds so
+    far), ``rss_bytes``, ``threads``; ``alive`` False when there is no such process."""
+    row: dict[str, Any] = {"pid": pid, "alive": False, "cpu_percent": None, "cpu_s": None,
+                           "rss_bytes": None, "threads": None}
+    if not pid:
+        return row
+    import psutil
+
+    try:
+        with _procs_lock:
+            proc = _procs.get(pid)
+            if proc is None or not proc.is_running():  # is_running also spots pid reuse
+                proc = psutil.Process(pid)
+                _procs[pid] = proc
+                proc.cpu_percent(None)  # the first call only starts the measurement
+                percent = 0.0
+            else:
+                percent = proc.cpu_percent(None)
+            with proc.oneshot():
+                times = proc.cpu_times()
+                row.update(alive=True, cpu_percent=percent, cpu_s=times.user + times.system,
+                           rss_bytes=proc.memory_info().rss, threads=proc.num_threads())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+        with _procs_lock:
+            _procs.pop(pid, None)
+    return row
+
+
+def _forget_processes(keep: set[int]) -> None:
+    with _procs_lock:
+        for pid in [p for p in _procs if p not in keep]:
+            del _procs[pid]
+
+
+def gpu_rows() -> tuple[list[dict[str, Any]], str | None]:
+    """``([{"id", "name", "load_percent", "memory_used_mb", "memory_total_mb",
+    "temperature_c"}], error)`` from GPUtil, cached; an empty list without GPUs."""
+    now = time.monotonic()
+    with _gpu_lock:
+        if now - _gpu_cache["at"] < _gpu_cache["ttl"]:
+            return _gpu_cache["rows"], _gpu_cache["error"]
+        rows: list[dict[str, Any]] = []
+        error = None
+        try:
+            import GPUtil
+
+            for gpu in GPUtil.getGPUs():
+                rows.append({"id": int(gpu.id), "name": str(gpu.name),
+                             "load_percent": _number(gpu.load, 100.0),
+                             "memory_used_mb": _number(gpu.memoryUsed),
+                             "memory_total_mb": _number(gpu.memoryTotal),
+                             "temperature_c": _number(gpu.temperature)})
+        except Exception as exc:  # GPUtil absent, nvidia-smi missing or failing
+            rows, error = [], f"{type(exc).__name__}: {exc}"
+        _gpu_cache.update(at=now, rows=rows, error=error,
+                          ttl=GPU_RETRY_S if error else GPU_TTL_S)
+        return rows, error
+
+
+def _number(value: Any, scale: float = 1.0) -> float | None:
+    try:
+        number = float(value) * scale
+    except (TypeError, ValueError):
+        return None
+    return number if number == number else None  # NaN -> None (JSON has no NaN)
+
+
+def _gpu_id(device: Any) -> int | None:
+    """The GPU index of a worker's device (``"gpu:1"`` → 1; ``"cpu"`` → None)."""
+    if isinstance(device, str) and device.startswith(("gpu:", "cuda:")):
+        try:
+            return int(device.split(":", 1)[1])
+        except ValueError:
+            return None
+    return None
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def collect(backend: Any) -> dict[str, Any]:
+    """The dashboard's snapshot: ``server_status`` essentials, processes and GPUs."""
+    status = backend.server_status()
+    config = status.get("config") or {}
+    gpus, gpu_error = gpu_rows()
+    by_id = {g["id"]: g for g in gpus}
+    workers = []
+    for w in status.get("workers") or []:
+        row = {k: w.get(k) for k in ("index", "pid", "device", "state", "batches", "items",
+                                     "restarts", "last_error", "busy_s")}
+        row["batches_done"] = w.get("batches_done", w.get("batches"))
+        row.update({k: v for k, v in process_row(w.get("pid")).items() if k != "pid"})
+        gpu_id = _gpu_id(w.get("device"))
+        row["gpu"] = by_id.get(gpu_id) if gpu_id is not None else None
+        workers.append(row)
+    processes = []
+    for role, pid in (("supervisor", status.get("supervisor_pid")),
+                      ("ventilator", status.get("ventilator_pid")),
+                      ("sink", status.get("sink_pid")), ("http", os.getpid())):
+        processes.append({"role": role, **process_row(pid)})
+    _forget_processes({p["pid"] for p in processes if p["pid"]}
+                      | {w["pid"] for w in workers if w.get("pid")})
+    return {
+        "ok": True,
+        "time": time.time(),
+        "server": {
+            "version": status.get("server_version"), "protocol": status.get("protocol"),
+            "model_name": config.get("model_name"),
+            "worker_class": getattr(backend, "worker_class", ""),
+            "num_worker": config.get("num_worker"), "batch_size": config.get("batch_size"),
+            "max_queue_size": status.get("max_queue_size"),
+            "uptime_s": status.get("uptime_s"), "ready": bool(status.get("ready")),
+            "draining": bool(status.get("draining")),
+        },
+        "counters": {
+            "requests": status.get("num_requests", 0), "items": status.get("num_items", 0),
+            "results": status.get("num_results", 0), "batches": status.get("num_batches", 0),
+            "rejected": status.get("num_rejected", 0),
+            "overloaded": status.get("num_overloaded", 0),
+            "expired_in_queue": status.get("num_expired_in_queue", 0),
+            "undeliverable": status.get("num_undeliverable", 0),
+        },
+        "errors": dict(status.get("num_errors") or {}),
+        "queue_items": status.get("queue_items", 0),
+        "in_flight_items": status.get("in_flight_items", 0),
+        "busy_workers": status.get("busy_workers", 0),
+        "latency_ms": _finite(dict(status.get("latency_ms") or {})),
+        "throughput_per_s": dict(status.get("throughput_per_s") or {}),
+        "batch_size": dict(status.get("batch_size") or {}),
+        "workers": workers,
+        "processes": processes,
+        "gpus": gpus,
+        "gpu_error": gpu_error,
+    }
+
+
+def register(app: Flask, backend: Any) -> None:
+    """Add the dashboard's routes to the bridge's application."""
+
+    @app.get("/dashboard")
+    def dashboard() -> Response:
+        response = send_from_directory(STATIC_DIR, "dashboard.html", max_age=0)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    @app.get("/dashboard/")
+    def dashboard_slash() -> Any:
+        # the page's links are relative to /dashboard: send /dashboard/ there
+        return redirect("../dashboard", 308)
+
+    @app.get("/dashboard/static/<path:filename>")
+    def dashboard_static(filename: str) -> Response:
+        # send_from_directory refuses any path that leaves STATIC_DIR (404).
+        return send_from_directory(STATIC_DIR, filename, max_age=STATIC_MAX_AGE_S)
+
+    @app.get("/dashboard/data")
+    def dashboard_data() -> Any:
+        try:
+            data = collect(backend)
+        except Exception as exc:  # the server does not answer: the page says so
+            return jsonify({"ok": False, "time": time.time(),
+                            "error": f"{type(exc).__name__}: {exc}"}), 503
+        response = jsonify(data)
+        response.headers["Cache-Control"] = "no-store"
+        return response

@@ -1,0 +1,375 @@
+"""Jobs: submit work over HTTP now, fetch the result later.
+
+- ``POST /jobs`` takes the body of ``POST /encode`` and answers ``202 {"job_id": ...}``
+  at once (a body that is not valid gets ``400`` at once, as from ``/encode``); the work
+  runs in a bounded thread pool of the bridge process that took the POST.
+- ``GET /jobs/<id>`` answers ``{"job_id", "status": "pending"}``, ``{"job_id", "status":
+  "done", "data": ...}`` (``data`` as ``/encode`` gives it) or ``{"job_id", "status":
+  "error", "error_code": <HTTP status>, "error_type": <code>, "error_message": ...}``
+  (the fields of ``/encode``'s error envelope); ``404`` for an id it does not know.
+
+The store is bounded: at most ``-http_jobs_max`` jobs; a finished job is kept
+``-http_jobs_ttl`` seconds, then it is gone (``404``). When the store is full, the
+oldest finished jobs make room; when every job in it is still pending, ``POST /jobs``
+gets ``429``.
+
+The bridge runs several gunicorn processes and a GET may reach another process than its
+POST, so the store is shared by all of them: a small SQLite file (WAL journal) in a
+directory of the bridge (see :func:`bridge_state_dir`). A job whose process exited
+before finishing it is reported as an error (``job_lost``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import psutil
+from flask import Flask, Response, g, jsonify, request
+from wkr_serving.client.protocol import MAX_OPTION_CHARS
+
+from .httpapp import as_input, envelope_error, error_code, http_status, to_json
+
+__all__ = ["JobStore", "bridge_state_dir", "register"]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming a directory the bridge owns, shared by its processes
+#: (the job store and the metrics files live there). Set by whoever starts gunicorn.
+STATE_DIR_ENV = "WKR_HTTP_STATE_DIR"
+#: Prefix of the directories made when :data:`STATE_DIR_ENV` is not set.
+AUTO_PREFIX = "wkr-http-auto-"
+#: Seconds a process waits for another one holding the store's write lock.
+LOCK_WAIT_S = 10.0
+
+#: The answer of a job whose process exited before finishing it.
+LOST = json.dumps({"status": "error", "error_code": 500, "error_type": "job_lost",
+                   "error_message": "the bridge process running this job exited"})
+
+_state_lock = threading.Lock()
+_private_dir: str | None = None
+
+
+def _in_gunicorn_worker() -> bool:
+    """Whether this process is a gunicorn worker (its arbiter sets SERVER_SOFTWARE)."""
+    return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn")
+
+
+def _process_key(pid: int) -> str | None:
+    """``<pid>-<start time>``: a name no other process will have, or None if gone."""
+    try:
+        return f"{pid}-{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return None
+
+
+def bridge_state_dir() -> str:
+    """The directory shared by every process of this bridge.
+
+    ``$WKR_HTTP_STATE_DIR`` when set. Otherwise, in a gunicorn worker, a directory named
+    after the arbiter (the parent process, common to all workers), made on first use;
+    directories left by arbiters that no longer run are removed then. Elsewhere (the
+    application served by one process), a private directory removed at exit.
+    """
+    global _private_dir
+    given = os.environ.get(STATE_DIR_ENV)
+    if given:
+        os.makedirs(given, exist_ok=True)
+        return given
+    with _state_lock:
+        if _in_gunicorn_worker():
+            key = _process_key(os.getppid())
+            if key is not None:
+                _remove_stale_dirs()
+                path = os.path.join(tempfile.gettempdir(), AUTO_PREFIX + key)
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                return path
+        if _private_dir is None:
+            _private_dir = tempfile.mkdtemp(prefix="wkr-http-")
+            atexit.register(shutil.rmtree, _private_dir, True)
+        return _private_dir
+
+
+def _remove_stale_dirs() -> None:
+    """Remove auto directories whose arbiter (named in the directory) has exited."""
+    root = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(root):
+            if not name.startswith(AUTO_PREFIX):
+                continue
+            pid, _, _ = name[len(AUTO_PREFIX):].partition("-")
+            if pid.isdigit() and _process_key(int(pid)) != name[len(AUTO_PREFIX):]:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+_this: tuple[int, str] = (0, "")
+
+
+def _this_process() -> str:
+    """This process's ``<pid>-<start time>`` (cached; a fork gets its own)."""
+    global _this
+    if _this[0] != os.getpid():
+        _this = (os.getpid(), _process_key(os.getpid()) or str(os.getpid()))
+    return _this[1]
+
+
+def _gone(owner: str) -> bool:
+    """Whether the process named ``owner`` (``<pid>-<start time>``) has exited; a new
+    process that got the same pid does not count as the owner."""
+    if owner == _this_process():
+        return False
+    pid = owner.partition("-")[0]
+    return not pid.isdigit() or _process_key(int(pid)) != owner
+
+
+class JobStore:
+    """Jobs in one SQLite file that every process of the bridge opens.
+
+    Each row: id, owner (``<pid>-<start time>`` of the process running it), status,
+    expiry (monotonic seconds, set when finished; the monotonic clock is system-wide on
+    Linux) and the answer as JSON text. Any thread of any process may call any method;
+    each thread keeps its own connection.
+    """
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS jobs (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            status TEXT NOT NULL,
+            expires REAL,
+            answer TEXT
+        );
+        CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires);
+    """
+
+    def __init__(self, path: str, max_jobs: int = 10_000, ttl_s: float = 300.0) -> None:
+        self.path = path
+        self.max_jobs = max_jobs
+        self.ttl_s = ttl_s
+        self._local = threading.local()
+        self._create_file()
+
+    def _create_file(self) -> None:
+        """Make the file, in WAL mode and with its table, unless it exists. Processes
+        starting together may race: each prepares its own copy and links it into place
+        (atomic; the first one wins), as switching a shared file to WAL is not safe."""
+        if os.path.exists(self.path):
+            return
+        draft = f"{self.path}.{os.getpid()}-{threading.get_ident()}.new"
+        db = sqlite3.connect(draft, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(self.SCHEMA)
+        finally:
+            db.close()
+        try:
+            os.link(draft, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(draft)
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None or self._local.pid != os.getpid():
+            db = sqlite3.connect(self.path, timeout=LOCK_WAIT_S, isolation_level=None)
+            db.execute("PRAGMA synchronous=OFF")  # scratch data: no need to survive a crash
+            self._local.db, self._local.pid = db, os.getpid()
+        return db
+
+    def create(self) -> str | None:
+        """A new pending job owned by this process; None when the store is full of
+        pending jobs. Expired jobs go first, then the oldest finished ones if needed."""
+        job_id = secrets.token_hex(16)
+        db = self._db()
+        now = time.monotonic()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM jobs WHERE expires <= ?", (now,))
+            (count,) = db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+            if count >= self.max_jobs:
+                self._reclaim_lost(db, now)
+                db.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE expires "
+                           "IS NOT NULL ORDER BY expires LIMIT ?)",
+                           (count - self.max_jobs + 1,))
+                (count,) = db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+            if count >= self.max_jobs:
+                db.execute("COMMIT")
+                return None
+            db.execute("INSERT INTO jobs (id, owner, status) VALUES (?, ?, 'pending')",
+                       (job_id, _this_process()))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return job_id
+
+    def _reclaim_lost(self, db: sqlite3.Connection, now: float) -> None:
+        """Fail the pending jobs of processes that exited (so they can be evicted)."""
+        owners = [o for (o,) in db.execute(
+            "SELECT DISTINCT owner FROM jobs WHERE expires IS NULL").fetchall() if _gone(o)]
+        for owner in owners:
+            db.execute("UPDATE jobs SET status = 'error', expires = ?, answer = ? WHERE "
+                       "owner = ? AND expires IS NULL", (now + self.ttl_s, LOST, owner))
+
+    def finish(self, job_id: str, status: str, answer: dict[str, Any]) -> None:
+        """Record a job's outcome (``status`` "done" or "error"; ``answer``: the fields
+        GET adds to ``job_id`` and ``status``, JSON-ready). Its TTL starts now."""
+        text = json.dumps({"status": status, **answer}, separators=(",", ":"))
+        self._db().execute("UPDATE jobs SET status = ?, expires = ?, answer = ? WHERE id = ?",
+                           (status, time.monotonic() + self.ttl_s, text, job_id))
+
+    def get(self, job_id: str) -> str | None:
+        """The job's answer as JSON text, or None if unknown, expired or evicted."""
+        row = self._db().execute("SELECT owner, expires, answer FROM jobs WHERE id = ?",
+                                 (job_id,)).fetchone()
+        if row is None:
+            return None
+        owner, expires, answer = row
+        if expires is None:
+            if _gone(owner):
+                self._db().execute("UPDATE jobs SET status = 'error', expires = ?, answer = ? "
+                                   "WHERE id = ? AND expires IS NULL",
+                                   (time.monotonic() + self.ttl_s, LOST, job_id))
+                return self.get(job_id)
+            return json.dumps({"job_id": job_id, "status": "pending"})
+        if expires <= time.monotonic():
+            self._db().execute("DELETE FROM jobs WHERE id = ? AND expires <= ?",
+                               (job_id, time.monotonic()))
+            return None
+        return '{"job_id":' + json.dumps(job_id) + "," + answer[1:]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs held, by status (expired ones not counted)."""
+        rows = self._db().execute(
+            "SELECT status, COUNT(*) FROM jobs WHERE expires IS NULL OR expires > ? "
+            "GROUP BY status", (time.monotonic(),)).fetchall()
+        counts = {"pending": 0, "done": 0, "error": 0}
+        counts.update({status: n for status, n in rows})
+        return counts
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+class EncodeCall(NamedTuple):
+    items: list[Any]
+    single: bool
+    timeout: int | None
+    suppress_log_input: bool
+
+
+def parse_encode_body(body: Any, protocol: str) -> EncodeCall:
+    """The call an ``/encode`` body asks for; ValueError says what is wrong, BadInput
+    (from :func:`as_input`) names an input the protocol cannot take."""
+    if not isinstance(body, dict) or ("data" in body) == ("batch" in body):
+        raise ValueError('the body must be a JSON object with "data" (one input) or '
+                         '"batch" (a list of inputs)')
+    single = "data" in body
+    items = [body["data"]] if single else body["batch"]
+    if not isinstance(items, list) or not items:
+        raise ValueError('"batch" must be a non-empty list')
+    timeout = body.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                                or timeout <= 0):
+        raise ValueError('"timeout" must be a positive int (ms)')
+    suppress = body.get("suppress_log_input", False)
+    if not isinstance(suppress, bool):
+        raise ValueError('"suppress_log_input" must be a boolean')
+    return EncodeCall([as_input(x, protocol, body.get("dtype")) for x in items], single,
+                      timeout, suppress)
+
+
+class _Runner:
+    """This process's thread pool for jobs (made on first use, so a fork gets its own)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wkr-job")
+                self._pid = os.getpid()
+            self._pool.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def register(app: Flask, backend: Any, store: JobStore | None = None) -> None:
+    """Add ``POST /jobs`` and ``GET /jobs/<id>`` to ``app``. The store defaults to one
+    in :func:`bridge_state_dir` sized by ``-http_jobs_max`` and ``-http_jobs_ttl``."""
+    if store is None:
+        config = backend.config
+        store = JobStore(os.path.join(bridge_state_dir(), "jobs.sqlite3"),
+                         config.http_jobs_max, config.http_jobs_ttl)
+    jobs = store
+    # Half of this process's clients at most, so that jobs never starve /encode.
+    runner = _Runner(max(1, backend.pool.max_concurrency // 2))
+    app.extensions["wkr_jobs"] = jobs
+    atexit.register(runner.shutdown)
+
+    def run(job_id: str, call: EncodeCall, request_id: str) -> None:
+        try:
+            try:
+                if backend.config.log_predictions:  # as /encode: the log gets the request id
+                    results = backend.pool.encode_batch(
+                        call.items, timeout=call.timeout, request_id=request_id,
+                        suppress_log_input=call.suppress_log_input)
+                else:
+                    results = backend.encode(call.items, call.timeout)
+                data = to_json(results[0] if call.single else results)
+                jobs.finish(job_id, "done", {"data": data})
+            except Exception as exc:  # every failure is the job's outcome
+                jobs.finish(job_id, "error", {
+                    "error_code": http_status(exc), "error_type": error_code(exc),
+                    "error_message": str(getattr(exc, "message", exc))})
+        except Exception:  # the store itself failed: the job stays pending until lost
+            logger.exception("job %s (request %s): cannot record its outcome", job_id,
+                             request_id)
+
+    @app.post("/jobs")
+    def submit_job() -> Any:
+        try:
+            call = parse_encode_body(request.get_json(silent=True), backend.protocol)
+        except ValueError as exc:
+            return envelope_error(400, "bad_input", str(exc))
+        except Exception as exc:
+            return envelope_error(http_status(exc), error_code(exc),
+                                  str(getattr(exc, "message", exc)))
+        job_id = jobs.create()
+        if job_id is None:
+            return envelope_error(429, "too_many_jobs", f"{jobs.max_jobs} jobs are pending: "
+                                  "retry later")
+        runner.submit(run, job_id, call, g.get("request_id", "")[:MAX_OPTION_CHARS])
+        return jsonify({"job_id": job_id}), 202
+
+    @app.get("/jobs/<job_id>")
+    def get_job(job_id: str) -> Any:
+        answer = jobs.get(job_id)
+        if answer is None:
+            return envelope_error(404, "unknown_job", f"no job {job_id!r}: unknown, or "
+                                  "expired and removed")
+        return Response(answer, mimetype="application/json")

@@ -1,0 +1,323 @@
+"""``GET /metrics``: the server and the bridge in Prometheus text format.
+
+Two kinds of metrics, one page:
+
+- **Server-wide** (``wkr_*`` except ``wkr_http_*``): read from ``server_status`` at each
+  scrape by :class:`ServerCollector`, so every process of the bridge reports the same,
+  whole-server numbers: requests, replies and errors by kind, the request latency
+  histogram and recent percentiles, batch sizes, queue depth, items in flight, and per
+  worker its state, batches, busy time and restarts. If the server does not answer,
+  only ``wkr_up 0`` is reported.
+- **Bridge HTTP** (``wkr_http_*``): requests by route, method and status, errors by
+  route and type, and an HTTP latency histogram per route, counted in every bridge
+  process. The bridge runs several gunicorn processes and a scrape reaches one of them,
+  so these use prometheus-client's multiprocess mode: each process writes its counts to
+  files in ``<bridge state dir>/metrics`` (see :func:`.http_jobs.bridge_state_dir`) and
+  a scrape sums every process's files, those of exited processes included (counters
+  never go back). Served by a single process (not gunicorn), they are plain
+  per-process metrics. The job store adds ``wkr_http_jobs{status}``.
+
+With ``-http_token``, ``/metrics`` needs the bearer token like every route but health.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from .http_jobs import _in_gunicorn_worker, bridge_state_dir
+
+__all__ = ["HTTP_LATENCY_BUCKETS_S", "ServerCollector", "register"]
+
+#: Upper bounds (s) of the HTTP latency histogram's buckets.
+HTTP_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                          1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: The classic text format (every name here is a legal one in it), which every Prometheus
+#: version reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Label of requests that matched no route (keeps the label set bounded).
+UNMATCHED = "<unmatched>"
+#: Worker states reported by ``wkr_worker_state``.
+WORKER_STATES = ("starting", "restarting", "idle", "busy")
+
+
+def _multiprocess_dir() -> str | None:
+    """Where this bridge's processes share their HTTP metrics (None: one process).
+
+    ``PROMETHEUS_MULTIPROC_DIR`` if the environment sets it; in a gunicorn worker, a
+    folder of the bridge's state directory, then exported in this process's environment
+    (prometheus-client reads it there). Must run before the HTTP metrics are made."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path and _in_gunicorn_worker():
+        path = os.path.join(bridge_state_dir(), "metrics")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    if not path:
+        return None
+    os.makedirs(path, exist_ok=True)
+    from prometheus_client import values
+
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        # prometheus-client was imported before the variable was set: switch now
+        values.ValueClass = values.MultiProcessValue()
+    return path
+
+
+class HTTPMetrics:
+    """The bridge's own HTTP metrics (see the module docstring)."""
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.requests = Counter("wkr_http_requests", "HTTP requests answered by the bridge",
+                                ["route", "method", "status"], registry=registry)
+        self.errors = Counter("wkr_http_errors", "HTTP error answers (status >= 400), by "
+                              "error type", ["route", "type"], registry=registry)
+        self.latency = Histogram("wkr_http_request_duration_seconds", "time the bridge "
+                                 "took to answer, by route", ["route"], registry=registry,
+                                 buckets=HTTP_LATENCY_BUCKETS_S)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, response: Response) -> None:
+        rule = request.url_rule
+        route = rule.rule if rule is not None else UNMATCHED
+        status = response.status_code
+        key = (route, request.method, status)
+        children = self._children.get(key)
+        if children is None:  # a bounded set: routes x methods x statuses
+            children = self._children[key] = (
+                self.requests.labels(route, request.method, str(status)),
+                self.latency.labels(route))
+        children[0].inc()
+        started = g.get("started")
+        if started is not None:
+            children[1].observe(time.perf_counter() - started)
+        if status >= 400:
+            self.errors.labels(route, _error_type(response)).inc()
+
+
+def _error_type(response: Response) -> str:
+    """The ``error_type`` of an error envelope, else ``http_<status>``."""
+    if response.is_json and not response.direct_passthrough:
+        body = response.get_json(silent=True)
+        kind = body.get("error_type") if isinstance(body, dict) else None
+        if isinstance(kind, str) and kind and len(kind) <= 64:
+            return kind
+    return f"http_{response.status_code}"
+
+
+class ServerCollector:
+    """Server-wide metrics from one ``server_status`` call per scrape."""
+
+    def __init__(self, backend: Any, app: Flask | None = None) -> None:
+        self.backend = backend
+        self.app = app
+
+    def describe(self) -> list[Any]:
+        return []  # nothing to check up front: the names come from the status
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        jobs = self.app.extensions.get("wkr_jobs") if self.app is not None else None
+        if jobs is not None:
+            family = GaugeMetricFamily("wkr_http_jobs", "jobs held by the bridge's job "
+                                       "store, by status", labels=["status"])
+            for status, count in sorted(jobs.counts().items()):
+                family.add_metric([status], count)
+            yield family
+        try:
+            status = self.backend.server_status()
+        except Exception:
+            yield GaugeMetricFamily("wkr_up", "whether the server answered this scrape", 0)
+            return
+        yield GaugeMetricFamily("wkr_up", "whether the server answered this scrape", 1)
+        yield from server_families(status)
+
+
+def _gauge(name: str, doc: str, value: Any) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+
+    return GaugeMetricFamily(name, doc, float(value or 0))
+
+
+def _counter(name: str, doc: str, value: Any) -> Any:
+    from prometheus_client.core import CounterMetricFamily
+
+    return CounterMetricFamily(name, doc, float(value or 0))
+
+
+def server_families(status: dict[str, Any]) -> Iterator[Any]:
+    """Metric families from a ``server_status`` snapshot."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+    )
+
+    config = status.get("config") or {}
+    info = GaugeMetricFamily("wkr_server_info", "the server's version and settings (1)",
+                             labels=["version", "protocol", "model_name"])
+    info.add_metric([str(status.get("server_version", "")), str(status.get("protocol", "")),
+                     str(config.get("model_name") or "")], 1)
+    yield info
+    yield _gauge("wkr_ready", "1 when every worker has loaded its model", status.get("ready"))
+    yield _gauge("wkr_draining", "1 while the server shuts down", status.get("draining"))
+    yield _gauge("wkr_uptime_seconds", "seconds since the server started",
+                 status.get("uptime_s"))
+
+    # -- traffic ----------------------------------------------------------------------------
+    yield _counter("wkr_requests", "requests received by the server (every client, the "
+                   "bridge's included)", status.get("num_requests"))
+    yield _counter("wkr_items", "items received (a batch request carries several)",
+                   status.get("num_items"))
+    errors: dict[str, int] = status.get("num_errors") or {}
+    replies = CounterMetricFamily("wkr_replies", "requests answered, by outcome",
+                                  labels=["outcome"])
+    replies.add_metric(["ok"], float(status.get("num_results", 0)))
+    replies.add_metric(["error"], float(sum(errors.values())))
+    yield replies
+    by_kind = CounterMetricFamily("wkr_errors", "error replies, by kind (error code)",
+                                  labels=["kind"])
+    for kind, count in sorted(errors.items()):
+        by_kind.add_metric([str(kind)], float(count))
+    yield by_kind
+    refused = CounterMetricFamily("wkr_refused_requests", "requests refused on arrival, by "
+                                  "reason", labels=["reason"])
+    refused.add_metric(["invalid"], float(status.get("num_rejected", 0)))
+    refused.add_metric(["overloaded"], float(status.get("num_overloaded", 0)))
+    yield refused
+    yield _counter("wkr_expired_in_queue_items", "items whose deadline passed while queued",
+                   status.get("num_expired_in_queue"))
+    yield _counter("wkr_undeliverable_replies", "replies for clients that had gone",
+                   status.get("num_undeliverable"))
+    throughput = GaugeMetricFamily("wkr_throughput_replies_per_second", "replies per "
+                                   "second, mean over the last window", labels=["window"])
+    for window, value in sorted((status.get("throughput_per_s") or {}).items()):
+        throughput.add_metric([window.removeprefix("last_")], float(value))
+    yield throughput
+
+    # -- latency and batches ----------------------------------------------------------------
+    hist = status.get("latency_histogram")
+    if hist:
+        yield _histogram("wkr_request_latency_seconds", "time from a request's arrival at "
+                         "the server to its reply", hist["buckets_s"], hist["counts"],
+                         hist["sum_s"])
+    latency = status.get("latency_ms") or {}
+    recent = GaugeMetricFamily("wkr_request_latency_recent_seconds", "percentiles of the "
+                               "latency of the most recent requests (up to 4096)",
+                               labels=["quantile"])
+    for key, q in (("p50", "0.5"), ("p90", "0.9"), ("p99", "0.99")):
+        if key in latency and latency.get("window"):
+            recent.add_metric([q], float(latency[key]) / 1000.0)
+    yield recent
+    yield _counter("wkr_batches", "batches dispatched to workers", status.get("num_batches"))
+    sizes = {int(k): int(v) for k, v in ((status.get("batch_size") or {}).get("counts")
+                                         or {}).items()}
+    bounds = _batch_bounds(int(config.get("batch_size") or max(sizes, default=1)))
+    counts = [0] * (len(bounds) + 1)
+    for size, count in sizes.items():
+        counts[next((i for i, b in enumerate(bounds) if size <= b), len(bounds))] += count
+    yield _histogram("wkr_batch_size", "items per batch given to predict", bounds, counts,
+                     float(sum(k * v for k, v in sizes.items())))
+
+    # -- queue and workers ------------------------------------------------------------------
+    yield _gauge("wkr_queue_items", "items waiting for a worker", status.get("queue_items"))
+    yield _gauge("wkr_queue_capacity_items", "most items the queue takes (-max_queue_size)",
+                 status.get("max_queue_size"))
+    yield _gauge("wkr_in_flight_items", "items in batches being computed",
+                 status.get("in_flight_items"))
+    yield _gauge("wkr_busy_workers", "workers computing a batch", status.get("busy_workers"))
+    yield _gauge("wkr_congested_clients", "clients not reading their replies",
+                 status.get("congested_clients"))
+    yield _gauge("wkr_held_replies", "replies held for congested clients",
+                 status.get("held_replies"))
+    yield _gauge("wkr_pending_split_requests", "requests split across batches, not yet "
+                 "complete", status.get("pending_split_requests"))
+    workers = status.get("workers") or []
+    state = GaugeMetricFamily("wkr_worker_state", "1 for each worker's current state",
+                              labels=["worker", "state"])
+    info = GaugeMetricFamily("wkr_worker_info", "each worker's pid and device (1)",
+                             labels=["worker", "pid", "device"])
+    restarts = CounterMetricFamily("wkr_worker_restarts", "times each worker was restarted",
+                                   labels=["worker"])
+    busy = CounterMetricFamily("wkr_worker_busy_seconds", "time each worker spent in "
+                               "predict", labels=["worker"])
+    batches = CounterMetricFamily("wkr_worker_batches", "batches each worker completed",
+                                  labels=["worker"])
+    for row in workers:
+        worker = str(row.get("index"))
+        for name in WORKER_STATES:
+            state.add_metric([worker, name], 1.0 if row.get("state") == name else 0.0)
+        info.add_metric([worker, str(row.get("pid") or ""), str(row.get("device") or "")], 1)
+        restarts.add_metric([worker], float(row.get("restarts") or 0))
+        busy.add_metric([worker], float(row.get("busy_s") or 0.0))
+        batches.add_metric([worker], float(row.get("batches_done") or 0))
+    yield from (state, info, restarts, busy, batches)
+
+    # -- statistics recorded by the model (record_statistic) ---------------------------------
+    statistic = status.get("statistic") or {}
+    if statistic:
+        observed = CounterMetricFamily("wkr_user_statistic_observations", "values recorded "
+                                       "with record_statistic, by name", labels=["name"])
+        summary = GaugeMetricFamily("wkr_user_statistic", "mean, min, max and recent median "
+                                    "of values recorded with record_statistic",
+                                    labels=["name", "stat"])
+        for name, snap in sorted(statistic.items()):
+            observed.add_metric([str(name)], float(snap.get("count", 0)))
+            for stat in ("mean", "min", "max", "p50"):
+                if stat in snap:
+                    summary.add_metric([str(name), stat], float(snap[stat]))
+        yield observed
+        yield summary
+
+
+def _batch_bounds(batch_size: int) -> list[float]:
+    """Bucket bounds for batch sizes: powers of two below ``batch_size``, and itself."""
+    bounds, b = [], 1
+    while b < batch_size:
+        bounds.append(float(b))
+        b *= 2
+    return [*bounds, float(max(1, batch_size))]
+
+
+def _histogram(name: str, doc: str, bounds: list[float], counts: list[int],
+               total: float) -> Any:
+    """A histogram family from per-bucket (not cumulative) ``counts``, the last one
+    counting values above every bound."""
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    cumulative, buckets = 0, []
+    for bound, count in zip([*bounds, float("inf")], counts, strict=True):
+        cumulative += count
+        buckets.append((floatToGoString(bound), float(cumulative)))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
+def register(app: Flask, backend: Any) -> None:
+    """Add ``GET /metrics`` to ``app`` and count every HTTP request it answers."""
+    shared = _multiprocess_dir()
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(backend, app))
+    if shared is None:
+        http = HTTPMetrics(registry)
+    else:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        http = HTTPMetrics(None)  # counted in files, summed over processes at scrape time
+        MultiProcessCollector(registry, path=shared)
+    app.extensions["wkr_metrics"] = http
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        http.observe(response)
+        return response
+
+    @app.get("/metrics")
+    def metrics() -> Any:
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE)
