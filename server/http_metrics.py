@@ -83,20 +83,26 @@ class HTTPMetrics:
 
     def observe(self, response: Response) -> None:
         rule = request.url_rule
-        route = rule.rule if rule is not None else UNMATCHED
-        status = response.status_code
-        key = (route, request.method, status)
+        started = g.get("started")
+        self.count(rule.rule if rule is not None else UNMATCHED, request.method,
+                   response.status_code,
+                   None if started is None else time.perf_counter() - started,
+                   _error_type(response) if response.status_code >= 400 else None)
+
+    def count(self, route: str, method: str, status: int, seconds: float | None,
+              error_type: str | None) -> None:
+        """Count one answered request (also called by the ``/encode`` fast path)."""
+        key = (route, method, status)
         children = self._children.get(key)
         if children is None:  # a bounded set: routes x methods x statuses
             children = self._children[key] = (
-                self.requests.labels(route, request.method, str(status)),
+                self.requests.labels(route, method, str(status)),
                 self.latency.labels(route))
         children[0].inc()
-        started = g.get("started")
-        if started is not None:
-            children[1].observe(time.perf_counter() - started)
+        if seconds is not None:
+            children[1].observe(seconds)
         if status >= 400:
-            self.errors.labels(route, _error_type(response)).inc()
+            self.errors.labels(route, error_type or f"http_{status}").inc()
 
 
 def _error_type(response: Response) -> str:

@@ -406,8 +406,8 @@ class Signature:
         inputs, outputs = self.inputs, self.outputs
         if inputs is None or outputs is None:
             placeholder = "FP32" if backend.protocol == "numpy" else "BYTES"
-            inputs = [_seen("INPUT0", backend.seen.get("input"), placeholder)]
-            outputs = [_seen("OUTPUT0", backend.seen.get("output"), placeholder)]
+            inputs = [_seen("INPUT0", backend.seen_values().get("input"), placeholder)]
+            outputs = [_seen("OUTPUT0", backend.seen_values().get("output"), placeholder)]
         return ([{"name": n, "datatype": d, "shape": [-1, *s]} for n, d, s in inputs],
                 [{"name": n, "datatype": d, "shape": [-1, *s]} for n, d, s in outputs])
 

@@ -92,15 +92,17 @@ class HTTPBridge(Role):
 
     def wsgi_app(self) -> Any:
         """Build the application in a worker process, after the fork."""
-        from .httpapp import Backend, create_app
+        from .httpapp import Backend, EncodeFastPath, create_app
         from .httpblueprints import all_blueprints
 
         host = "127.0.0.1" if self.config.bind in ("0.0.0.0", "::", "*") else self.config.bind
         threads = self.threads_per_worker()
         backend = Backend(self.config, self.port, self.port_out, host, self.worker_class,
                           client_options=self._client_options(), pool_size=threads)
-        return create_app(backend, token=self.config.http_token,
-                          cors=self.config.cors or None, blueprints=all_blueprints())
+        cors = self.config.cors or None
+        app = create_app(backend, token=self.config.http_token, cors=cors,
+                         blueprints=all_blueprints())
+        return EncodeFastPath(app, backend, self.config.http_token, cors)
 
     def threads_per_worker(self) -> int:
         return max(1, math.ceil(self.config.http_max_connect / self.config.http_workers))
