@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -260,3 +264,89 @@ class CLIServer:
                 self.proc.wait(30)
         self._out.close()
         self._err.close()
+
+
+# -- HTTP bridge ---------------------------------------------------------------------------
+
+#: Seconds any single HTTP request of a test may take (the box is slow and shared).
+HTTP_LIMIT_S = 30.0
+
+
+def serve(tmp_path_factory: Any, name: str, worker: type,
+                  *flags: str) -> Iterator[WKRServer]:
+    """The body of a module-scoped server fixture: ``server_args`` on a fresh directory
+    ``name`` plus ``flags``, ``worker`` as the model; yields the ready server and stops it.
+    Use as ``yield from serve(tmp_path_factory, "dir", Worker, "-cpu", ...)``."""
+    args = server_args(tmp_path_factory.mktemp(name), *flags)
+    with running_server(args, worker) as server:
+        yield server
+
+
+def http_request(url: str, body: Any = None, headers: dict[str, str] | None = None,
+                 method: str | None = None, timeout: float = HTTP_LIMIT_S,
+                 ) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request on a new connection (bounded by ``timeout``): ``(status, headers,
+    raw body)``; error statuses are returned, not raised. ``body``: bytes as they are,
+    anything else JSON-encoded; ``headers`` are sent as given."""
+    data = None if body is None else (body if isinstance(body, bytes) else
+                                      json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def http_call(server: Any, path: str, body: Any = None, headers: dict[str, str] | None = None,
+              method: str | None = None, *, raw: bool = False, timeout: float = HTTP_LIMIT_S,
+              ) -> tuple[int, dict[str, str], Any]:
+    """One request to the HTTP bridge of ``server`` (a new connection, ``Content-Type:
+    application/json`` plus ``headers``): ``(status, headers, decoded JSON body)`` (an
+    empty body decodes to None), or the raw bytes of the body with ``raw``."""
+    status, answer_headers, data = http_request(
+        f"http://127.0.0.1:{server.http_port}{path}", body,
+        {"Content-Type": "application/json", **(headers or {})}, method, timeout)
+    return status, answer_headers, data if raw else json.loads(data or b"null")
+
+
+def http_send(conn: http.client.HTTPConnection, method: str, path: str, body: Any = None,
+              headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One request on a kept-alive connection (JSON ``body`` if any, ``Content-Type:
+    application/json`` plus ``headers``): ``(status, raw body)``."""
+    conn.request(method, path, body=None if body is None else json.dumps(body),
+                 headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def bridge_connections(server: Any, headers: dict[str, str] | None = None,
+                                ) -> list[http.client.HTTPConnection]:
+    """Kept-alive connections, one to each bridge process, told apart by the identities
+    of their pools of clients (``/status/client``, asked with ``headers``). The kernel
+    hands a new connection to whichever process accepts first, and a process may still be
+    booting when the server is ready: try new connections until each process has answered
+    one (bounded)."""
+    processes = server.config.http_workers
+    assert processes >= 2, "the test server must run several bridge processes"
+    found: dict[str, http.client.HTTPConnection] = {}
+
+    def another() -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=HTTP_LIMIT_S)
+        conn.request("GET", "/status/client", headers=headers or {})
+        response = conn.getresponse()
+        clients = json.loads(response.read())["clients"]
+        assert response.status == 200 and clients
+        key = min(str(c["identity"]) for c in clients)
+        if key in found:
+            conn.close()
+        found.setdefault(key, conn)
+        return len(found) == processes
+
+    try:
+        wait_until(another, HTTP_LIMIT_S, f"connections to {processes} bridge processes")
+    except BaseException:
+        for conn in found.values():
+            conn.close()
+        raise
+    return list(found.values())

@@ -18,13 +18,21 @@ import http.client
 import json
 import os
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import connect, running_server, server_args, wait_idle, wait_until
+from helpers import (
+    connect,
+    http_call,
+    http_request,
+    running_server,
+    serve,
+    server_args,
+    wait_idle,
+    wait_until,
+)
 from playwright.sync_api import Browser, ConsoleMessage, Page, Route, sync_playwright
 from wkr_serving.client import WKRClient
 from wkr_serving.client import errors as E
@@ -87,10 +95,8 @@ def as_int(text: str) -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[WKRServer]:
-    args = server_args(tmp_path_factory.mktemp("dashboard_model"), "-http_port", "0",
-                       "-protocol", "obj", "-num_worker", "2", "-batch_size", "8", "-cpu")
-    with running_server(args, ControlledWorker) as srv:
-        yield srv
+    yield from serve(tmp_path_factory, "dashboard_model", ControlledWorker, "-http_port", "0",
+                     "-protocol", "obj", "-num_worker", "2", "-batch_size", "8", "-cpu")
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +133,8 @@ class PageLog:
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=HTTP_LIMIT_S) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+    """A plain GET of ``url``: ``(status, headers, raw body)``."""
+    return http_request(url, timeout=HTTP_LIMIT_S)
 
 
 def raw_get(base: str, path: str, follow: bool = False) -> tuple[int, bytes]:
@@ -330,11 +333,9 @@ def test_dashboard_in_chromium_follows_the_server(server: WKRServer, base: str,
                 probe.encode({"cmd": "raise", "message": "dashboard browser test"})
             failing += 1
         for n in range(20):  # and some through the bridge's own /encode
-            request = urllib.request.Request(
-                f"{base}/encode", data=json.dumps({"batch": [n, n]}).encode(),
-                headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=HTTP_LIMIT_S) as r:
-                assert r.status == 200 and json.loads(r.read())["data"] == [n, n]
+            status, _, body = http_call(server, "/encode", {"batch": [n, n]},
+                                        timeout=HTTP_LIMIT_S)
+            assert status == 200 and body["data"] == [n, n]
         wait_until(lambda: load.total() >= 300 or load.failed, 60, "300 requests sent")
         assert not load.failed, load.failed
         page.wait_for_function("""() => {

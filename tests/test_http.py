@@ -4,71 +4,48 @@ clean stop of the bridge's processes."""
 
 from __future__ import annotations
 
-import json
 import os
-import urllib.error
-import urllib.request
-from typing import Any
 
 import psutil
 import pytest
-from helpers import Gate, connect, gone, running_server, server_args, wait_until
+from helpers import Gate, connect, gone, http_call, running_server, serve, server_args, wait_until
 from wkr_serving.server import WKRServer
 from workers import ControlledWorker, EchoWorker, GateLoadWorker, touch
 
 LIMIT_S = 20
 
 
-def call(server: WKRServer, path: str, body: Any = None, headers: dict[str, str] | None = None,
-         method: str | None = None) -> tuple[int, dict[str, str], Any]:
-    """One HTTP request to the bridge: ``(status, headers, decoded JSON body)``."""
-    data = None if body is None else (body if isinstance(body, bytes) else
-                                      json.dumps(body).encode())
-    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data,
-                                     headers={"Content-Type": "application/json",
-                                              **(headers or {})}, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=LIMIT_S) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
-
-
 @pytest.fixture(scope="module")
 def obj_http(tmp_path_factory):
-    args = server_args(tmp_path_factory.mktemp("http_obj"), "-http_port", "0", "-cpu",
-                       "-num_worker", "1", "-batch_size", "4", "-max_queue_size", "4",
-                       "-http_token", "s3cret", "-cors", "http://app.example")
-    with running_server(args, ControlledWorker) as server:
-        yield server
+    yield from serve(tmp_path_factory, "http_obj", ControlledWorker, "-http_port", "0", "-cpu",
+                     "-num_worker", "1", "-batch_size", "4", "-max_queue_size", "4",
+                     "-http_token", "s3cret", "-cors", "http://app.example")
 
 
 @pytest.fixture(scope="module")
 def numpy_http(tmp_path_factory):
-    args = server_args(tmp_path_factory.mktemp("http_numpy"), "-http_port", "0", "-cpu",
-                       "-protocol", "numpy")
-    with running_server(args, EchoWorker) as server:
-        yield server
+    yield from serve(tmp_path_factory, "http_numpy", EchoWorker, "-http_port", "0", "-cpu",
+                     "-protocol", "numpy")
 
 
 AUTH = {"Authorization": "Bearer s3cret"}
 
 
 def test_encode_one_input_and_a_batch(obj_http):
-    status, _, body = call(obj_http, "/encode", {"data": {"a": [1, "x"]}}, AUTH)
+    status, _, body = http_call(obj_http, "/encode", {"data": {"a": [1, "x"]}}, AUTH)
     assert status == 200
     assert body == {"error_code": 0, "error_message": "", "data": {"a": [1, "x"]}}
-    status, _, body = call(obj_http, "/encode", {"batch": ["p", 2, None, [3.5]]}, AUTH)
+    status, _, body = http_call(obj_http, "/encode", {"batch": ["p", 2, None, [3.5]]}, AUTH)
     assert status == 200 and body["data"] == ["p", 2, None, [3.5]]
 
 
 def test_numpy_protocol_takes_arrays_with_a_dtype(numpy_http):
-    status, _, body = call(numpy_http, "/encode", {"data": [[1, 2], [3, 4]], "dtype": "int64"})
+    status, _, body = http_call(numpy_http, "/encode", {"data": [[1, 2], [3, 4]], "dtype": "int64"})
     assert status == 200 and body["data"] == [[1, 2], [3, 4]]
-    status, _, body = call(numpy_http, "/encode", {"batch": [[0.5, 1.5], [2.5, 3.5]],
-                                                    "dtype": "float32"})
+    status, _, body = http_call(numpy_http, "/encode", {"batch": [[0.5, 1.5], [2.5, 3.5]],
+                                                         "dtype": "float32"})
     assert status == 200 and body["data"] == [[0.5, 1.5], [2.5, 3.5]]
-    status, _, meta = call(numpy_http, "/metadata")
+    status, _, meta = http_call(numpy_http, "/metadata")
     assert meta["protocol"] == "numpy" and meta["worker_class"] == "workers.EchoWorker"
     assert meta["input"]["dtype"] in ("<i8", "<f4") and meta["output"] is not None
     assert meta["versions"]["wkr_serving"]
@@ -83,7 +60,7 @@ def test_numpy_protocol_takes_arrays_with_a_dtype(numpy_http):
     ({"data": {"cmd": "raise", "message": "boom-http"}}, 500, "model_error"),
 ])
 def test_errors_have_real_http_statuses(obj_http, body, status, kind):
-    got, _, reply = call(obj_http, "/encode", body, AUTH)
+    got, _, reply = http_call(obj_http, "/encode", body, AUTH)
     assert got == status, reply
     assert reply["error_code"] == status and reply["error_type"] == kind
     assert reply["data"] is None and reply["error_message"]
@@ -92,7 +69,7 @@ def test_errors_have_real_http_statuses(obj_http, body, status, kind):
 
 
 def test_numpy_input_that_is_not_an_array_is_400(numpy_http):
-    status, _, reply = call(numpy_http, "/encode", {"data": [[1, 2], [3]], "dtype": "float32"})
+    status, _, reply = http_call(numpy_http, "/encode", {"data": [[1, 2], [3]], "dtype": "float32"})
     assert status == 400 and reply["error_type"] == "bad_input"
 
 
@@ -106,7 +83,7 @@ def test_overload_is_429_and_a_passed_deadline_504(obj_http, tmp_path):
                 filler.encode(i, blocking=False)
             wait_until(lambda: holder.server_status["queue_items"] == 4, LIMIT_S,
                        "a full queue")
-            status, _, reply = call(obj_http, "/encode", {"data": "one more"}, AUTH)
+            status, _, reply = http_call(obj_http, "/encode", {"data": "one more"}, AUTH)
             assert status == 429 and reply["error_type"] == "overloaded"
         finally:
             gate.open()
@@ -117,7 +94,8 @@ def test_overload_is_429_and_a_passed_deadline_504(obj_http, tmp_path):
         try:
             holder.encode(gate.item("held"), blocking=False)
             gate.wait_started()
-            status, _, reply = call(obj_http, "/encode", {"data": "late", "timeout": 200}, AUTH)
+            status, _, reply = http_call(obj_http, "/encode", {"data": "late", "timeout": 200},
+                                         AUTH)
             assert status == 504, reply
         finally:
             gate.open()
@@ -126,28 +104,28 @@ def test_overload_is_429_and_a_passed_deadline_504(obj_http, tmp_path):
 
 def test_token_guards_every_route_but_health(obj_http):
     for path in ("/status/server", "/status/client", "/metadata"):
-        assert call(obj_http, path)[0] == 401
-        assert call(obj_http, path, headers={"Authorization": "Bearer wrong"})[0] == 401
-        assert call(obj_http, path, headers=AUTH)[0] == 200
-    assert call(obj_http, "/encode", {"data": 1})[0] == 401
-    assert call(obj_http, "/health/live")[0] == 200
-    assert call(obj_http, "/health/ready")[0] == 200
+        assert http_call(obj_http, path)[0] == 401
+        assert http_call(obj_http, path, headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert http_call(obj_http, path, headers=AUTH)[0] == 200
+    assert http_call(obj_http, "/encode", {"data": 1})[0] == 401
+    assert http_call(obj_http, "/health/live")[0] == 200
+    assert http_call(obj_http, "/health/ready")[0] == 200
 
 
 def test_status_routes(obj_http):
-    _, _, server = call(obj_http, "/status/server", headers=AUTH)
+    _, _, server = http_call(obj_http, "/status/server", headers=AUTH)
     assert server["ready"] is True and server["protocol"] == "obj"
     assert server["config"]["http_token"] == "<redacted>"
-    _, _, clients = call(obj_http, "/status/client", headers=AUTH)
+    _, _, clients = http_call(obj_http, "/status/client", headers=AUTH)
     assert clients["pool_size"] >= 1 and len(clients["clients"]) == clients["pool_size"]
 
 
 def test_request_id_is_honoured_or_made_and_cors_is_sent(obj_http):
-    _, headers, _ = call(obj_http, "/encode", {"data": 1},
-                         {**AUTH, "X-Request-ID": "abc-123", "Origin": "http://app.example"})
+    _, headers, _ = http_call(obj_http, "/encode", {"data": 1},
+                              {**AUTH, "X-Request-ID": "abc-123", "Origin": "http://app.example"})
     assert headers["X-Request-ID"] == "abc-123"
     assert headers["Access-Control-Allow-Origin"] == "http://app.example"
-    _, headers, _ = call(obj_http, "/health/live")
+    _, headers, _ = http_call(obj_http, "/health/live")
     assert len(headers["X-Request-ID"]) == 32
 
 
@@ -158,12 +136,12 @@ def test_ready_only_after_every_model_loaded(tmp_path):
     server.start()
     try:
         wait_until(lambda: server.http_port, LIMIT_S, "the bridge to start")
-        wait_until(lambda: call(server, "/health/live")[0] == 200, LIMIT_S, "live")
-        status, _, body = call(server, "/health/ready")
+        wait_until(lambda: http_call(server, "/health/live")[0] == 200, LIMIT_S, "live")
+        status, _, body = http_call(server, "/health/ready")
         assert status == 503 and body["ready"] is False and "loading" in body["reason"]
         touch(os.path.join(str(tmp_path), "load-release"))
         server.wait_ready(LIMIT_S * 3)
-        wait_until(lambda: call(server, "/health/ready")[0] == 200, LIMIT_S, "ready")
+        wait_until(lambda: http_call(server, "/health/ready")[0] == 200, LIMIT_S, "ready")
     finally:
         touch(os.path.join(str(tmp_path), "load-release"))
         server.close(30)
@@ -174,7 +152,7 @@ def test_bridge_processes_stop_with_the_server(tmp_path):
     args = server_args(tmp_path, "-http_port", "0", "-cpu", "-http_workers", "2")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with running_server(args, EchoWorker) as server:
-        assert call(server, "/encode", {"data": 7})[2]["data"] == 7
+        assert http_call(server, "/encode", {"data": 7})[2]["data"] == 7
         bridge = [p for p in psutil.Process().children(recursive=True)
                   if p.pid not in before]
         names = " ".join(" ".join(p.cmdline()) for p in bridge)

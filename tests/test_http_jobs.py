@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from helpers import Gate, running_server, server_args, wait_until
+from helpers import Gate, bridge_connections, http_call, http_send, serve, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from wkr_serving.server import WKRServer
 from wkr_serving.server.http_jobs import JobStore
@@ -36,23 +36,8 @@ TOKEN = "j0bs"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def call(server: WKRServer, path: str, body: Any = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
-    """One HTTP request on a new connection: ``(status, headers, decoded JSON body)``."""
-    data = None if body is None else (body if isinstance(body, bytes) else
-                                      json.dumps(body).encode())
-    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data,
-                                     headers={"Content-Type": "application/json",
-                                              **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=LIMIT_S) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
-
-
 def submit(server: WKRServer, body: Any, headers: dict[str, str] | None = None) -> str:
-    status, _, answer = call(server, "/jobs", body, headers)
+    status, _, answer = http_call(server, "/jobs", body, headers)
     assert status == 202, answer
     assert set(answer) == {"job_id"} and len(answer["job_id"]) == 32
     return answer["job_id"]
@@ -62,7 +47,7 @@ def finished(server: WKRServer, job_id: str, headers: dict[str, str] | None = No
              ) -> dict[str, Any]:
     """Poll ``GET /jobs/<id>`` until the job is no longer pending (bounded)."""
     def poll():
-        status, _, answer = call(server, f"/jobs/{job_id}", headers=headers)
+        status, _, answer = http_call(server, f"/jobs/{job_id}", headers=headers)
         assert status == 200, answer
         assert answer["job_id"] == job_id
         return answer if answer["status"] != "pending" else None
@@ -73,31 +58,26 @@ def finished(server: WKRServer, job_id: str, headers: dict[str, str] | None = No
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[WKRServer]:
     """ControlledWorker (obj), 1 worker, a store of MAX_JOBS jobs, default TTL."""
-    args = server_args(tmp_path_factory.mktemp("http_jobs"), "-http_port", "0", "-cpu",
-                       "-num_worker", "1", "-batch_size", "4", "-http_jobs_max", str(MAX_JOBS))
-    with running_server(args, ControlledWorker) as server:
-        yield server
+    yield from serve(tmp_path_factory, "http_jobs", ControlledWorker, "-http_port", "0", "-cpu",
+                     "-num_worker", "1", "-batch_size", "4", "-http_jobs_max", str(MAX_JOBS))
 
 
 @pytest.fixture(scope="module")
 def short_ttl_server(tmp_path_factory) -> Iterator[WKRServer]:
     """Same worker, finished jobs kept SHORT_TTL_S seconds, a bearer token."""
-    args = server_args(tmp_path_factory.mktemp("http_jobs_ttl"), "-http_port", "0", "-cpu",
-                       "-num_worker", "1", "-http_jobs_ttl", str(SHORT_TTL_S),
-                       "-http_token", TOKEN)
-    with running_server(args, ControlledWorker) as server:
-        yield server
+    yield from serve(tmp_path_factory, "http_jobs_ttl", ControlledWorker, "-http_port", "0", "-cpu",
+                     "-num_worker", "1", "-http_jobs_ttl", str(SHORT_TTL_S), "-http_token", TOKEN)
 
 
 def test_submit_then_poll_until_done(server):
     value = {"a": [1, "x", None], "b": 2.5}
-    status, headers, answer = call(server, "/jobs", {"data": value},
-                                   {"X-Request-ID": "job-req-1"})
+    status, headers, answer = http_call(server, "/jobs", {"data": value},
+                                        {"X-Request-ID": "job-req-1"})
     assert status == 202 and headers["X-Request-ID"] == "job-req-1"
     job = finished(server, answer["job_id"])
     assert job == {"job_id": answer["job_id"], "status": "done", "data": value}
     # a finished job stays readable (the TTL is 300 s here)
-    status, _, again = call(server, f"/jobs/{answer['job_id']}")
+    status, _, again = http_call(server, f"/jobs/{answer['job_id']}")
     assert status == 200 and again == job
 
 
@@ -106,42 +86,11 @@ def test_a_batch_job_gives_the_list_of_results(server):
     assert job["status"] == "done" and job["data"] == [1, "two", [3, 4]]
 
 
-def connections_to_each_process(server: WKRServer) -> list[http.client.HTTPConnection]:
-    """Kept-alive connections, one to each bridge process, told apart by the identities
-    of their pools of clients (``/status/client``). The kernel hands a new connection to
-    whichever process accepts first, and a process may still be booting when the server
-    is ready: try new connections until each process has answered one (bounded)."""
-    processes = server.config.http_workers
-    assert processes >= 2, "the test server must run several bridge processes"
-    found: dict[str, http.client.HTTPConnection] = {}
-
-    def another() -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=LIMIT_S)
-        conn.request("GET", "/status/client")
-        response = conn.getresponse()
-        clients = json.loads(response.read())["clients"]
-        assert response.status == 200 and clients
-        key = min(str(c["identity"]) for c in clients)
-        if key in found:
-            conn.close()
-        found.setdefault(key, conn)
-        return len(found) == processes
-
-    try:
-        wait_until(another, LIMIT_S, f"connections to {processes} bridge processes")
-    except BaseException:
-        for conn in found.values():
-            conn.close()
-        raise
-    return list(found.values())
-
-
 def send(conn: http.client.HTTPConnection, method: str, path: str, body: Any = None,
          ) -> tuple[int, Any]:
-    conn.request(method, path, body=None if body is None else json.dumps(body),
-                 headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    return response.status, json.loads(response.read())
+    """``http_send`` with the answer decoded from JSON."""
+    status, raw = http_send(conn, method, path, body)
+    return status, json.loads(raw)
 
 
 def poll_on(conn: http.client.HTTPConnection, job_id: str) -> tuple[int, Any]:
@@ -154,7 +103,7 @@ def poll_on(conn: http.client.HTTPConnection, job_id: str) -> tuple[int, Any]:
 
 
 def test_a_job_submitted_to_one_bridge_process_is_read_from_the_other(server):
-    first, second = connections_to_each_process(server)
+    first, second = bridge_connections(server)
     try:
         for submit_on, read_on in ((first, second), (second, first)):
             status, answer = send(submit_on, "POST", "/jobs", {"data": ["cross", 1]})
@@ -177,15 +126,15 @@ def test_a_failing_job_reports_its_error_code(server):
                                   {"batch": []}, {"data": 1, "timeout": -5},
                                   {"data": 1, "suppress_log_input": "yes"}])
 def test_an_invalid_body_is_refused_at_once(server, body):
-    status, _, answer = call(server, "/jobs", body)
+    status, _, answer = http_call(server, "/jobs", body)
     assert status == 400 and answer["error_type"] == "bad_input"
     assert answer["error_code"] == 400 and "job_id" not in answer
 
 
 def test_an_unknown_job_is_404(server):
-    status, _, answer = call(server, "/jobs/0123456789abcdef0123456789abcdef")
+    status, _, answer = http_call(server, "/jobs/0123456789abcdef0123456789abcdef")
     assert status == 404 and answer["error_type"] == "unknown_job"
-    status, _, answer = call(server, "/jobs/not-a-job-id")
+    status, _, answer = http_call(server, "/jobs/not-a-job-id")
     assert status == 404 and answer["error_type"] == "unknown_job"
 
 
@@ -206,10 +155,10 @@ def test_a_store_full_of_pending_jobs_refuses_new_ones_and_finished_jobs_make_ro
         gate.wait_started()
         ids = [first, *(submit(server, {"data": i}) for i in range(MAX_JOBS - 1))]
         for job_id in ids:  # the worker is blocked: every job is still pending
-            status, _, job = call(server, f"/jobs/{job_id}")
+            status, _, job = http_call(server, f"/jobs/{job_id}")
             assert status == 200 and job["status"] == "pending"
         assert pending_gauge(server) == MAX_JOBS
-        status, _, answer = call(server, "/jobs", {"data": "one too many"})
+        status, _, answer = http_call(server, "/jobs", {"data": "one too many"})
         assert status == 429 and answer["error_type"] == "too_many_jobs"
     finally:
         gate.open()
@@ -218,16 +167,16 @@ def test_a_store_full_of_pending_jobs_refuses_new_ones_and_finished_jobs_make_ro
     assert [j["data"] for j in jobs[1:]] == list(range(MAX_JOBS - 1))
     # the store is full of finished jobs: a new one evicts the oldest of them
     newest = submit(server, {"data": "room"})
-    gone = [job_id for job_id in ids if call(server, f"/jobs/{job_id}")[0] == 404]
+    gone = [job_id for job_id in ids if http_call(server, f"/jobs/{job_id}")[0] == 404]
     assert len(gone) == 1
     assert finished(server, newest)["data"] == "room"
 
 
 def test_jobs_need_the_token_when_one_is_set(short_ttl_server):
-    status, _, answer = call(short_ttl_server, "/jobs", {"data": 1})
+    status, _, answer = http_call(short_ttl_server, "/jobs", {"data": 1})
     assert status == 401 and answer["error_type"] == "unauthorized"
     job_id = submit(short_ttl_server, {"data": 1}, AUTH)
-    status, _, _ = call(short_ttl_server, f"/jobs/{job_id}")
+    status, _, _ = http_call(short_ttl_server, f"/jobs/{job_id}")
     assert status == 401
     assert finished(short_ttl_server, job_id, AUTH)["data"] == 1
 
@@ -237,7 +186,7 @@ def test_a_finished_job_expires_after_the_ttl(short_ttl_server, tmp_path):
     try:
         job_id = submit(short_ttl_server, {"data": gate.item("ttl")}, AUTH)
         gate.wait_started()
-        status, _, job = call(short_ttl_server, f"/jobs/{job_id}", headers=AUTH)
+        status, _, job = http_call(short_ttl_server, f"/jobs/{job_id}", headers=AUTH)
         assert status == 200 and job["status"] == "pending"
         opened = time.monotonic()
     finally:
@@ -246,7 +195,7 @@ def test_a_finished_job_expires_after_the_ttl(short_ttl_server, tmp_path):
     answered_at: list[float] = []
 
     def expired() -> bool:
-        status, _, job = call(short_ttl_server, f"/jobs/{job_id}", headers=AUTH)
+        status, _, job = http_call(short_ttl_server, f"/jobs/{job_id}", headers=AUTH)
         answered_at.append(time.monotonic())
         if status == 200:
             seen.append(job["status"])
@@ -257,7 +206,7 @@ def test_a_finished_job_expires_after_the_ttl(short_ttl_server, tmp_path):
     # monotonic clock is system-wide: the bridge's and this process's agree)
     assert answered_at[-1] - opened >= SHORT_TTL_S
     assert set(seen) <= {"pending", "done"}
-    status, _, answer = call(short_ttl_server, f"/jobs/{job_id}", headers=AUTH)
+    status, _, answer = http_call(short_ttl_server, f"/jobs/{job_id}", headers=AUTH)
     assert status == 404 and answer["error_type"] == "unknown_job"
 
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
-from helpers import Gate, running_server, server_args, wait_until
+from helpers import Gate, bridge_connections, http_call, http_send, serve, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from wkr_serving.server import WKRServer
 from workers import ControlledWorker
@@ -26,20 +23,6 @@ TOKEN = "m3trics"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 #: -max_queue_size of the test server: a batch larger than this is BadInput.
 QUEUE = 8
-
-
-def call(server: WKRServer, path: str, body: Any = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP request to the bridge (a fresh connection): ``(status, headers, body)``."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data,
-                                     headers={"Content-Type": "application/json",
-                                              **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=LIMIT_S) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
 
 
 class Scrape:
@@ -57,7 +40,7 @@ class Scrape:
 
 
 def scrape(server: WKRServer) -> Scrape:
-    status, headers, body = call(server, "/metrics", headers=AUTH)
+    status, headers, body = http_call(server, "/metrics", headers=AUTH, raw=True)
     assert status == 200, body
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     return Scrape(body.decode())
@@ -66,19 +49,18 @@ def scrape(server: WKRServer) -> Scrape:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[WKRServer]:
     """ControlledWorker (obj protocol), 1 worker, batch_size 4, a small queue, a token."""
-    args = server_args(tmp_path_factory.mktemp("http_metrics"), "-http_port", "0", "-cpu",
-                       "-num_worker", "1", "-batch_size", "4", "-max_queue_size", str(QUEUE),
-                       "-http_token", TOKEN)
-    with running_server(args, ControlledWorker) as server:
-        yield server
+    yield from serve(tmp_path_factory, "http_metrics", ControlledWorker, "-http_port", "0", "-cpu",
+                     "-num_worker", "1", "-batch_size", "4", "-max_queue_size", str(QUEUE),
+                     "-http_token", TOKEN)
 
 
 def test_metrics_needs_the_token(server):
-    status, _, body = call(server, "/metrics")
+    status, _, body = http_call(server, "/metrics", raw=True)
     assert status == 401 and json.loads(body)["error_type"] == "unauthorized"
-    status, _, _ = call(server, "/metrics", headers={"Authorization": "Bearer wrong"})
+    status, _, _ = http_call(server, "/metrics", headers={"Authorization": "Bearer wrong"},
+                             raw=True)
     assert status == 401
-    status, _, body = call(server, "/metrics", headers=AUTH)
+    status, _, body = http_call(server, "/metrics", headers=AUTH, raw=True)
     assert status == 200 and b"wkr_up 1.0" in body
 
 
@@ -99,7 +81,8 @@ REQUIRED = {
 
 
 def test_required_families_are_there_with_their_types(server):
-    call(server, "/encode", {"data": 1}, AUTH)  # labelled HTTP counters appear on first use
+    # labelled HTTP counters appear on first use
+    http_call(server, "/encode", {"data": 1}, AUTH, raw=True)
     page = scrape(server)
     missing = sorted(set(REQUIRED) - set(page.families))
     assert not missing, f"missing families: {missing}"
@@ -125,7 +108,7 @@ def test_counters_and_histograms_move_after_encode_requests(server):
     before = scrape(server)
     n = 6
     for i in range(n):
-        status, _, body = call(server, "/encode", {"batch": [i, "x", [i]]}, AUTH)
+        status, _, body = http_call(server, "/encode", {"batch": [i, "x", [i]]}, AUTH, raw=True)
         assert status == 200 and json.loads(body)["data"] == [i, "x", [i]]
     after = scrape(server)
 
@@ -158,51 +141,13 @@ def test_counters_and_histograms_move_after_encode_requests(server):
     assert delta("wkr_http_requests_total", route="/metrics", status="200") >= 1
 
 
-def connections_to_each_process(server: WKRServer) -> list[http.client.HTTPConnection]:
-    """Kept-alive connections, one to each bridge process, told apart by the identities
-    of their pools of clients (``/status/client``). The kernel hands a new connection to
-    whichever process accepts first, and a process may still be booting when the server
-    is ready: try new connections until each process has answered one (bounded)."""
-    processes = server.config.http_workers
-    assert processes >= 2, "the test server must run several bridge processes"
-    found: dict[str, http.client.HTTPConnection] = {}
-
-    def another() -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=LIMIT_S)
-        conn.request("GET", "/status/client", headers=AUTH)
-        response = conn.getresponse()
-        clients = json.loads(response.read())["clients"]
-        assert response.status == 200 and clients
-        key = min(str(c["identity"]) for c in clients)
-        if key in found:
-            conn.close()
-        found.setdefault(key, conn)
-        return len(found) == processes
-
-    try:
-        wait_until(another, LIMIT_S, f"connections to {processes} bridge processes")
-    except BaseException:
-        for conn in found.values():
-            conn.close()
-        raise
-    return list(found.values())
-
-
-def send(conn: http.client.HTTPConnection, method: str, path: str, body: Any = None,
-         ) -> tuple[int, bytes]:
-    conn.request(method, path, body=None if body is None else json.dumps(body),
-                 headers={"Content-Type": "application/json", **AUTH})
-    response = conn.getresponse()
-    return response.status, response.read()
-
-
 def test_http_counts_are_summed_over_the_bridge_processes(server):
     """Requests answered by each of the two processes; a scrape through either one
     reports them all."""
-    first, second = connections_to_each_process(server)
+    first, second = bridge_connections(server, AUTH)
     try:
         def page(conn: http.client.HTTPConnection) -> Scrape:
-            status, body = send(conn, "GET", "/metrics")
+            status, body = http_send(conn, "GET", "/metrics", headers=AUTH)
             assert status == 200
             return Scrape(body.decode())
 
@@ -212,7 +157,7 @@ def test_http_counts_are_summed_over_the_bridge_processes(server):
         before = page(first)
         for conn, count in ((first, 3), (second, 4)):
             for i in range(count):
-                status, body = send(conn, "POST", "/encode", {"data": i})
+                status, body = http_send(conn, "POST", "/encode", {"data": i}, AUTH)
                 assert status == 200 and json.loads(body)["data"] == i
         assert encodes(page(first)) - encodes(before) == 7
         assert encodes(page(second)) - encodes(before) == 7
@@ -223,14 +168,16 @@ def test_http_counts_are_summed_over_the_bridge_processes(server):
 
 def test_errors_by_kind_move_after_bad_input_and_model_error(server):
     before = scrape(server)
-    status, _, body = call(server, "/encode", {"batch": list(range(QUEUE + 1))}, AUTH)
+    status, _, body = http_call(server, "/encode", {"batch": list(range(QUEUE + 1))}, AUTH,
+                                raw=True)
     assert status == 400 and json.loads(body)["error_type"] == "bad_input"
-    status, _, body = call(server, "/encode", {"data": {"cmd": "raise", "message": "boom"}},
-                           AUTH)
+    status, _, body = http_call(server, "/encode",
+                                {"data": {"cmd": "raise", "message": "boom"}}, AUTH, raw=True)
     assert status == 500 and json.loads(body)["error_type"] == "model_error"
-    status, _, _ = call(server, "/encode", {"nothing": 1}, AUTH)  # refused by the bridge
+    # refused by the bridge
+    status, _, _ = http_call(server, "/encode", {"nothing": 1}, AUTH, raw=True)
     assert status == 400
-    status, _, _ = call(server, "/no/such/route", headers=AUTH)
+    status, _, _ = http_call(server, "/no/such/route", headers=AUTH, raw=True)
     assert status == 404
     after = scrape(server)
 
@@ -256,9 +203,11 @@ def test_queue_depth_in_flight_and_busy_worker_gauges(server, tmp_path):
     gate = Gate(tmp_path, "metrics-busy")
     with ThreadPoolExecutor(2) as pool:
         try:
-            blocked = pool.submit(call, server, "/encode", {"data": gate.item("held")}, AUTH)
+            blocked = pool.submit(http_call, server, "/encode", {"data": gate.item("held")}, AUTH,
+                                  raw=True)
             gate.wait_started()
-            queued = pool.submit(call, server, "/encode", {"batch": [1, 2, 3]}, AUTH)
+            queued = pool.submit(http_call, server, "/encode", {"batch": [1, 2, 3]}, AUTH,
+                                 raw=True)
             page = wait_until(lambda: (lambda p: p if p.value("wkr_queue_items") == 3 else None)(
                 scrape(server)), LIMIT_S, "the second request to be queued")
             assert page.value("wkr_in_flight_items") == 1
@@ -277,7 +226,7 @@ def test_queue_depth_in_flight_and_busy_worker_gauges(server, tmp_path):
 def test_a_worker_restart_is_counted(server):
     """Last in this file: the worker dies and comes back."""
     before = scrape(server)
-    status, _, body = call(server, "/encode", {"data": {"cmd": "die"}}, AUTH)
+    status, _, body = http_call(server, "/encode", {"data": {"cmd": "die"}}, AUTH, raw=True)
     assert status == 500 and json.loads(body)["error_type"] == "worker_died"
     after = wait_until(lambda: (lambda p: p if p.value("wkr_ready") == 1 and p.value(
         "wkr_worker_state", worker="0", state="idle") == 1 else None)(scrape(server)),
@@ -292,5 +241,5 @@ def test_a_worker_restart_is_counted(server):
     # counters keyed by the worker's index survive its restart
     assert after.value("wkr_worker_batches_total", worker="0") >= before.value(
         "wkr_worker_batches_total", worker="0")
-    status, _, body = call(server, "/encode", {"data": "alive"}, AUTH)
+    status, _, body = http_call(server, "/encode", {"data": "alive"}, AUTH, raw=True)
     assert status == 200 and json.loads(body)["data"] == "alive"

@@ -21,15 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from helpers import (
-    START_LIMIT_S,
-    STOP_LIMIT_S,
-    Gate,
-    connect,
-    running_server,
-    server_args,
-    wait_until,
-)
+from helpers import START_LIMIT_S, STOP_LIMIT_S, Gate, connect, serve, server_args, wait_until
 from tritonclient.utils import InferenceServerException
 from wkr_serving.client.version import __version__
 from wkr_serving.server import WKRServer
@@ -93,10 +85,8 @@ def failure(call_: Any) -> InferenceServerException:
 @pytest.fixture(scope="module")
 def numpy_http(tmp_path_factory) -> Iterator[WKRServer]:
     """EchoWorker, protocol numpy, 1 worker, batch_size 8, bridge on; model "EchoWorker"."""
-    args = server_args(tmp_path_factory.mktemp("v2_numpy"), "-protocol", "numpy",
-                       "-num_worker", "1", "-batch_size", "8", "-cpu", "-http_port", "0")
-    with running_server(args, EchoWorker) as server:
-        yield server
+    yield from serve(tmp_path_factory, "v2_numpy", EchoWorker, "-protocol", "numpy",
+                     "-num_worker", "1", "-batch_size", "8", "-cpu", "-http_port", "0")
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +100,9 @@ def np_client(numpy_http) -> Iterator[httpclient.InferenceServerClient]:
 def obj_http(tmp_path_factory) -> Iterator[WKRServer]:
     """ControlledWorker, protocol obj, 1 worker, ``-model_name controlled``, bridge with a
     bearer token."""
-    args = server_args(tmp_path_factory.mktemp("v2_obj"), "-protocol", "obj",
-                       "-num_worker", "1", "-batch_size", "8", "-cpu", "-http_port", "0",
-                       "-model_name", "controlled", "-http_token", TOKEN)
-    with running_server(args, ControlledWorker) as server:
-        yield server
+    yield from serve(tmp_path_factory, "v2_obj", ControlledWorker, "-protocol", "obj",
+                     "-num_worker", "1", "-batch_size", "8", "-cpu", "-http_port", "0",
+                     "-model_name", "controlled", "-http_token", TOKEN)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,16 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from helpers import Gate, RawClient, connect, running_server, server_args, wait_idle, wait_until
+from helpers import (
+    Gate,
+    RawClient,
+    connect,
+    http_call,
+    running_server,
+    server_args,
+    wait_idle,
+    wait_until,
+)
 from wkr_serving.client import BadInput, ClientUsageError, ModelError
 from wkr_serving.client import protocol as P
 from wkr_serving.client.errors import error_from_wire
@@ -86,18 +93,6 @@ def check_common(line: dict[str, Any], server: Any) -> None:
     assert line["latency_ms"] > 0
     assert 1 <= line["batch_size"] <= server.config.batch_size
     assert 0 <= line["worker"] < server.config.num_worker
-
-
-def http_call(server: Any, path: str, body: Any, headers: dict[str, str] | None = None,
-              ) -> tuple[int, dict[str, str], Any]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{server.http_port}{path}", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=LIMIT_S) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
 
 
 # -- servers -------------------------------------------------------------------------------
