@@ -91,7 +91,7 @@ LOADGEN_ALTERNATIVES = ["pipe:1x8x8", "pipe:2x1x32", "pipe:2x32x1", "pipe:1x64x1
 #: HTTP rows (W1 noop/numpy only): the same server also runs the HTTP bridge, and wrk, a
 #: C load generator, POSTs one JSON item per request to /encode over keep-alive
 #: connections. "wrk:TxC" = wrk -tT -cC.
-HTTP_FLAGS = ["-http_port", "0", "-http_max_connect", "64", "-http_workers", "2"]
+HTTP_FLAGS = ["-http_port", "0", "-http_max_connect", "16", "-http_workers", "2"]
 HTTP_RUN = ("noop", "numpy")
 HTTP_TRANSPORT = "HTTP JSON /encode (wrk)"
 WRK_THREADS = 1

@@ -32,6 +32,9 @@ __all__ = ["HTTPBridge"]
 
 #: Seconds gunicorn's workers get to finish their requests when the bridge stops.
 STOP_WAIT_S = 2
+#: Client connections a bridge process holds per thread (keep-alive ones included);
+#: more wait in the listen queue until one closes.
+CONNECTIONS_PER_THREAD = 4
 #: Pending connections the kernel queues on the listening socket.
 BACKLOG = 2048
 
@@ -142,6 +145,10 @@ def _application_class() -> type:
                 "workers": bridge.config.http_workers,
                 "worker_class": "gthread",
                 "threads": bridge.threads_per_worker(),
+                # A process takes no more connections than this, so that the kernel's
+                # accept race cannot pile most clients onto one process (seen: one
+                # process at 100% CPU with 60 of 64 connections, the other idle).
+                "worker_connections": CONNECTIONS_PER_THREAD * bridge.threads_per_worker(),
                 "graceful_timeout": STOP_WAIT_S,
                 "timeout": 0,  # requests have their own deadlines; no worker watchdog
                 "keepalive": 5,
