@@ -33,13 +33,13 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any
 
 import psutil
 from flask import Flask, Response, g, jsonify, request
 from wkr_serving.client.protocol import MAX_OPTION_CHARS
 
-from .httpapp import as_input, envelope_error, error_code, http_status, to_json
+from .httpapp import EncodeCall, envelope_error, failure, parse_encode_body, run_encode
 
 __all__ = ["JobStore", "bridge_state_dir", "register"]
 
@@ -267,34 +267,6 @@ class JobStore:
             self._local.db = None
 
 
-class EncodeCall(NamedTuple):
-    items: list[Any]
-    single: bool
-    timeout: int | None
-    suppress_log_input: bool
-
-
-def parse_encode_body(body: Any, protocol: str) -> EncodeCall:
-    """The call an ``/encode`` body asks for; ValueError says what is wrong, BadInput
-    (from :func:`as_input`) names an input the protocol cannot take."""
-    if not isinstance(body, dict) or ("data" in body) == ("batch" in body):
-        raise ValueError('the body must be a JSON object with "data" (one input) or '
-                         '"batch" (a list of inputs)')
-    single = "data" in body
-    items = [body["data"]] if single else body["batch"]
-    if not isinstance(items, list) or not items:
-        raise ValueError('"batch" must be a non-empty list')
-    timeout = body.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
-                                or timeout <= 0):
-        raise ValueError('"timeout" must be a positive int (ms)')
-    suppress = body.get("suppress_log_input", False)
-    if not isinstance(suppress, bool):
-        raise ValueError('"suppress_log_input" must be a boolean')
-    return EncodeCall([as_input(x, protocol, body.get("dtype")) for x in items], single,
-                      timeout, suppress)
-
-
 class _Runner:
     """This process's thread pool for jobs (made on first use, so a fork gets its own)."""
 
@@ -334,18 +306,11 @@ def register(app: Flask, backend: Any, store: JobStore | None = None) -> None:
     def run(job_id: str, call: EncodeCall, request_id: str) -> None:
         try:
             try:
-                if backend.config.log_predictions:  # as /encode: the log gets the request id
-                    results = backend.pool.encode_batch(
-                        call.items, timeout=call.timeout, request_id=request_id,
-                        suppress_log_input=call.suppress_log_input)
-                else:
-                    results = backend.encode(call.items, call.timeout)
-                data = to_json(results[0] if call.single else results)
-                jobs.finish(job_id, "done", {"data": data})
+                jobs.finish(job_id, "done", {"data": run_encode(backend, call, request_id)})
             except Exception as exc:  # every failure is the job's outcome
-                jobs.finish(job_id, "error", {
-                    "error_code": http_status(exc), "error_type": error_code(exc),
-                    "error_message": str(getattr(exc, "message", exc))})
+                _, payload = failure(exc)
+                del payload["data"]
+                jobs.finish(job_id, "error", payload)
         except Exception:  # the store itself failed: the job stays pending until lost
             logger.exception("job %s (request %s): cannot record its outcome", job_id,
                              request_id)
@@ -357,8 +322,8 @@ def register(app: Flask, backend: Any, store: JobStore | None = None) -> None:
         except ValueError as exc:
             return envelope_error(400, "bad_input", str(exc))
         except Exception as exc:
-            return envelope_error(http_status(exc), error_code(exc),
-                                  str(getattr(exc, "message", exc)))
+            status, payload = failure(exc)
+            return jsonify(payload), status
         job_id = jobs.create()
         if job_id is None:
             return envelope_error(429, "too_many_jobs", f"{jobs.max_jobs} jobs are pending: "

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from flask import Flask, Response, g, jsonify, request
@@ -237,34 +237,66 @@ def create_app(backend: Backend, token: str | None = None, cors: str | None = No
     return app
 
 
-def encode_call(backend: Backend, body: Any, request_id: str) -> tuple[int, dict[str, Any]]:
-    """``POST /encode``: validate the JSON body, call the server, and return the HTTP
-    status with the envelope."""
+class EncodeCall(NamedTuple):
+    """What an ``/encode`` (or ``/jobs``) body asks for."""
+
+    items: list[Any]
+    single: bool
+    timeout: int | None
+    suppress_log_input: bool
+
+
+def parse_encode_body(body: Any, protocol: str) -> EncodeCall:
+    """The call an ``/encode`` body asks for; ValueError says what is wrong, BadInput
+    (from :func:`as_input`) names an input the protocol cannot take."""
     if not isinstance(body, dict) or ("data" in body) == ("batch" in body):
-        return _envelope(400, "bad_input", 'the body must be a JSON object with "data" '
-                         '(one input) or "batch" (a list of inputs)')
+        raise ValueError('the body must be a JSON object with "data" (one input) or '
+                         '"batch" (a list of inputs)')
     single = "data" in body
     items = [body["data"]] if single else body["batch"]
     if not isinstance(items, list) or not items:
-        return _envelope(400, "bad_input", '"batch" must be a non-empty list')
+        raise ValueError('"batch" must be a non-empty list')
     timeout = body.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
                                 or timeout <= 0):
-        return _envelope(400, "bad_input", '"timeout" must be a positive int (ms)')
+        raise ValueError('"timeout" must be a positive int (ms)')
     suppress = body.get("suppress_log_input", False)
     if not isinstance(suppress, bool):
-        return _envelope(400, "bad_input", '"suppress_log_input" must be a boolean')
+        raise ValueError('"suppress_log_input" must be a boolean')
+    return EncodeCall([as_input(x, protocol, body.get("dtype")) for x in items], single,
+                      timeout, suppress)
+
+
+def run_encode(backend: Backend, call: EncodeCall, request_id: str) -> Any:
+    """Make the call on the server; return its result(s) as JSON. Raises its error."""
+    if backend.config.log_predictions:  # the log gets the request id (and suppress)
+        results = backend.encode(call.items, call.timeout,
+                                 suppress_log_input=call.suppress_log_input,
+                                 request_id=request_id[:MAX_OPTION_CHARS])
+    else:
+        results = backend.encode(call.items, call.timeout)
+    return to_json(results[0] if call.single else results)
+
+
+def failure(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and envelope reporting ``exc`` (an error of the call)."""
+    return _envelope(http_status(exc), error_code(exc), getattr(exc, "message", str(exc)))
+
+
+def encode_call(backend: Backend, body: Any, request_id: str) -> tuple[int, dict[str, Any]]:
+    """``POST /encode``: validate the JSON body, call the server, and return the HTTP
+    status with the envelope."""
     try:
-        items = [as_input(x, backend.protocol, body.get("dtype")) for x in items]
-        if backend.config.log_predictions:  # the log gets the request id (and suppress)
-            results = backend.encode(items, timeout, suppress_log_input=suppress,
-                                     request_id=request_id[:MAX_OPTION_CHARS])
-        else:
-            results = backend.encode(items, timeout)
+        call = parse_encode_body(body, backend.protocol)
+    except ValueError as exc:  # the body is not a valid call
+        return _envelope(400, "bad_input", str(exc))
+    except Exception as exc:  # an input the protocol cannot take (BadInput)
+        return failure(exc)
+    try:
+        data = run_encode(backend, call, request_id)
     except Exception as exc:  # every failure becomes an HTTP status and envelope
-        return _envelope(http_status(exc), error_code(exc), getattr(exc, "message", str(exc)))
-    return 200, {"error_code": 0, "error_message": "",
-                 "data": to_json(results[0] if single else results)}
+        return failure(exc)
+    return 200, {"error_code": 0, "error_message": "", "data": data}
 
 
 def _envelope(status: int, code: str, message: str) -> tuple[int, dict[str, Any]]:
@@ -356,5 +388,5 @@ def as_input(value: Any, protocol: str, dtype: Any = None) -> Any:
 
 
 def envelope_error(status: int, code: str, message: str) -> Any:
-    return jsonify({"error_code": status, "error_type": code, "error_message": message,
-                    "data": None}), status
+    status, payload = _envelope(status, code, message)
+    return jsonify(payload), status
