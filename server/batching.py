@@ -27,6 +27,8 @@ class Request:
     #: Unique per accepted request: the sink reassembles split requests by it, so a
     #: client reusing a request id cannot mix two requests' parts.
     serial: int = field(default=0)
+    #: The request's options for the prediction log (None: none, or no log).
+    options: dict[str, Any] | None = field(default=None)
 
     @property
     def total(self) -> int:

@@ -54,14 +54,6 @@ class _WorkerState:
     items: int = 0
 
 
-@dataclass(slots=True)
-class _OptionsRequest(Request):
-    """A queued request that carries options for the prediction log (only made when the
-    server logs predictions and the request sent options)."""
-
-    options: dict[str, Any] | None = None
-
-
 #: The REQUEST options the server uses, with the type of each value.
 KNOWN_OPTIONS = {"suppress_log_input": bool, "request_id": str}
 
@@ -255,12 +247,9 @@ class Ventilator(Role):
                 return
         deadline = now + timeout_ms / 1000.0 if timeout_ms else 0.0
         self.requests += 1
-        if options is not None and self.config.log_predictions:
-            self.queue.push(_OptionsRequest(client, req_id, now, deadline, metas, frames[2:],
-                                            serial=self.requests, options=options))
-        else:
-            self.queue.push(Request(client, req_id, now, deadline, metas, frames[2:],
-                                    serial=self.requests))
+        self.queue.push(Request(client, req_id, now, deadline, metas, frames[2:],
+                                serial=self.requests,
+                                options=options if self.config.log_predictions else None))
         self.items += len(metas)
 
     def _on_command(self, client: bytes, req_id: int, name: Any, args: Any,
@@ -415,7 +404,7 @@ class Ventilator(Role):
             frames.extend(req.frames[offset:end])
         if self.config.log_predictions:  # the worker writes each request's options in the log
             for seg_header, (req, _, _) in zip(headers, segments, strict=True):
-                seg_header.append(getattr(req, "options", None))
+                seg_header.append(req.options)
         self.batch_id += 1
         worker.batch_id = self.batch_id
         header = P.pack([P.PROTOCOL_VERSION, P.BATCH, self.batch_id, headers])
