@@ -731,20 +731,27 @@ def _cpu_seconds() -> dict[int, float]:
     return out
 
 
-def _role_names(status: dict[str, Any], load_pids: list[int],
-                http_pid: int | None = None) -> dict[int, str]:
-    """pid -> role, from the server's status (a remaining unnamed child is the sink). The
-    HTTP bridge (``http_pid``) and its gunicorn worker processes are all named "http"."""
-    import psutil
-
-    names = {os.getpid(): "bench"}
-    names.update({pid: f"load-{i}" for i, pid in enumerate(load_pids)})
+def server_role_names(status: dict[str, Any]) -> dict[int, str]:
+    """pid -> role of the ventilator, the sink and each worker, from ``server_status``."""
+    names = {}
     if status.get("ventilator_pid"):
         names[status["ventilator_pid"]] = "ventilator"
     if status.get("sink_pid"):
         names[status["sink_pid"]] = "sink"
     for w in status.get("workers", []):
         names[w["pid"]] = f"worker-{w['index']}"
+    return names
+
+
+def _role_names(status: dict[str, Any], load_pids: list[int],
+                http_pid: int | None = None) -> dict[int, str]:
+    """pid -> role of this process, the load generators and the server's processes. The
+    HTTP bridge (``http_pid``) and its gunicorn worker processes are all named "http"."""
+    import psutil
+
+    names = {os.getpid(): "bench"}
+    names.update({pid: f"load-{i}" for i, pid in enumerate(load_pids)})
+    names.update(server_role_names(status))
     if http_pid:
         try:
             bridge = psutil.Process(http_pid)

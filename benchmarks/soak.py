@@ -269,12 +269,7 @@ class Server:
 
 def _roles(server: Server, status: dict[str, Any]) -> dict[int, str]:
     """pid -> role for every process of the server."""
-    roles = {server.proc.pid: "supervisor"}
-    if status.get("ventilator_pid"):
-        roles[status["ventilator_pid"]] = "ventilator"
-    for w in status.get("workers", []):
-        roles[w["pid"]] = f"worker-{w['index']}"
-    unnamed = []
+    roles = {server.proc.pid: "supervisor", **bench.server_role_names(status)}
     for proc in psutil.Process(server.proc.pid).children(recursive=True):
         if proc.pid in roles:
             continue
@@ -282,12 +277,8 @@ def _roles(server: Server, status: dict[str, Any]) -> dict[int, str]:
             cmdline = " ".join(proc.cmdline())
         except psutil.Error:
             continue
-        if "resource_tracker" in cmdline:
-            roles[proc.pid] = "mp-resource-tracker"
-        else:
-            unnamed.append(proc.pid)
-    for pid in unnamed:
-        roles[pid] = "sink" if len(unnamed) == 1 else f"pid-{pid}"
+        roles[proc.pid] = ("mp-resource-tracker" if "resource_tracker" in cmdline
+                           else f"pid-{proc.pid}")
     return roles
 
 
