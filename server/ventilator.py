@@ -7,8 +7,6 @@ batch, so a busy worker never holds a queue. Replies the ventilator makes itself
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import os
 import platform
 import time
@@ -21,6 +19,7 @@ import numpy as np
 import zmq
 from wkr_serving.client import errors as E
 from wkr_serving.client import protocol as P
+from wkr_serving.client.access import authorize, peer_address
 from wkr_serving.client.version import __version__
 
 from .batching import BatchQueue, Request, Segment, dispatch_wait, should_dispatch
@@ -262,7 +261,7 @@ class Ventilator(Role):
         elif name == "ping":
             self._forward(client, req_id, "reply", "pong")
         elif name == "terminate":
-            peer = _peer_address(frame)
+            peer = peer_address(frame)
             refusal = self._authorize(args, peer)
             if refusal is not None:
                 self.logger.warning("refused terminate from %s (client %r): %s", peer,
@@ -278,21 +277,8 @@ class Ventilator(Role):
             self._reject(client, req_id, E.UnknownCommand(f"unknown command {P.brief(name)}"))
 
     def _authorize(self, args: Any, peer: str | None) -> str | None:
-        """Why a command that stops or changes the server is refused (None: allowed).
-
-        With ``-auth_token`` the token is required from everywhere; without one only
-        clients on this host (loopback or IPC) may send such commands."""
-        token = self.config.auth_token
-        if token is not None:
-            given = args.get("token") if isinstance(args, dict) else None
-            if not isinstance(given, str) or not hmac.compare_digest(
-                    given.encode(), token.encode()):
-                return "this command needs the server's -auth_token"
-            return None
-        if not _is_local(peer):
-            return (f"this command is only accepted from the server's own host (peer "
-                    f"{peer}) unless the server has an -auth_token")
-        return None
+        """Why a command that stops or changes the server is refused (None: allowed)."""
+        return authorize(self.config.auth_token, args, peer)
 
     def _reject(self, client: bytes, req_id: int, error: E.ServerError) -> None:
         self.rejected += 1
@@ -512,25 +498,3 @@ class Ventilator(Role):
                          "state": "busy" if w.busy else "idle", "batches": w.batches,
                          "items": w.items, **history})
         return rows
-
-
-def _peer_address(frame: zmq.Frame) -> str | None:
-    """The sender's IP address as libzmq saw it (None for IPC and inproc peers)."""
-    try:
-        address = frame.get("Peer-Address")
-    except zmq.ZMQError:
-        return None
-    return address if isinstance(address, str) else None
-
-
-def _is_local(peer: str | None) -> bool:
-    """Whether a peer address is this host (loopback). The public port is TCP, so a
-    peer without an address is not trusted."""
-    if peer is None:
-        return False
-    try:
-        address = ipaddress.ip_address(peer.split("%")[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))

@@ -51,13 +51,14 @@ from wkr_serving.client import (
     WKRClient,
 )
 from wkr_serving.client import protocol as P
+from wkr_serving.client.access import is_local
 from wkr_serving.client.base import ClientOptions, request_frames
 from wkr_serving.client.keys import load_key_pair, load_public_key
 from wkr_serving.server import StartupError, WKRServer
 from wkr_serving.server.config import ConfigError, ServerConfig, load_config
 from wkr_serving.server.process import Endpoints
 from wkr_serving.server.security import main_keygen
-from wkr_serving.server.ventilator import Ventilator, _is_local
+from wkr_serving.server.ventilator import Ventilator
 from workers import ControlledWorker, EchoWorker, FractionWorker, Opaque
 
 #: connect_timeout (ms) of clients that must be refused: small, so a refusal is quick.
@@ -427,7 +428,7 @@ def test_curve_client_keys_without_a_server_key_is_a_config_error(keys):
     ("2001:db8::1", False), ("0.0.0.0", False), ("garbage", False), ("", False),
 ])
 def test_is_local(peer, local):
-    assert _is_local(peer) is local
+    assert is_local(peer) is local
 
 
 def _ventilator(**config: Any) -> Ventilator:
