@@ -56,8 +56,10 @@ class ClientOptions:
                  identity: bytes | str | None, timeout: int | None,
                  connect_timeout: int | None, server_public_key: Any = None,
                  client_key: Any = None, allow_pickle: bool = False) -> None:
-        if protocol not in P.PROTOCOLS:
-            raise ClientUsageError(f"protocol must be one of {P.PROTOCOLS}, got {protocol!r}")
+        try:
+            protocol = P.normalize_protocol(protocol)  # "npy" is another name of "numpy"
+        except ValueError as exc:
+            raise ClientUsageError(str(exc)) from None
         for name, value in (("port", port), ("port_out", port_out)):
             if not isinstance(value, int) or not 0 < value < 65536:
                 raise ClientUsageError(f"{name} must be a TCP port number, got {value!r}")

@@ -91,6 +91,8 @@ __all__ = [
     "MSGPACK_ITEM",
     "PICKLE_ITEM",
     "PROTOCOLS",
+    "PROTOCOL_ALIASES",
+    "PROTOCOL_NAMES",
     "PROTOCOL_VERSION",
     "READY",
     "REPLIES",
@@ -102,6 +104,7 @@ __all__ = [
     "check_raw",
     "decode_item",
     "encode_item",
+    "normalize_protocol",
     "pack",
     "parse_dtype",
     "unpack_header",
@@ -143,13 +146,29 @@ HEADER_FIELDS = {
     CONTROL: 2,
 }
 
+#: The protocols (``-protocol``), by their canonical names.
 PROTOCOLS = ("obj", "numpy")
+#: Other accepted names of a protocol: ``npy`` is the seed documentation's name of numpy.
+PROTOCOL_ALIASES = {"npy": "numpy"}
+#: Every name :func:`normalize_protocol` accepts (for argparse ``choices``).
+PROTOCOL_NAMES = (*PROTOCOLS, *PROTOCOL_ALIASES)
 EXT_NDARRAY = 1
 
 # dtype kinds that hold plain data: bool, ints, floats, complex, bytes, str, datetimes.
 _SAFE_DTYPE_KINDS = frozenset("biufcSUMm")
 MSGPACK_ITEM = 0
 PICKLE_ITEM = 1
+
+
+def normalize_protocol(name: Any) -> str:
+    """The canonical name of protocol ``name`` (``"npy"`` → ``"numpy"``); raises
+    :class:`ValueError` for a name that is no protocol. Server config and client options
+    both go through here, so only canonical names appear past it."""
+    canonical = PROTOCOL_ALIASES.get(name, name) if isinstance(name, str) else name
+    if canonical not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOL_NAMES)} (npy is "
+                         f"another name of numpy), got {name!r}")
+    return str(canonical)
 
 
 def pack(header: Sequence[Any]) -> bytes:

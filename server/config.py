@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from wkr_serving.client.protocol import PROTOCOLS
+from wkr_serving.client.protocol import PROTOCOL_NAMES, normalize_protocol
 from wkr_serving.client.version import __version__
 
 __all__ = ["ConfigError", "ServerConfig", "build_parser", "config_from_args", "load_config"]
@@ -44,8 +44,8 @@ class ServerConfig:
     port_out: int = _opt(5556, "port returning results to clients (0: any free port)",
                          "-port_result", kind=int)
     bind: str = _opt("0.0.0.0", "address the public ports bind to")
-    protocol: str = _opt("obj", "wire protocol: 'obj' (any msgpack-able value) or 'numpy'",
-                         choices=PROTOCOLS)
+    protocol: str = _opt("obj", "wire protocol: 'obj' (any msgpack-able value) or 'numpy' "
+                         "(ndarrays only; 'npy' is another name of it)", choices=PROTOCOL_NAMES)
     num_worker: int = _opt(1, "number of worker processes", kind=int)
     batch_size: int = _opt(10, "most items in one batch given to predict", kind=int)
     batch_group_timeout: int = _opt(
@@ -119,8 +119,10 @@ class ServerConfig:
                             ("max_queue_size", self.max_queue_size)):
             if value < 1:
                 raise ConfigError(f"-{name} must be at least 1, got {value}")
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"-protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        try:  # the canonical name from here on ("npy" is "numpy")
+            object.__setattr__(self, "protocol", normalize_protocol(self.protocol))
+        except ValueError as exc:
+            raise ConfigError(f"-{exc}") from None
         if self.num_threads < -1:
             raise ConfigError("-num_threads must be >= -1")
         if self.batch_group_timeout < 0:
