@@ -12,7 +12,9 @@ __all__ = [
     "ClientUsageError",
     "ConnectTimeout",
     "ConnectionLost",
+    "DeadLettered",
     "DeadlineExceeded",
+    "JobCancelled",
     "ModelError",
     "Overloaded",
     "ProtocolError",
@@ -138,6 +140,21 @@ class ShuttingDown(ServerError):
     code = "shutting_down"
 
 
+class JobCancelled(ServerError):
+    """The queued job was cancelled (:meth:`JobQueue.cancel`) before a result existed."""
+
+    code = "cancelled"
+
+
+class DeadLettered(ServerError):
+    """The queued job was moved to its queue's dead-letter stream instead of being
+    computed: it was malformed, too large, or delivered more than ``-max_attempts``
+    times (it kept failing transiently or kept killing the units holding it). The
+    message names the last error seen."""
+
+    code = "dead_lettered"
+
+
 _BY_CODE: dict[str, type[ServerError]] = {
     cls.code: cls
     for cls in (
@@ -151,6 +168,8 @@ _BY_CODE: dict[str, type[ServerError]] = {
         Overloaded,
         WorkerDied,
         ShuttingDown,
+        JobCancelled,
+        DeadLettered,
     )
 }
 
