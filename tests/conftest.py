@@ -79,3 +79,18 @@ def obj_client(obj_server, client_factory) -> WKRClient:
 @pytest.fixture
 def numpy_client(numpy_server, client_factory) -> WKRClient:
     return client_factory(numpy_server)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port with its own directory (append-only
+    file on); stopped by pid after the test. ``redis_server.restart()`` for fault tests."""
+    from redis_server import RedisServer, redis_server_path
+
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    try:
+        yield server
+    finally:
+        server.stop()
