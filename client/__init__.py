@@ -22,6 +22,8 @@ from .errors import (
     WKRTimeoutError,
     WorkerDied,
 )
+from .pool import WKRDecentralizeCentral
+from .unit import WKRWorker
 from .version import __version__
 
 __all__ = [
@@ -43,8 +45,10 @@ __all__ = [
     "UnknownCommand",
     "VersionMismatch",
     "WKRClient",
+    "WKRDecentralizeCentral",
     "WKRError",
     "WKRTimeoutError",
+    "WKRWorker",
     "WorkerDied",
     "__version__",
 ]

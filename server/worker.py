@@ -8,10 +8,8 @@ preprocess -> predict -> postprocess and sends the results to the sink.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -21,6 +19,7 @@ import numpy as np
 import zmq
 from wkr_serving.client import errors as E
 from wkr_serving.client import protocol as P
+from wkr_serving.client.loader import import_class
 
 from .config import ServerConfig
 from .devices import CPU, describe
@@ -116,18 +115,7 @@ def load_worker_class(spec: str, directory: str | None = None) -> type[WKRHardWo
 
     ``spec`` may start with a directory, as in ``example/noop_worker.Worker``.
     """
-    path, _, dotted = spec.rpartition("/")
-    module_name, _, class_name = dotted.rpartition(".")
-    if not module_name or not class_name:
-        raise ValueError(f"worker class must be given as <file>.<Class>, got {spec!r}")
-    directory = os.path.abspath(os.path.join(directory or os.getcwd(), path))
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
-    module = importlib.import_module(module_name)
-    cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, WKRHardWorker)):
-        raise TypeError(f"{spec} is not a subclass of WKRHardWorker")
-    return cls
+    return import_class(spec, WKRHardWorker, directory)  # type: ignore[return-value]
 
 
 class WorkerProcess(Role):
