@@ -115,7 +115,7 @@ def load_worker_class(spec: str, directory: str | None = None) -> type[WKRHardWo
 
     ``spec`` may start with a directory, as in ``example/noop_worker.Worker``.
     """
-    return import_class(spec, WKRHardWorker, directory)  # type: ignore[return-value]
+    return import_class(spec, WKRHardWorker, directory)
 
 
 class WorkerProcess(Role):
