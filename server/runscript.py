@@ -1,11 +1,17 @@
 """Production run scripts: ``wkr-serving-make`` and ``wkr-serving-terminate``.
 
-``wkr-serving-make <wkr-serving-start args...> -name NAME [-dir DIR]`` prints a bash
-script with the commands ``start``, ``stop``, ``stopf``, ``restart`` and ``status`` for
-one service. The script stays thin: every step that must wait (until the server is
-ready, until a process has exited) or must find processes (the service's whole tree)
-runs in the helper of this module, ``python -m wkr_serving.server.runscript``, with the
+``wkr-serving-make <wkr-serving-start args...> -name NAME [-dir DIR]`` prints a POSIX sh
+script (``sh run_script.sh start|stop|stopf|restart|status``, dash or bash alike) for one
+service. The script stays thin: every step that must wait (until the server is ready,
+until a process has exited) or must find processes (the service's whole tree) runs in
+the helper of this module, ``python -m wkr_serving.server.runscript``, with the
 interpreter that generated the script.
+
+The generator and the helper serve more than one kind of service: what is particular to
+a kind (the module it runs as, how its arguments are parsed and which ports it needs,
+how readiness and status are probed) is one :class:`ServiceKind`, registered with
+:func:`register_kind`. The server is the kind ``"server"``; a ``*-make`` command for
+another kind is ``main_make(argv, kind=...)``.
 
 ``wkr-serving-terminate`` sends the ``terminate`` command to a running server and waits
 until it has really stopped: its supervisor process has exited (when it runs on this
@@ -19,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import fcntl
+import importlib
 import os
 import re
 import select
@@ -31,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -47,17 +55,21 @@ from wkr_serving.client.errors import (
     WKRError,
     WKRTimeoutError,
 )
-from wkr_serving.client.protocol import PROTOCOLS
+from wkr_serving.client.protocol import PROTOCOL_NAMES, PROTOCOLS, normalize_protocol
 from wkr_serving.client.version import __version__
 
 from .config import ConfigError, ServerConfig, load_config
 from .supervisor import STOP_GRACE
 
-__all__ = ["main_helper", "main_make", "main_terminate", "make_script", "wait_pid_exit"]
+__all__ = ["SERVER_KIND", "ServiceKind", "get_kind", "main_helper", "main_make",
+           "main_terminate", "make_script", "register_kind", "wait_pid_exit"]
 
 #: The module the generated scripts call (``python -m ...``) and the command they run.
 HELPER_MODULE = "wkr_serving.server.runscript"
 SERVER_MODULE = "wkr_serving.server.cli"
+#: Where a generated script sends the service's stdout and stderr (under its base dir),
+#: as the seed's Getting Started page says: ``./logs/std.log``.
+STD_LOG = os.path.join("logs", "std.log")
 #: Seconds added to the server's own -startup_timeout / -graceful_timeout (+ the role
 #: stop grace) before the scripts give up waiting.
 MARGIN_S = 30.0
@@ -141,9 +153,10 @@ def session_members(sid: int) -> list[psutil.Process]:
     return members
 
 
-def is_service_process(pid: int) -> psutil.Process | None:
-    """The process ``pid`` if it is a running service started by a generated script
-    (a session leader running the server module), else None (a stale pid)."""
+def is_service_process(pid: int, kind: ServiceKind | None = None) -> psutil.Process | None:
+    """The process ``pid`` if it is a running service started by a generated script (a
+    session leader running the module or start command of ``kind``, or of any
+    registered kind when None), else None (a stale pid)."""
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE or os.getsid(pid) != pid:
@@ -151,15 +164,17 @@ def is_service_process(pid: int) -> psutil.Process | None:
         cmdline = proc.cmdline()
     except (OSError, psutil.Error):
         return None
-    if any(SERVER_MODULE in part or "wkr-serving-start" in part for part in cmdline):
+    kinds = [kind] if kind is not None else list(KINDS.values())
+    marks = [m for k in kinds for m in (k.module, k.start_command)]
+    if any(mark in part for part in cmdline for mark in marks):
         return proc
     return None
 
 
-def service_tree(pid: int) -> list[psutil.Process]:
+def service_tree(pid: int, kind: ServiceKind | None = None) -> list[psutil.Process]:
     """The service leader ``pid`` (if it is one), its descendants and every live member
     of its session; empty when ``pid`` is some other live process (stale pid file)."""
-    leader = is_service_process(pid)
+    leader = is_service_process(pid, kind)
     found: dict[int, psutil.Process] = {}
     if leader is not None:
         found[pid] = leader
@@ -173,9 +188,10 @@ def service_tree(pid: int) -> list[psutil.Process]:
     return list(found.values())
 
 
-def kill_tree(pid: int, timeout: float = KILL_WAIT_S) -> tuple[list[int], list[int]]:
+def kill_tree(pid: int, timeout: float = KILL_WAIT_S, kind: ServiceKind | None = None,
+              ) -> tuple[list[int], list[int]]:
     """SIGKILL the service tree of ``pid``; return ``(killed, still_running)`` pids."""
-    procs = service_tree(pid)
+    procs = service_tree(pid, kind)
     killed = []
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -234,6 +250,114 @@ def summarize(status: dict[str, Any]) -> str:
             f"{restarts} restart(s); {status.get('queue_items')} queued, "
             f"{status.get('in_flight_items')} in flight; {status.get('num_requests')} "
             f"request(s) served; up {float(status.get('uptime_s') or 0):.0f}s")
+
+
+# -- kinds of service ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceKind:
+    """What the run scripts and their helper need to know about one kind of service.
+
+    Everything else (the script, pid file, std log, locking, starting in a new session,
+    stopping, killing the tree, waiting) is shared by every kind. A config is whatever
+    ``parse`` returns; the other callables get it back. A probe is whatever ``connect``
+    returns (closed with ``.close()``)."""
+
+    #: The key of :data:`KINDS`, given to the helper as ``--kind``.
+    name: str
+    #: The service runs as ``python -m MODULE <arguments>``.
+    module: str
+    #: Its console command (for messages); the module or this name in a session
+    #: leader's command line marks a process of this kind.
+    start_command: str
+    #: The command that prints its run scripts (for messages and ``--help``).
+    make_command: str
+    #: ``arguments -> config``; raises :class:`ValueError` (ConfigError) with the reason,
+    #: or ``SystemExit`` after argparse printed it.
+    parse: Callable[[Sequence[str]], Any]
+    #: ``config -> {flag: port}``: the ports a script needs fixed (not 0) to find it.
+    ports: Callable[[Any], dict[str, int | None]]
+    #: ``(config, client_key) -> why no script can run it, or None`` (beyond the ports).
+    check: Callable[[Any, str | None], str | None]
+    #: ``config -> seconds`` to wait for readiness / for a graceful stop.
+    start_timeout: Callable[[Any], float]
+    stop_timeout: Callable[[Any], float]
+    #: ``(config, client_key, connect_ms, timeout_ms) -> probe``; raises
+    #: :class:`WKRTimeoutError` while nothing answers, another :class:`WKRError` when
+    #: probing cannot work.
+    connect: Callable[[Any, str | None, int, int], Any]
+    #: ``probe -> status dict``; raises WKRTimeoutError or ConnectionLost to retry.
+    status: Callable[[Any], dict[str, Any]]
+    #: ``status -> whether it is ready`` and ``status -> one line for the user``.
+    ready: Callable[[dict[str, Any]], bool]
+    summarize: Callable[[dict[str, Any]], str]
+    #: The config used when the arguments do not parse (for the stop/status timeouts).
+    fallback: Callable[[], Any]
+    #: The module that registers this kind: the helper imports it to find the kind.
+    registered_in: str = HELPER_MODULE
+    #: How messages call one service of this kind.
+    title: str = "service"
+
+
+#: Every kind the generator and the helper know, by name (see :func:`register_kind`).
+KINDS: dict[str, ServiceKind] = {}
+
+
+def register_kind(kind: ServiceKind) -> ServiceKind:
+    """Add (or replace) a kind of service; returns it."""
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(kind: str | ServiceKind, module: str | None = None) -> ServiceKind:
+    """The kind named ``kind``, importing ``module`` first when it is not registered yet
+    (the module that calls :func:`register_kind` for it)."""
+    if isinstance(kind, ServiceKind):
+        return kind
+    if kind not in KINDS and module:
+        importlib.import_module(module)
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown kind of service {kind!r} (known: "
+                         f"{', '.join(sorted(KINDS))})") from None
+
+
+def _parse_server(args: Sequence[str]) -> ServerConfig:
+    config, spec = load_config(args)
+    if not spec:
+        raise ConfigError("the worker class (<file>.<Class>) is required")
+    return config
+
+
+def _check_server(config: ServerConfig, client_key: str | None) -> str | None:
+    if config.curve_client_keys and not client_key:
+        return ("with -curve_client_keys the readiness probe needs -client_key (a "
+                ".key_secret whose .key is in that directory)")
+    return None
+
+
+#: The WKR server (``wkr-serving-start`` / ``wkr-serving-make``).
+SERVER_KIND = register_kind(ServiceKind(
+    name="server", module=SERVER_MODULE, start_command="wkr-serving-start",
+    make_command="wkr-serving-make", parse=_parse_server,
+    ports=lambda c: {"-port": c.port, "-port_out": c.port_out},
+    check=_check_server,
+    start_timeout=lambda c: c.startup_timeout + MARGIN_S,
+    stop_timeout=lambda c: c.graceful_timeout + 2 * STOP_GRACE + MARGIN_S,
+    connect=client_for, status=lambda client: client.server_status,
+    ready=lambda status: bool(status.get("ready")), summarize=summarize,
+    fallback=ServerConfig, title="wkr-serving service"))
+
+
+def service_problem(kind: ServiceKind, config: Any, client_key: str | None) -> str | None:
+    """Why a run script could not run this service (a port left to chance...), or None."""
+    loose = [flag for flag, port in kind.ports(config).items() if not port]
+    if loose:
+        return (f"give fixed {' and '.join(kind.ports(config))} ({', '.join(loose)} 0 or "
+                "unset would pick a random port nobody could find)")
+    return kind.check(config, client_key)
 
 
 # -- the helper the generated scripts call -----------------------------------------------
@@ -300,9 +424,10 @@ def _service_lock(pid_file: str, name: str) -> Any:
 
 
 class Service:
-    """One service of a generated script: its files, server command line and config."""
+    """One service of a generated script: its kind, files, command line and config."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, kind: ServiceKind = SERVER_KIND) -> None:
+        self.kind = kind
         self.name: str = args.name
         self.pid_file: str = os.path.abspath(args.pid_file)
         self.log_file: str = os.path.abspath(args.log_file)
@@ -312,38 +437,37 @@ class Service:
             os.chdir(args.cwd)  # the worker class and relative paths resolve from here
         except OSError as exc:
             raise HelperError(f"{self.name}: cannot enter the work directory: {exc}") from None
+        self.config_error: str | None = None
         try:
-            self.config, self.spec = load_config(self.server_args)
-            self.config_error: str | None = None
-        except (ConfigError, SystemExit) as exc:  # argparse exits on bad flags
-            self.config, self.spec = ServerConfig(), None
-            self.config_error = str(exc) if isinstance(exc, ConfigError) else \
-                "invalid wkr-serving-start arguments"
+            self.config = kind.parse(self.server_args)
+        except (ValueError, SystemExit) as exc:  # argparse exits on bad flags
+            self.config = kind.fallback()
+            self.config_error = str(exc) if isinstance(exc, ValueError) else \
+                f"invalid {kind.start_command} arguments"
 
     @property
     def start_wait(self) -> float:
-        return self.config.startup_timeout + MARGIN_S
+        return float(self.kind.start_timeout(self.config))
 
     @property
     def stop_wait(self) -> float:
-        return self.config.graceful_timeout + 2 * STOP_GRACE + MARGIN_S
+        return float(self.kind.stop_timeout(self.config))
 
     def running(self) -> psutil.Process | None:
         pid = read_pid(self.pid_file)
-        return None if pid is None else is_service_process(pid)
+        return None if pid is None else is_service_process(pid, self.kind)
 
     # -- commands -------------------------------------------------------------------------
 
     def start(self) -> int:
-        if self.config_error:
-            raise HelperError(f"cannot start {self.name}: {self.config_error}")
-        if not self.config.port or not self.config.port_out:
-            raise HelperError(f"cannot start {self.name}: it needs fixed -port and -port_out "
-                              "(0 picks a random port nobody could find)")
+        problem = self.config_error or service_problem(self.kind, self.config,
+                                                        self.client_key)
+        if problem:
+            raise HelperError(f"cannot start {self.name}: {problem}")
         with _service_lock(self.pid_file, self.name):
             pid = read_pid(self.pid_file)
             if pid is not None:
-                if is_service_process(pid) is not None:
+                if is_service_process(pid, self.kind) is not None:
                     print(f"{self.name} is already running (pid {pid}); not starting it "
                           "again", file=sys.stderr)
                     return 1
@@ -358,7 +482,7 @@ class Service:
 
     def _launch(self) -> int:
         os.makedirs(os.path.dirname(self.log_file), exist_ok=True)
-        command = [sys.executable, "-m", SERVER_MODULE, *self.server_args]
+        command = [sys.executable, "-m", self.kind.module, *self.server_args]
         with open(self.log_file, "ab") as log:
             offset = log.tell()
             stamp = datetime.datetime.now().isoformat(timespec="seconds")
@@ -374,23 +498,25 @@ class Service:
             status = self._wait_ready(proc)
         except HelperError as exc:
             if proc.poll() is None or session_members(proc.pid):
-                kill_tree(proc.pid)
+                kill_tree(proc.pid, kind=self.kind)
             proc.poll()
             _remove(self.pid_file)
             print(f"{self.name}: start FAILED: {exc}\n--- last lines of {self.log_file} ---\n"
                   f"{_log_tail(self.log_file, offset)}", file=sys.stderr)
             return 1
-        print(f"{self.name} is running (pid {proc.pid}): {summarize(status)}")
+        print(f"{self.name} is running (pid {proc.pid}): {self.kind.summarize(status)}")
         return 0
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
         deadline = time.monotonic() + self.start_wait
-        client: WKRClient | None = None
+        client: Any = None
+        kind = self.kind
 
         def check_alive() -> None:
             code = proc.poll()
             if code is not None:
-                raise HelperError(f"the server exited with code {code} before it was ready")
+                raise HelperError(f"the {kind.title} exited with code {code} before it was "
+                                  "ready")
 
         try:
             while True:
@@ -400,19 +526,19 @@ class Service:
                     raise HelperError(f"not ready within {self.start_wait:.0f}s")
                 if client is None:
                     try:  # the handshake waits for the ports to open (bounded)
-                        client = client_for(self.config, self.client_key, min(500, left_ms),
-                                            min(5000, left_ms))
+                        client = kind.connect(self.config, self.client_key, min(500, left_ms),
+                                              min(5000, left_ms))
                     except WKRTimeoutError:
                         continue
                     except WKRError as exc:
-                        raise HelperError(f"cannot query the server: {exc}") from None
+                        raise HelperError(f"cannot query the {kind.title}: {exc}") from None
                 try:
-                    status = client.server_status
+                    status = kind.status(client)
                 except (WKRTimeoutError, ConnectionLost):
                     client.close()
                     client = None
                     continue
-                if status.get("ready"):
+                if kind.ready(status):
                     return status
                 # Not ready yet: pause, but wake at once if the server dies.
                 wait_pid_exit(proc.pid, min(0.1, max(0.0, deadline - time.monotonic())))
@@ -426,7 +552,7 @@ class Service:
             if pid is None:
                 print(f"{self.name} is not running (no pid file {self.pid_file})")
                 return 0
-            leader = is_service_process(pid)
+            leader = is_service_process(pid, self.kind)
             if leader is None:
                 leftovers = [p.pid for p in session_members(pid)] if is_gone(pid) else []
                 if leftovers:
@@ -435,7 +561,7 @@ class Service:
                 _remove(self.pid_file)
                 print(f"{self.name} was not running (stale pid file for pid {pid} removed)")
                 return 0
-            tree = [p.pid for p in service_tree(pid)]
+            tree = [p.pid for p in service_tree(pid, self.kind)]
             print(f"{self.name}: sending SIGTERM to pid {pid}; waiting up to "
                   f"{self.stop_wait:.0f}s for it to stop")
             deadline = time.monotonic() + self.stop_wait
@@ -459,7 +585,7 @@ class Service:
             if pid is None:
                 print(f"{self.name} is not running (no pid file {self.pid_file})")
                 return 0
-            killed, left = kill_tree(pid)
+            killed, left = kill_tree(pid, kind=self.kind)
             if left:
                 raise HelperError(f"{self.name}: processes {left} survived SIGKILL")
             _remove(self.pid_file)
@@ -476,11 +602,15 @@ class Service:
         if self.running() is None:
             print(f"{self.name} is not running (stale pid file {self.pid_file}: pid {pid})")
             return STATUS_NOT_RUNNING
+        probe = None
         try:
-            with client_for(self.config, self.client_key, 2000, 5000) as client:
-                summary = summarize(client.server_status)
+            probe = self.kind.connect(self.config, self.client_key, 2000, 5000)
+            summary = self.kind.summarize(self.kind.status(probe))
         except WKRError as exc:
             summary = f"not answering: {type(exc).__name__}: {exc}".splitlines()[0]
+        finally:
+            if probe is not None:
+                probe.close()
         print(f"{self.name} is running (pid {pid}): {summary}")
         return 0
 
@@ -490,9 +620,14 @@ def main_helper(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=f"python -m {HELPER_MODULE}",
         description="Steps of the scripts made by wkr-serving-make (not meant to be typed).",
-        usage=f"python -m {HELPER_MODULE} COMMAND --name NAME --pid-file FILE --log-file "
-        "FILE --cwd DIR [--client-key FILE] -- <wkr-serving-start arguments>")
+        usage=f"python -m {HELPER_MODULE} COMMAND [--kind KIND [--kind-module MODULE]] "
+        "--name NAME --pid-file FILE --log-file FILE --cwd DIR [--client-key FILE] -- "
+        "<arguments of the service>")
     parser.add_argument("command", choices=("start", "stop", "stopf", "status"))
+    parser.add_argument("--kind", default=SERVER_KIND.name,
+                        help="the kind of service (default: %(default)s)")
+    parser.add_argument("--kind-module", default=None,
+                        help="the module that registers --kind, imported when it is unknown")
     parser.add_argument("--name", required=True)
     parser.add_argument("--pid-file", required=True)
     parser.add_argument("--log-file", required=True)
@@ -503,7 +638,12 @@ def main_helper(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv[:split])
     args.server_args = argv[split + 1:]  # verbatim, whatever they look like
     try:
-        service = Service(args)
+        kind = get_kind(args.kind, args.kind_module)
+    except (ValueError, ImportError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        service = Service(args, kind)
         return {"start": service.start, "stop": service.stop, "stopf": service.kill,
                 "status": service.status}[args.command]()
     except HelperError as exc:
@@ -514,37 +654,38 @@ def main_helper(argv: Sequence[str] | None = None) -> int:
 # -- wkr-serving-make ------------------------------------------------------------------------
 
 _SCRIPT = """\
-#!/usr/bin/env bash
-# Run script of the wkr-serving service "{name}", made by wkr-serving-make {version}.
+#!/bin/sh
+# Run script of the {title} "{name}", made by {make_command} {version}.
 #
-#   bash THIS_SCRIPT start    start in the background, log to logs/{name}.log, wait until
-#                             the server is ready (exit 1 with the log's tail if it fails)
-#   bash THIS_SCRIPT stop     graceful stop: SIGTERM, wait for the drain and the exit
-#   bash THIS_SCRIPT stopf    kill the service's whole process tree at once
-#   bash THIS_SCRIPT restart  stop, then start
-#   bash THIS_SCRIPT status   running or not (exit 0 if running, 3 if not)
+#   sh THIS_SCRIPT start    start it in the background (its output goes to logs/std.log),
+#                           wait until it is ready (exit 1 with the log's tail if it fails)
+#   sh THIS_SCRIPT stop     graceful stop: SIGTERM, wait for the drain and the exit
+#   sh THIS_SCRIPT stopf    kill the service's whole process tree at once
+#   sh THIS_SCRIPT restart  stop, then start
+#   sh THIS_SCRIPT status   running or not (exit 0 if running, 3 if not)
 #
-# The waiting and process handling happen in python -m {helper} (same interpreter).
-set -euo pipefail
+# POSIX sh: dash, bash or any sh runs it. The waiting and the process handling happen
+# in python -m {helper} (the interpreter that made this script).
+set -eu
 
 NAME={q_name}
 PYTHON={q_python}
 # The worker class and relative paths in the arguments resolve from this directory.
 WORKDIR={q_workdir}
-# The pid file NAME.pid and logs/NAME.log live here.
+# NAME.pid (the service's process id) and logs/std.log (its output) live here.
 {base_dir_line}
 PID_FILE="$BASE_DIR/$NAME.pid"
-LOG_FILE="$BASE_DIR/logs/$NAME.log"
-# The arguments of wkr-serving-start.
-SERVER_ARGS=(
-{server_args}
-)
-HELPER_OPTS=({client_key})
+LOG_FILE="$BASE_DIR/{std_log}"
 
+# helper STEP: run one step of the helper with the arguments of {start_command}.
 helper() {{
-  "$PYTHON" -m {helper} "$1" --name "$NAME" --pid-file "$PID_FILE" \\
-    --log-file "$LOG_FILE" --cwd "$WORKDIR" ${{HELPER_OPTS[@]+"${{HELPER_OPTS[@]}}"}} \\
-    -- "${{SERVER_ARGS[@]}}"
+  step=$1
+  # The arguments of {start_command}, one flag a line, each one quoted.
+  {set_args}
+  "$PYTHON" -m {helper} "$step" \\
+    --kind {q_kind} --kind-module {q_kind_module} \\
+    --name "$NAME" --pid-file "$PID_FILE" --log-file "$LOG_FILE" --cwd "$WORKDIR" \\
+    {client_key}-- "$@"
 }}
 
 case "${{1:-}}" in
@@ -561,89 +702,127 @@ case "${{1:-}}" in
     ;;
   status) helper status ;;
   *)
-    echo "usage: $0 {{start|stop|stopf|restart|status}}" >&2
+    echo "usage: sh $0 {{start|stop|stopf|restart|status}}" >&2
     exit 2
     ;;
 esac
 """
 
+#: The script's own directory (``sh run_script.sh`` gives ``$0`` = ``run_script.sh``).
+_SCRIPT_DIR = 'BASE_DIR=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)'
 
-def _arg_lines(args: Sequence[str]) -> str:
-    """One line per flag and its values, every argument quoted."""
+
+def _set_args(args: Sequence[str]) -> str:
+    """``set -- ...`` with one line per flag and its values, every argument quoted."""
     lines: list[list[str]] = []
     for arg in args:
         if not lines or re.match(r"^-[A-Za-z_]", arg):
             lines.append([])
         lines[-1].append(shlex.quote(arg))
-    return "\n".join("  " + " ".join(line) for line in lines)
+    return " \\\n    ".join(["set --", *(" ".join(line) for line in lines)])
 
 
 def make_script(server_args: Sequence[str], name: str, base_dir: str | None = None,
                 workdir: str | None = None, python: str | None = None,
-                client_key: str | None = None) -> str:
+                client_key: str | None = None,
+                kind: str | ServiceKind = SERVER_KIND) -> str:
     """The text of the run script (see :func:`main_make`); every value is shell-quoted."""
+    kind = get_kind(kind)
     if not _NAME_RE.match(name):
         raise ValueError(f"-name must be letters, digits, '.', '_' or '-' (not starting "
                          f"with '.' or '-'), got {name!r}")
     if base_dir is None:
-        base_dir_line = 'BASE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"'
+        base_dir_line = _SCRIPT_DIR
     else:
         base_dir_line = f"BASE_DIR={shlex.quote(os.path.abspath(base_dir))}"
     return _SCRIPT.format(
-        name=name, version=__version__, helper=HELPER_MODULE,
+        name=name, version=__version__, helper=HELPER_MODULE, title=kind.title,
+        make_command=kind.make_command, start_command=kind.start_command,
+        q_kind=shlex.quote(kind.name), q_kind_module=shlex.quote(kind.registered_in),
         q_name=shlex.quote(name), q_python=shlex.quote(python or sys.executable),
         q_workdir=shlex.quote(workdir or os.getcwd()), base_dir_line=base_dir_line,
-        server_args=_arg_lines(server_args),
-        client_key=("--client-key " + shlex.quote(os.path.abspath(client_key)))
+        std_log=STD_LOG, set_args=_set_args(server_args),
+        client_key=("--client-key " + shlex.quote(os.path.abspath(client_key)) + " ")
         if client_key else "")
 
 
-def main_make(argv: Sequence[str] | None = None) -> int:
-    """``wkr-serving-make <wkr-serving-start args> -name NAME [-dir DIR]``."""
+def _split_make_args(argv: Sequence[str], parser: argparse.ArgumentParser,
+                     ) -> tuple[list[str], list[str]]:
+    """``(the make command's own arguments, the service's arguments)``, the latter in
+    their order and unchanged. Only the make command's exact flags (``-name X`` or
+    ``-name=X``, ``--help``) are taken; argparse is never asked to guess what a service
+    flag is (it would read ``-http_port`` as ``-h ttp_port``)."""
+    takes_value = {opt: action.nargs != 0 for action in parser._actions
+                   for opt in action.option_strings}
+    own: list[str] = []
+    rest: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag = arg.split("=", 1)[0]
+        if arg == "--":  # what follows is the service's, whatever it looks like
+            rest += args[i:]
+            break
+        if arg in takes_value:
+            own.append(arg)
+            if takes_value[arg] and i + 1 < len(args):
+                own.append(args[i + 1])
+                i += 1
+        elif "=" in arg and takes_value.get(flag):
+            own.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return own, rest
+
+
+def main_make(argv: Sequence[str] | None = None, kind: str | ServiceKind = "server") -> int:
+    """``wkr-serving-make <wkr-serving-start args> -name NAME [-dir DIR]``: print the run
+    script of a service of ``kind`` (a ``*-make`` command of another kind is this call
+    with its kind)."""
+    kind = get_kind(kind)
+    prog = kind.make_command
     parser = argparse.ArgumentParser(
-        prog="wkr-serving-make", allow_abbrev=False,
-        usage="wkr-serving-make <wkr-serving-start arguments> -name NAME [-dir DIR] "
-        "[-client_key FILE] > run_NAME.sh",
-        description="Print a bash run script (start|stop|stopf|restart|status) for a "
-        "wkr-serving service. Every other argument is passed to wkr-serving-start "
-        "unchanged; the worker class and relative paths are resolved from the current "
-        "directory.")
+        prog=prog, add_help=False, allow_abbrev=False,
+        usage=f"{prog} <{kind.start_command} arguments> -name NAME [-dir DIR] "
+        "[-client_key FILE] > run_script.sh",
+        description=f"Print a POSIX sh run script (sh run_script.sh start|stop|stopf|"
+        f"restart|status) for a {kind.title}. Every other argument is passed to "
+        f"{kind.start_command} unchanged; the worker class and relative paths are resolved "
+        "from the current directory.")
+    parser.add_argument("--help", action="help", help="show this help message and exit")
     parser.add_argument("-name", required=True,
-                        help="service name: NAME.pid and logs/NAME.log")
+                        help="service name: NAME.pid next to logs/std.log")
     parser.add_argument("-dir", default=None,
                         help="where NAME.pid and logs/ go (default: the script's directory)")
     parser.add_argument("-client_key", default=None,
                         help="a client .key_secret the script's readiness probe uses, for a "
-                        "server started with -curve_client_keys")
+                        "service started with -curve_client_keys")
+    own, server_args = _split_make_args(sys.argv[1:] if argv is None else argv, parser)
     try:
-        args, server_args = parser.parse_known_args(argv)
+        args = parser.parse_args(own)
     except SystemExit as exc:
         return int(exc.code or 0) and 2
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the script: keep it clean
-            config, spec = load_config(server_args)
-    except ConfigError as exc:
-        print(f"wkr-serving-make: error: {exc}", file=sys.stderr)
+            config = kind.parse(server_args)
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit:  # argparse printed what is wrong (or -h / -version output)
-        print("wkr-serving-make: error: no script made: check the wkr-serving-start "
-              "arguments (above)", file=sys.stderr)
+        print(f"{prog}: error: no script made: check the {kind.start_command} arguments "
+              "(above)", file=sys.stderr)
         return 2
-    problem = None
-    if not spec:
-        problem = "the worker class (<file>.<Class>) is required"
-    elif not config.port or not config.port_out:
-        problem = "give fixed -port and -port_out (0 would pick a random port)"
-    elif config.curve_client_keys and not args.client_key:
-        problem = ("with -curve_client_keys the readiness probe needs -client_key (a "
-                   ".key_secret whose .key is in that directory)")
+    problem = service_problem(kind, config, args.client_key)
     if problem is None:
         try:
-            script = make_script(server_args, args.name, args.dir, client_key=args.client_key)
+            script = make_script(server_args, args.name, args.dir, client_key=args.client_key,
+                                 kind=kind)
         except ValueError as exc:
             problem = str(exc)
     if problem is not None:
-        print(f"wkr-serving-make: error: {problem}", file=sys.stderr)
+        print(f"{prog}: error: {problem}", file=sys.stderr)
         return 2
     sys.stdout.write(script)
     return 0
@@ -680,7 +859,7 @@ def _local_server(status: dict[str, Any], ports: tuple[int, int]) -> list[psutil
 
 def _connect_any(args: argparse.Namespace, connect_ms: int) -> WKRClient:
     """A client of the server, whatever protocol it speaks."""
-    order = [args.protocol] if args.protocol else []
+    order = [normalize_protocol(args.protocol)] if args.protocol else []
     order += [p for p in PROTOCOLS if p not in order]
     curve: dict[str, Any] = {}
     if args.server_public_key:
@@ -717,8 +896,8 @@ def main_terminate(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-token", default=os.environ.get("WKR_AUTH_TOKEN"),
                         help="the server's -auth_token (default: $WKR_AUTH_TOKEN); without "
                         "one, only a server on this host accepts the command")
-    parser.add_argument("-protocol", default=None, choices=PROTOCOLS,
-                        help="the server's protocol (default: detected)")
+    parser.add_argument("-protocol", default=None, choices=PROTOCOL_NAMES,
+                        help="the server's protocol (default: detected; npy is numpy)")
     parser.add_argument("-server_public_key", default=None,
                         help="the server's CurveZMQ public key (.key file or Z85 text)")
     parser.add_argument("-client_key", default=None,

@@ -1,15 +1,18 @@
-"""wkr-serving-make and the run scripts it prints, run for real with bash.
+"""wkr-serving-make and the run scripts it prints, run for real with dash and bash.
 
 Each test generates a script in its tmp_path for a real server on free 127.0.0.1
-ports and drives it with ``bash script start|stop|stopf|restart|status`` as a user
-would; the processes are checked with psutil. Whatever a test started is killed at the
-end by the pids its scripts recorded (only their own sessions).
+ports and drives it with ``sh script start|stop|stopf|restart|status`` as a user
+would, once with ``dash`` (Debian's sh) and once with ``bash``; the processes are
+checked with psutil. Whatever a test started is killed at the end by the pids its
+scripts recorded (only their own sessions).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,18 +23,41 @@ import psutil
 import pytest
 from helpers import REPO_DIR, TESTS_DIR, free_port, gone
 from wkr_serving.client import WKRClient
-from wkr_serving.server.runscript import kill_tree, session_members
+from wkr_serving.server.config import ServerConfig, load_config
+from wkr_serving.server.runscript import (
+    KINDS,
+    SERVER_KIND,
+    get_kind,
+    kill_tree,
+    main_helper,
+    main_make,
+    register_kind,
+    session_members,
+)
 
 #: Seconds one script command may take (a start waits for the server to be ready).
 SCRIPT_LIMIT_S = 120
 #: A value no shell may expand or split: quotes, $, backticks, ;, a newline, globbing.
 NASTY = "it's a \"dir\" $HOME `echo hi` $(echo no) ;|& *?\\ \n second line"
+#: The shells every generated script must run under: POSIX dash (Debian's sh) and bash.
+SHELLS = ["dash", "bash"]
+#: The command of the seed's Getting Started page, verbatim (before ``-name``).
+PAGE_ARGS = ["server.Worker", "-model_dir", "/path/to/model", "-model_name", "model.hdf5",
+             "-port_in", "8996", "-port_out", "8998", "-http_port", "8900", "-num_worker",
+             "2", "-batch_size", "1", "-device_map", "-1", "-gpu_memory_fraction", "0.25",
+             "-log_dir", "/tmp/log_dir"]
 
 
 def tool(name: str) -> str:
     exe = shutil.which(name)
     assert exe, f"the {name} entry point is not installed (pip install -e .)"
     return exe
+
+
+@pytest.fixture(params=SHELLS)
+def shell(request) -> str:
+    """Each script test runs once per shell."""
+    return tool(request.param)
 
 
 def ports() -> list[str]:
@@ -47,31 +73,56 @@ def server_args(model_dir: Path | str, *extra: str) -> list[str]:
             "-graceful_timeout", "2", "-model_dir", str(model_dir), *extra]
 
 
-def make(args: list[str], cwd: str = TESTS_DIR) -> subprocess.CompletedProcess[str]:
+def make(args: list[str], cwd: str | Path = TESTS_DIR) -> subprocess.CompletedProcess[str]:
     return subprocess.run([tool("wkr-serving-make"), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=SCRIPT_LIMIT_S, stdin=subprocess.DEVNULL)
+                          cwd=str(cwd), timeout=SCRIPT_LIMIT_S, stdin=subprocess.DEVNULL)
 
 
 def arg_value(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
+def dump_helper_call(script_text: str, shell: str, tmp_path: Path, command: str = "status",
+                     cwd: Path | None = None, script_path: str | None = None,
+                     ) -> list[str]:
+    """The argument vector a generated script hands to its helper, read back through
+    ``shell`` itself: the script runs with ``PYTHON`` swapped for a program that prints
+    its arguments NUL-separated (the interpreter is the only line changed)."""
+    dumper = tmp_path / "dump-args"
+    dumper.write_text("#!/bin/sh\nprintf '%s\\0' \"$@\"\n")
+    dumper.chmod(0o755)
+    text, n = re.subn(r"(?m)^PYTHON=.*$", "PYTHON=" + shlex.quote(str(dumper)), script_text)
+    assert n == 1, "the script names its interpreter on one PYTHON= line"
+    path = tmp_path / "dump_script.sh"
+    path.write_text(text)
+    out = subprocess.run([shell, script_path or str(path), command], capture_output=True,
+                         timeout=30, cwd=str(cwd or tmp_path), stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    return out.stdout.decode().split("\0")[:-1]
+
+
+def service_args_of(call: list[str]) -> list[str]:
+    """The service's arguments in a helper call: everything after the first ``--``."""
+    return call[call.index("--") + 1:]
+
+
 class Script:
     """A generated run script and what its runs started."""
 
-    def __init__(self, path: Path, args: list[str], pid_dir: Path, name: str):
+    def __init__(self, path: Path, args: list[str], pid_dir: Path, name: str, shell: str):
         self.path = path
         self.args = args
         self.name = name
+        self.shell = shell
         self.pid_file = pid_dir / f"{name}.pid"
-        self.log_file = pid_dir / "logs" / f"{name}.log"
+        self.log_file = pid_dir / "logs" / "std.log"
         self.port = int(arg_value(args, "-port"))
         self.port_out = int(arg_value(args, "-port_out"))
         self.leaders: set[int] = set()  # every pid a start reported, for the cleanup
 
     def run(self, command: str, cwd: str | Path | None = None,
             ) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run(["bash", str(self.path), command], capture_output=True,
+        out = subprocess.run([self.shell, str(self.path), command], capture_output=True,
                              text=True, timeout=SCRIPT_LIMIT_S, stdin=subprocess.DEVNULL,
                              cwd=str(cwd or self.path.parent))
         self.leaders |= {int(p) for p in re.findall(r"started pid (\d+)", out.stdout)}
@@ -96,8 +147,9 @@ def explain(out: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.fixture
-def scripts(tmp_path) -> Iterator:
-    """Make run scripts; at the end kill whatever their starts left (by recorded pid)."""
+def scripts(tmp_path, shell) -> Iterator:
+    """Make run scripts (run with ``shell``); at the end kill whatever their starts left
+    (by recorded pid)."""
     made: list[Script] = []
 
     def generate(args: list[str], name: str = "svc", cwd: str = TESTS_DIR,
@@ -107,7 +159,7 @@ def scripts(tmp_path) -> Iterator:
         assert out.returncode == 0, explain(out)
         path = tmp_path / f"run_{name}.sh"
         path.write_text(out.stdout)
-        script = Script(path, args, pid_dir or tmp_path, name)
+        script = Script(path, args, pid_dir or tmp_path, name, shell)
         made.append(script)
         return script
 
@@ -117,31 +169,171 @@ def scripts(tmp_path) -> Iterator:
             kill_tree(pid)
 
 
-def test_make_prints_a_bash_clean_script_that_keeps_every_argument_verbatim(tmp_path):
-    args = ["workers.EchoWorker", *server_args(tmp_path / NASTY), "-model_name", NASTY,
-            "-tmp_folder", "-leading dash is a value"]
-    out = make([*args, "-name", "quoting"])
+# -- the generated text ---------------------------------------------------------------------
+
+
+def test_make_prints_a_posix_script_that_dash_and_bash_parse(tmp_path):
+    out = make(["workers.EchoWorker", *server_args(tmp_path / NASTY), "-model_name", NASTY,
+                "-name", "syntax", "-client_key", str(tmp_path / "a key")])
     assert out.returncode == 0, explain(out)
-    script = tmp_path / "run_quoting.sh"
+    assert out.stdout.startswith("#!/bin/sh\n")
+    for bashism in ("pipefail", "BASH_SOURCE", "[@]", "=(", "[[", "local ", "function "):
+        assert bashism not in out.stdout, f"{bashism!r} is not POSIX sh"
+    script = tmp_path / "run_syntax.sh"
     script.write_text(out.stdout)
-    assert out.stdout.startswith("#!/usr/bin/env bash\n")
-    assert "set -euo pipefail" in out.stdout
-    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True,
-                            timeout=30)
-    assert syntax.returncode == 0, syntax.stderr
-    # Read the argument array back through bash itself: every byte survives, nothing
-    # was expanded or executed.
-    dump = subprocess.run(
-        ["bash", "-c", 'set -euo pipefail; eval "$(sed -n "/^SERVER_ARGS=(/,/^)$/p" "$1")"; '
-         'printf "%s\\0" "${SERVER_ARGS[@]}"', "dump", str(script)],
-        capture_output=True, timeout=30, cwd=tmp_path)
-    assert dump.returncode == 0, dump.stderr
-    assert dump.stdout.decode().split("\0")[:-1] == args
-    assert not (tmp_path / "hi").exists() and "no\n" not in out.stdout
-    usage = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True,
+    for shell in SHELLS:
+        syntax = subprocess.run([tool(shell), "-n", str(script)], capture_output=True,
+                                text=True, timeout=30)
+        assert syntax.returncode == 0, (shell, syntax.stderr)
+
+
+def test_script_hands_every_argument_to_the_helper_verbatim(tmp_path, shell):
+    """Every argument, however nasty, reaches the helper as typed (nothing expanded,
+    split or executed), after the helper's own options."""
+    args = ["workers.EchoWorker", *server_args(tmp_path / NASTY), "-model_name", NASTY,
+            "-tmp_folder", "-leading dash is a value", "-auth_token", "$(touch pwned)"]
+    out = make([*args, "-name", "quoting", "-client_key", str(tmp_path / NASTY)])
+    assert out.returncode == 0, explain(out)
+    call = dump_helper_call(out.stdout, shell, tmp_path)
+    assert call[:3] == ["-m", "wkr_serving.server.runscript", "status"]
+    assert service_args_of(call) == args
+    assert call[call.index("--kind") + 1] == "server"
+    assert call[call.index("--client-key") + 1] == str(tmp_path / NASTY)
+    assert call[call.index("--name") + 1] == "quoting"
+    assert not (tmp_path / "hi").exists() and not (tmp_path / "pwned").exists()
+    assert "no\n" not in out.stdout
+
+
+def test_script_keeps_its_files_next_to_itself_wherever_it_is_run_from(tmp_path, shell):
+    """Without -dir, NAME.pid and logs/std.log go in the script's own directory, found
+    from $0 (``sh run_script.sh`` as the page runs it, or a path from elsewhere)."""
+    home = tmp_path / "service home"
+    elsewhere = tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    out = make(["workers.EchoWorker", *server_args(tmp_path), "-name", "where"])
+    assert out.returncode == 0, explain(out)
+    # dump_helper_call writes the script as home/dump_script.sh
+    for cwd, path in ((home, "dump_script.sh"), (elsewhere, "../service home/dump_script.sh"),
+                      (elsewhere, str(home / "dump_script.sh"))):
+        call = dump_helper_call(out.stdout, shell, home, cwd=cwd, script_path=path)
+        assert call[call.index("--pid-file") + 1] == str(home / "where.pid"), (cwd, path)
+        assert call[call.index("--log-file") + 1] == str(home / "logs" / "std.log")
+
+
+def test_usage_error_touches_nothing(tmp_path, shell):
+    out = make(["workers.EchoWorker", *server_args(tmp_path), "-name", "usage"])
+    script = tmp_path / "run_usage.sh"
+    script.write_text(out.stdout)
+    usage = subprocess.run([shell, str(script), "bogus"], capture_output=True, text=True,
                            timeout=30)
     assert usage.returncode == 2 and "usage:" in usage.stderr
     assert not (tmp_path / "logs").exists(), "a usage error must not touch anything"
+
+
+# -- every wkr-serving-start flag passes through wkr-serving-make -----------------------
+
+
+def sample_value(f: dataclasses.Field) -> list[str]:
+    """A valid value, other than the default, for the flag of config field ``f``."""
+    kind = f.metadata["kind"]
+    if kind is bool:
+        return []
+    if f.metadata.get("nargs"):
+        return ["-1", "0"]
+    if "choices" in f.metadata:
+        return [f.metadata["choices"][-1]]
+    if kind is int:
+        return [str((f.default or 0) + 1)]
+    if kind is float:
+        return [str(f.default / 2 if 0 < f.default <= 1 else f.default + 1)]
+    return ["it's -h $HOME `x`"]
+
+
+#: Settings that need another setting (or a make option) to be valid.
+PREREQUISITES = {"log_predictions": ["-log_dir", "/tmp/log dir"],
+                 "curve_client_keys": ["-curve_secret_key", "/keys/server.key_secret"]}
+MAKE_EXTRA = {"curve_client_keys": ["-client_key", "/keys/probe.key_secret"]}
+FLAGS = [(f, flag) for f in dataclasses.fields(ServerConfig)
+         for flag in (f"-{f.name}", *f.metadata["aliases"])]
+
+
+@pytest.mark.parametrize("field,flag", FLAGS, ids=[flag for _, flag in FLAGS])
+def test_every_start_flag_passes_through_make_unchanged(field, flag, tmp_path, capsys):
+    """For each field of ServerConfig (and each alias of its flag), generated from the
+    config itself: wkr-serving-make takes the flag with its value, the script hands it
+    to the helper unchanged and in order, and it sets that field (nothing was eaten:
+    ``-http_port`` is not ``-h ttp_port``)."""
+    value = sample_value(field)
+    service = ["workers.EchoWorker", "-port", "7001", "-port_out", "7002", "-model_dir",
+               "/m", flag, *value, *PREREQUISITES.get(field.name, [])]
+    # The make options sit between the service's own arguments.
+    argv = [*service[:3], "-name", "flags", *MAKE_EXTRA.get(field.name, []), *service[3:]]
+    code = main_make(argv)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    passed = service_args_of(dump_helper_call(out.out, "dash", tmp_path))
+    assert passed == service
+    config, spec = load_config(passed, environ={})
+    assert spec == "workers.EchoWorker"
+    default = ServerConfig()
+    got = getattr(config, field.name)
+    if field.metadata["kind"] is bool:
+        assert got is True
+    elif field.name == "protocol":
+        assert got == "numpy"  # the page's "npy"
+    else:
+        assert got != getattr(default, field.name), f"{flag} was not taken"
+
+
+def test_the_getting_started_make_command_verbatim(tmp_path):
+    """The seed page's command, -http_port and all, makes a script (it failed with
+    "argument -h/--help: ignored explicit argument 'ttp_port'")."""
+    out = make([*PAGE_ARGS, "-name", "YOUR_PRODUCTION_SERVICE_NAME"], cwd=tmp_path)
+    assert out.returncode == 0, explain(out)
+    for shell in SHELLS:
+        call = dump_helper_call(out.stdout, tool(shell), tmp_path, command="start")
+        assert service_args_of(call) == PAGE_ARGS
+        assert call[call.index("--pid-file") + 1] == str(
+            tmp_path / "YOUR_PRODUCTION_SERVICE_NAME.pid")
+        assert call[call.index("--log-file") + 1] == str(tmp_path / "logs" / "std.log")
+        assert call[call.index("--cwd") + 1] == str(tmp_path)
+
+
+def test_make_help_is_its_own(capsys):
+    assert main_make(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "-name NAME" in text and "wkr-serving-start" in text and "--help" in text
+
+
+# -- kinds of service -----------------------------------------------------------------------
+
+
+def test_another_kind_is_one_registration_and_one_call(tmp_path, capsys):
+    """A kind other than the server reuses the generator: its name and the module that
+    registers it reach the helper; main_make of that kind is one call."""
+    toy = register_kind(dataclasses.replace(
+        SERVER_KIND, name="toy", make_command="toy-make", title="toy service",
+        registered_in="tests_toy_kind"))
+    try:
+        assert get_kind("toy") is toy and KINDS["server"] is SERVER_KIND
+        code = main_make(["workers.EchoWorker", *ports(), "-name", "toy1"], kind="toy")
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert 'Run script of the toy service "toy1", made by toy-make' in out.out
+        call = dump_helper_call(out.out, "dash", tmp_path)
+        assert call[call.index("--kind") + 1] == "toy"
+        assert call[call.index("--kind-module") + 1] == "tests_toy_kind"
+    finally:
+        del KINDS["toy"]
+
+
+def test_helper_refuses_an_unknown_kind(tmp_path, capsys):
+    code = main_helper(["status", "--kind", "nope", "--name", "x", "--pid-file",
+                        str(tmp_path / "x.pid"), "--log-file", str(tmp_path / "l"), "--cwd",
+                        str(tmp_path), "--", "workers.EchoWorker"])
+    assert code == 2
+    assert "unknown kind of service 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,needle", [
