@@ -129,6 +129,7 @@ class JobQueue:
         redis = import_redis()
         self.keys = QueueKeys(name)
         self.name = name
+        self.redis_url = redis_url
         self.result_ttl = float(result_ttl)
         self.max_job_bytes = int(max_job_bytes)
         redis_options.setdefault("socket_connect_timeout", 10.0)
@@ -319,15 +320,16 @@ class JobQueue:
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(self.keys.stream)
         pipe.xlen(self.keys.dead)
-        pipe.execute_command("XPENDING", self.keys.stream, self.keys.group)
+        pipe.xpending(self.keys.stream, self.keys.group)
         try:
             queued, dead, pending = pipe.execute()
         except Exception as exc:  # NOGROUP: no unit created the group yet
             if "NOGROUP" not in str(exc):
                 raise
             queued, dead, pending = self.redis.xlen(self.keys.stream), self.redis.xlen(
-                self.keys.dead), [0]
-        return {"queued": int(queued), "pending": int(pending[0] or 0), "dead": int(dead)}
+                self.keys.dead), {"pending": 0}
+        return {"queued": int(queued), "pending": int(pending["pending"] or 0),
+                "dead": int(dead)}
 
     def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
         """The oldest ``count`` dead-lettered entries: ``stream_id``, ``job_id`` (None when

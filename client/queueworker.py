@@ -373,13 +373,33 @@ class QueueWorker(WKRWorker):
             state.backoff = 0.0
 
     def _compute(self, state: QueueState, todo: list[Entry], logger: logging.Logger) -> None:
-        """Send every job to the server pipelined; fill in each one's record or
-        transient error."""
+        """Send the jobs to the server and fill in each one's record or transient error.
+
+        First deliveries go pipelined (the server batches them). Jobs delivered before
+        go one at a time, so a job that kills the server's worker (WorkerDied) fails
+        alone instead of taking its batch-mates with it again and again."""
         client = state.client
         assert client is not None
+        first = [e for e in todo if e.deliveries <= 1]
+        again = [e for e in todo if e.deliveries > 1]
+        broken = self._send(client, first) if first else None
+        for e in again:
+            if broken is not None:
+                e.transient = broken
+                continue
+            broken = self._send(client, [e])
+            if broken is not None and broken.startswith("WorkerDied"):
+                broken = None  # this job's own fault, probably: the server is up
+        if any(e.transient is not None for e in todo):  # reconnect before more work
+            client.close()
+            state.client = None
+
+    def _send(self, client: WKRClient, group: list[Entry]) -> str | None:
+        """Send ``group`` pipelined and collect the replies; return why the server looks
+        unusable (the first transient error), or None."""
         sent: list[Entry] = []
         broken: str | None = None
-        for e in todo:
+        for e in group:
             if broken is not None:
                 e.transient = broken
                 continue
@@ -394,9 +414,8 @@ class QueueWorker(WKRWorker):
         replies: list[Any]
         try:
             replies = client.fetch_all(on_error="return") if sent else []
-        except (WKRError, OSError) as exc:  # a timeout: the whole batch is retried
+        except (WKRError, OSError) as exc:  # a timeout: the whole group is retried
             replies = [exc] * len(sent)
-            broken = f"{type(exc).__name__}: {exc}"
         for e, value in zip(sent, replies, strict=True):
             if not isinstance(value, BaseException):
                 e.record = encode_result(True, value, e.t_submit)
@@ -407,9 +426,7 @@ class QueueWorker(WKRWorker):
             else:
                 e.transient = f"{type(value).__name__}: {value}"
                 broken = broken or e.transient
-        if broken is not None:  # reconnect (handshake) before taking more work
-            client.close()
-            state.client = None
+        return broken
 
     def _write(self, state: QueueState, entries: list[Entry], logger: logging.Logger) -> None:
         """One transaction: results (SET NX EX), dead letters, XACK + XDEL, PUBLISH."""
