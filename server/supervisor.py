@@ -14,6 +14,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ MIN_STOP_GRACE = 0.25
 #: A worker that dies more often than this within RESTART_WINDOW seconds halts the server.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+#: Seconds to wait for the boot_failed event of a role seen exiting with
+#: EXIT_BOOT_FAILED (the event is sent before the exit, so it is already under way).
+BOOT_EVENT_WAIT = 2.0
 
 
 class StartupError(RuntimeError):
@@ -70,6 +74,9 @@ class Supervisor:
         self.mp = multiprocessing.get_context("spawn")
         self.children: dict[str, _Child] = {}
         self.failure: str | None = None
+        #: The one line of a role's boot failure (``ValueError: no such model``), for the
+        #: console when the traceback went to the log files.
+        self.boot_error: str | None = None
         self.stop_reason: str | None = None
         self.drained = False
         self.registered: list[int] = []  # worker indices the ventilator can dispatch to
@@ -127,6 +134,7 @@ class Supervisor:
             self._shutdown()
         if self.failure:
             self.logger.error("stopped: %s", self.failure)
+            self._tell_console()
             return 1
         self.logger.info("stopped cleanly (%s)", self.stop_reason)
         return 0
@@ -221,7 +229,12 @@ class Supervisor:
             self.http_port = child.info.get("http_port", self.http_port)
             self._maybe_start_bridge()
         elif event == "boot_failed":
-            self.failure = f"{name} failed to start: {value.get('error')}\n{value.get('traceback')}"
+            value = value or {}
+            again = (f" (after {child.total_restarts} restart(s))" if child.total_restarts
+                     else "")
+            error = str(value.get("error") or "unknown error")
+            self.boot_error = self.boot_error or f"{name} failed to start{again}: {error}"
+            self.failure = self.failure or f"{self.boot_error}\n{value.get('traceback')}"
         elif event == "drained":
             self.drained = True
         elif event == "workers":
@@ -263,6 +276,10 @@ class Supervisor:
         child.handled = True
         if self.stop_reason is not None or self.failure is not None:
             return
+        if code == EXIT_BOOT_FAILED and self.boot_error is None:
+            self._await_boot_error(name)  # it was sent before the exit: let it arrive
+            if self.failure is not None:
+                return
         if code == EXIT_BOOT_FAILED or not child.ready or not isinstance(child.role,
                                                                           WorkerProcess):
             # Without its ventilator or sink the server cannot answer anyone: stop the
@@ -270,6 +287,34 @@ class Supervisor:
             self.failure = self.failure or f"{name} {describe_exit(code)}"
             return
         self._restart_worker(child, code)
+
+    def _await_boot_error(self, name: str, limit: float = BOOT_EVENT_WAIT) -> None:
+        """Read events (bounded) until ``name``'s boot_failed event has come: a role
+        sends it before it exits, but its exit may be seen first."""
+        deadline = time.monotonic() + limit
+        while self.boot_error is None:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not self.control.poll(left_ms, zmq.POLLIN):
+                return
+            while self.boot_error is None:
+                try:
+                    frames = self.control.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_event(frames)
+
+    def _tell_console(self) -> None:
+        """With -log_dir every log line, tracebacks included, goes to the files: say on
+        stderr why the server stopped and where the traceback is."""
+        if not self.config.log_dir or not self.failure:
+            return
+        reason = self.boot_error or self.failure.splitlines()[0]
+        err_file = os.path.abspath(os.path.join(
+            self.config.log_dir, (self.config.log_name or "WKRServer") + ".err"))
+        with contextlib.suppress(OSError, ValueError):  # no usable stderr: nothing to do
+            print(f"wkr-serving: stopped: {reason}\n"
+                  f"wkr-serving: the traceback is in {err_file}",
+                  file=sys.stderr, flush=True)
 
     def _restart_worker(self, child: _Child, code: int) -> None:
         role = child.role
