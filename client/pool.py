@@ -55,6 +55,7 @@ class Slot:
 
     index: int
     server: RemoteServer
+    position: int  # 0..num_client-1 among the units of its server
     generation: int = 0
     process: Any = None
     stop_event: Any = None
@@ -231,7 +232,7 @@ class Central:
         for slot in list(self.slots.values()):
             if slot.process is None:
                 if not slot.wanted or self.stop_reason is not None:
-                    del self.slots[(slot.server, slot.index)]
+                    del self.slots[(slot.server, slot.position)]
                     self._dirty = True
                 elif now >= slot.start_at:
                     self._start(slot)
@@ -254,7 +255,7 @@ class Central:
                 self._stop(slot, "no longer in the pool")
         for key in sorted(wanted - set(self.slots), key=lambda k: (self.servers.index(k[0]),
                                                                     k[1])):
-            self.slots[key] = Slot(index=self._next_index, server=key[0])
+            self.slots[key] = Slot(index=self._next_index, server=key[0], position=key[1])
             self._next_index += 1
         self._dirty = True
 

@@ -35,13 +35,14 @@ __all__ = ["build_start_parser", "load_pool_config", "main_idle", "main_restart"
 ENV_TOKEN = "WKR_AUTH_TOKEN"
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _parser(prog: str, description: str, full: bool = True) -> argparse.ArgumentParser:
     # No -h: the seed's single-dash flags (-http_port) would be read as -h + "ttp_port".
     parser = argparse.ArgumentParser(prog=prog, description=description, add_help=False,
                                      allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--help", action="help", help="show this help and exit")
-    parser.add_argument("-version", action="version", version=f"%(prog)s {__version__}")
+    if full:
+        parser.add_argument("--help", action="help", help="show this help and exit")
+        parser.add_argument("-version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -50,13 +51,16 @@ def _servers_arg(words: Sequence[str] | None) -> Any:
     return None if words is None else " ".join(words)
 
 
-def build_start_parser(unit_class: type[WKRWorker] | None = None) -> argparse.ArgumentParser:
+def build_start_parser(unit_class: type[WKRWorker] | None = None, full: bool = True,
+                       ) -> argparse.ArgumentParser:
+    """The ``wkr-decentral-start`` parser, with ``unit_class``'s own options. Not
+    ``full``: no help or version, nothing required (to find the unit class first)."""
     parser = _parser("wkr-decentral-start", "Start a decentralized pool: num_client units "
-                     "of the given WKRWorker class per remote server.")
+                     "of the given WKRWorker class per remote server.", full)
     parser.add_argument("unit_class", help="<file>.<Class> of the unit (a WKRWorker "
                         "subclass), file in the current directory, or an installed "
                         "module's class such as wkr_serving.client.QueueWorker")
-    parser.add_argument("-remote_servers", nargs="+", required=True, metavar="SERVERS",
+    parser.add_argument("-remote_servers", nargs="+", required=full, metavar="SERVERS",
                         help="the WKR servers to feed: '[[\"ip\", port, port_out], ...]'")
     parser.add_argument("-num_client", type=int, default=1, help="units per remote server")
     parser.add_argument("-port", type=int, default=21324,
@@ -87,13 +91,13 @@ def build_start_parser(unit_class: type[WKRWorker] | None = None) -> argparse.Ar
 
 def load_pool_config(argv: Sequence[str]) -> tuple[PoolConfig, type[WKRWorker]]:
     """Parse ``wkr-decentral-start`` arguments; import the unit class (from the cwd)."""
-    first, _ = build_start_parser().parse_known_args(argv)
+    first, _ = build_start_parser(full=False).parse_known_args(argv)
     try:
         unit_class = import_class(first.unit_class, WKRWorker)
     except Exception as exc:
         raise PoolConfigError(f"cannot load {first.unit_class}: {type(exc).__name__}: "
                               f"{exc}") from None
-    base = {a.dest for a in build_start_parser()._actions}
+    base = {a.dest for a in build_start_parser(full=False)._actions}
     args = build_start_parser(unit_class).parse_args(argv)
     values = vars(args)
     unit_options = {k: v for k, v in values.items() if k not in base}

@@ -1,0 +1,101 @@
+"""Test helpers for the decentralized pool: a ``wkr-decentral-start`` subprocess on
+loopback with free ports, its control client, bounded waits, a clean stop by pid."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from helpers import START_LIMIT_S, STOP_LIMIT_S, TESTS_DIR, free_port, wait_until
+from wkr_serving.client.pool_control import PoolControl, PoolTimeout
+
+
+def pool_command(name: str = "start") -> list[str]:
+    exe = shutil.which(f"wkr-decentral-{name}")
+    assert exe, f"the wkr-decentral-{name} entry point is not installed"
+    return [exe]
+
+
+def servers_arg(*servers: Any) -> str:
+    """``-remote_servers`` JSON for WKRServer / CLIServer objects."""
+    return "[" + ", ".join(f'["127.0.0.1", {s.port}, {s.port_out}]' for s in servers) + "]"
+
+
+class CLIPool:
+    """``wkr-decentral-start UNIT ARGS`` on 127.0.0.1 with free -port/-port_out/-http_port;
+    stdout/stderr go to files in ``tmp_path``."""
+
+    def __init__(self, unit: str, args: list[str], tmp_path: Path, *, cwd: str = TESTS_DIR,
+                 name: str = "pool", env: dict[str, str] | None = None,
+                 http: bool = True) -> None:
+        import os
+
+        self.port, self.port_out = free_port(), free_port()
+        while self.port_out == self.port:
+            self.port_out = free_port()
+        self.http_port = free_port() if http else None
+        self.stderr_path = tmp_path / f"{name}.stderr.txt"
+        self._err = open(self.stderr_path, "wb")  # noqa: SIM115 (closed in close())
+        extra = ["-http_port", str(self.http_port)] if http else []
+        self.proc = subprocess.Popen(
+            [*pool_command(), unit, *args, "-port", str(self.port), "-port_out",
+             str(self.port_out), "-bind", "127.0.0.1", *extra],
+            cwd=cwd, stdout=self._err, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})})
+
+    def stderr(self) -> str:
+        self._err.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def control(self, timeout: float = 10.0, token: str | None = None) -> PoolControl:
+        return PoolControl("127.0.0.1", self.port, timeout, token)
+
+    def status(self) -> dict[str, Any]:
+        with self.control() as control:
+            return control.call("status")
+
+    def wait_status(self, predicate: Any, what: str, limit: float = START_LIMIT_S
+                    ) -> dict[str, Any]:
+        """Wait until ``predicate(status)`` holds; return that status."""
+        def check() -> Any:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the pool exited with {self.proc.returncode}:\n"
+                                     f"{self.stderr()[-4000:]}")
+            try:
+                with self.control(timeout=2.0) as control:
+                    status = control.call("status")
+            except PoolTimeout:
+                return None
+            return status if predicate(status) else None
+
+        return wait_until(check, limit, what, interval=0.05)
+
+    def wait_running(self, n: int, limit: float = START_LIMIT_S) -> dict[str, Any]:
+        return self.wait_status(lambda s: s["units_running"] == n == s["units_wanted"],
+                                f"{n} unit(s) running", limit)
+
+    def cli(self, name: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """Run ``wkr-decentral-NAME -ip 127.0.0.1 -port P -port_out Q ARGS``."""
+        return subprocess.run(
+            [*pool_command(name), "-ip", "127.0.0.1", "-port", str(self.port), "-port_out",
+             str(self.port_out), *args], capture_output=True, text=True, timeout=timeout,
+            stdin=subprocess.DEVNULL)
+
+    def wait_exit(self, limit: float = STOP_LIMIT_S) -> int:
+        try:
+            return self.proc.wait(limit)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the pool did not exit within {limit}s:\n"
+                                 f"{self.stderr()[-4000:]}") from None
+
+    def close(self, grace: float = STOP_LIMIT_S) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._err.close()
