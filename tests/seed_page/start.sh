@@ -1,0 +1,11 @@
+wkr-serving-start server.Worker \
+-model_dir /path/to/model \
+-model_name model.hdf5 \
+-port_in 8996 \
+-port_out 8998 \
+-http_port 8900 \
+-num_worker 2 \
+-batch_size 1 \
+-device_map -1 \
+-gpu_memory_fraction 0.25 \
+-log_dir /tmp/log_dir
