@@ -32,7 +32,9 @@ REPORT_EVERY_S = 0.5
 #: Pause after a failed ``do_work``: doubles per consecutive failure up to the maximum,
 #: back to none after a success, and cut short by a stop.
 ERROR_PAUSE_S = 0.05
-MAX_ERROR_PAUSE_S = 5.0
+MAX_ERROR_PAUSE_S = 1.0
+#: Failures logged with their traceback per minute (then one line counting the rest).
+LOGGED_FAILURES_PER_MIN = 100
 _PR_SET_PDEATHSIG = 1
 
 
@@ -114,7 +116,7 @@ def run_unit(spec: UnitSpec, stop: Any) -> None:
 def _loop(unit: WKRWorker, model: Any, logger: logging.Logger, reporter: _Reporter) -> None:
     iterations = errors = failures_in_row = 0
     last_error: str | None = None
-    throttle = LogThrottle(logger, logging.ERROR)
+    throttle = LogThrottle(logger, logging.ERROR, burst=LOGGED_FAILURES_PER_MIN)
     reporter.send("running", unit, iterations=0, errors=0)
     while not unit.stopping.is_set():
         try:
