@@ -69,6 +69,26 @@ FIRST_BACKOFF_S = 0.1
 CONNECT_TIMEOUT_MS = 1000
 #: Longest single wait on ``stopping`` while backing off (s).
 WAIT_SLICE_S = 0.2
+#: Most entries written by one call of WRITE_SCRIPT (Lua's unpack() limit is ~8000).
+SCRIPT_CHUNK = 2000
+#: KEYS: stream, result keys (n). ARGV: group, ttl ms, n, channel, n records, the stream
+#: ids of every handled entry, the msgpack list of finished job ids to publish. Returns
+#: how many results already existed (the job had been done or cancelled before).
+WRITE_SCRIPT = """
+local group, ttl, n, channel = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local dup = 0
+for i = 1, n do
+  if not redis.call('SET', KEYS[i + 1], ARGV[4 + i], 'NX', 'PX', ttl) then dup = dup + 1 end
+end
+local sids = {}
+for i = 5 + n, #ARGV - 1 do sids[#sids + 1] = ARGV[i] end
+if #sids > 0 then
+  redis.call('XACK', KEYS[1], group, unpack(sids))
+  redis.call('XDEL', KEYS[1], unpack(sids))
+end
+if n > 0 then redis.call('PUBLISH', channel, ARGV[#ARGV]) end
+return dup
+"""
 
 
 @dataclass
@@ -103,6 +123,7 @@ class QueueState:
     next_reclaim: float = 0.0
     reclaim_cursor: str = "0-0"
     last_warning: dict[str, float] = field(default_factory=dict)
+    write_script: Any = None
 
 
 class QueueWorker(WKRWorker):
@@ -191,6 +212,7 @@ class QueueWorker(WKRWorker):
         try:
             return self._iteration(state, logger)
         except self._redis_errors() as exc:
+            self.count("redis_errors")
             state.redis_backoff = _grow(state.redis_backoff, self._opt("max_backoff"))
             state.wait_until = time.monotonic() + state.redis_backoff
             self._warn(state, logger, "redis", "Redis error (%s: %s); retrying in %.1f s",
@@ -328,10 +350,9 @@ class QueueWorker(WKRWorker):
         max_attempts = int(self._opt("max_attempts"))
         candidates = [e for e in entries if e.job_id is not None and e.dead is None]
         # Jobs that already have a result (another unit, a cancel): acknowledge only.
-        pipe = state.redis.pipeline(transaction=False)
-        for e in candidates:
-            pipe.exists(state.keys.result(e.job_id))  # type: ignore[arg-type]
-        done = {e.sid for e, n in zip(candidates, pipe.execute(), strict=True) if n}
+        stored = state.redis.mget([state.keys.result(e.job_id) for e in candidates]  # type: ignore[arg-type]
+                                  ) if candidates else []
+        done = {e.sid for e, v in zip(candidates, stored, strict=True) if v is not None}
         over = [e for e in candidates if e.sid not in done and e.deliveries > max_attempts]
         if over:  # the last transient error of each, for the dead letter
             pipe = state.redis.pipeline(transaction=False)
@@ -359,6 +380,7 @@ class QueueWorker(WKRWorker):
                 state.unwritten.extend(finished)  # written first once Redis is back
                 raise
         if failed:
+            self.count("transient_errors", len(failed))
             now = time.monotonic()
             pipe = state.redis.pipeline(transaction=False)
             for e in failed:
@@ -429,11 +451,13 @@ class QueueWorker(WKRWorker):
         return broken
 
     def _write(self, state: QueueState, entries: list[Entry], logger: logging.Logger) -> None:
-        """One transaction: results (SET NX EX), dead letters, XACK + XDEL, PUBLISH."""
+        """One transaction: dead letters (XADD), then the results (SET NX PX each: first
+        writer wins), XACK + XDEL and one PUBLISH of the finished ids, all done by one
+        server-side script call per :data:`SCRIPT_CHUNK` entries."""
         ttl_ms = max(1, int(self._opt("result_ttl") * 1000))
         keys = state.keys
         pipe = state.redis.pipeline(transaction=True)
-        written = []
+        dead = 0
         for e in entries:
             if e.dead is not None:
                 fields: dict[str, Any] = {"error": e.dead, "stream_id": e.sid,
@@ -441,24 +465,30 @@ class QueueWorker(WKRWorker):
                 if e.job_id is not None:
                     fields["id"] = e.job_id
                 pipe.xadd(keys.dead, fields)
-            if e.record is not None and e.job_id is not None:
-                pipe.set(keys.result(e.job_id), e.record, nx=True, px=ttl_ms)
-                written.append(e)
-        sids = [e.sid for e in entries]
-        pipe.xack(keys.stream, keys.group, *sids)
-        pipe.xdel(keys.stream, *sids)
-        if written:
-            pipe.publish(keys.channel, dumps([e.job_id for e in written]))
+                dead += 1
+        script = self._script(state)
+        for start in range(0, len(entries), SCRIPT_CHUNK):
+            part = entries[start:start + SCRIPT_CHUNK]
+            written = [e for e in part if e.record is not None and e.job_id is not None]
+            script(keys=[keys.stream, *(keys.result(e.job_id) for e in written)],  # type: ignore[arg-type]
+                   args=[keys.group, ttl_ms, len(written), keys.channel,
+                         *(e.record for e in written), *(e.sid for e in part),
+                         dumps([e.job_id for e in written])],
+                   client=pipe)
         replies = pipe.execute()
-        dead = sum(1 for e in entries if e.dead is not None)
         if dead:
             self.count("dead_lettered", dead)
             self._warn(state, logger, "dead", "dead-lettered %d job(s): %s", dead,
                        next(e.dead for e in entries if e.dead is not None))
-        set_replies = [r for r in replies if r is None or r is True]
-        duplicates = sum(1 for r in set_replies if r is None)
+        duplicates = sum(int(r) for r in replies[dead:])
         if duplicates:
             self.count("duplicate_results", duplicates)
+
+    @staticmethod
+    def _script(state: QueueState) -> Any:
+        if state.write_script is None:
+            state.write_script = state.redis.register_script(WRITE_SCRIPT)
+        return state.write_script
 
     def _release(self, state: QueueState) -> None:
         """Make the jobs this unit holds claimable by others at once (their idle time
