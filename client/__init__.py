@@ -8,7 +8,9 @@ from .errors import (
     ClientUsageError,
     ConnectionLost,
     ConnectTimeout,
+    DeadLettered,
     DeadlineExceeded,
+    JobCancelled,
     ModelError,
     Overloaded,
     ProtocolError,
@@ -22,7 +24,9 @@ from .errors import (
     WKRTimeoutError,
     WorkerDied,
 )
+from .jobqueue import JobQueue
 from .pool import WKRDecentralizeCentral
+from .queueworker import QueueWorker
 from .unit import WKRWorker
 from .version import __version__
 
@@ -33,11 +37,15 @@ __all__ = [
     "ConcurrentWKRClient",
     "ConnectTimeout",
     "ConnectionLost",
+    "DeadLettered",
     "DeadlineExceeded",
+    "JobCancelled",
+    "JobQueue",
     "ModelError",
     "Overloaded",
     "ProtocolError",
     "ProtocolMismatch",
+    "QueueWorker",
     "Response",
     "ServerError",
     "ShuttingDown",
