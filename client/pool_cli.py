@@ -284,3 +284,7 @@ def _port_open(ip: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+if __name__ == "__main__":  # the run scripts start a pool as python -m this module
+    sys.exit(main_start())

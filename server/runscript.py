@@ -975,4 +975,8 @@ def main_terminate(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_helper())
+    # Run the imported module's helper, not this __main__ copy's: kinds registered by
+    # other modules (register_kind) land in the imported module's KINDS.
+    from wkr_serving.server import runscript
+
+    sys.exit(runscript.main_helper())
