@@ -94,3 +94,21 @@ def redis_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def pools(tmp_path):
+    """Start ``wkr-decentral-start`` subprocesses: ``pools(unit, *args, **kwargs)`` returns
+    a :class:`poolhelp.CLIPool`; every one still running is stopped after the test."""
+    from poolhelp import CLIPool
+
+    started: list[CLIPool] = []
+
+    def start(unit: str, *args: str, **kwargs: Any) -> CLIPool:
+        pool = CLIPool(unit, list(args), tmp_path, name=f"pool{len(started)}", **kwargs)
+        started.append(pool)
+        return pool
+
+    yield start
+    for pool in started:
+        pool.close()

@@ -79,20 +79,6 @@ def test_pool_commands_need_the_token_or_this_host(token, args, peer, allowed):
 # -- a running pool ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pools(tmp_path):
-    started: list[CLIPool] = []
-
-    def start(unit: str, *args: str, **kwargs) -> CLIPool:
-        pool = CLIPool(unit, list(args), tmp_path, name=f"pool{len(started)}", **kwargs)
-        started.append(pool)
-        return pool
-
-    yield start
-    for pool in started:
-        pool.close()
-
-
 def _http(pool: CLIPool, path: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{pool.http_port}{path}",
