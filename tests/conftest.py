@@ -87,8 +87,8 @@ def redis_server(tmp_path):
     file on); stopped by pid after the test. ``redis_server.restart()`` for fault tests."""
     from redis_server import RedisServer, redis_server_path
 
-    if redis_server_path() is None:
-        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+    assert redis_server_path() is not None, \
+        "redis-server is not installed (scripts/test.sh installs it with apt-get)"
     server = RedisServer(tmp_path / "redis", appendonly=True)
     try:
         yield server
