@@ -33,7 +33,13 @@ import zmq
 
 from .access import authorize, peer_address
 from .logs import set_logger
-from .pool_config import PoolConfig, PoolConfigError, RemoteServer, parse_remote_servers
+from .pool_config import (
+    PoolConfig,
+    PoolConfigError,
+    RemoteServer,
+    check_units,
+    parse_remote_servers,
+)
 from .pool_control import CONTROL_COMMANDS, MAX_COMMAND_BYTES, decode_command, encode_reply
 from .pool_unit import EXIT_BOOT_FAILED, UnitSpec, run_unit
 from .unit import WKRWorker
@@ -396,8 +402,9 @@ class Central:
         num = self.num_client
         if args.get("num_client") is not None:
             num = args["num_client"]
-            if not isinstance(num, int) or isinstance(num, bool) or not 0 <= num <= 10_000:
-                raise ValueError("num_client must be an integer from 0 to 10000")
+            if not isinstance(num, int) or isinstance(num, bool) or num < 0:
+                raise ValueError("num_client must be an integer >= 0")
+        check_units(servers, num)
         self.servers, self.num_client, self.idle = servers, num, False
         self.logger.info("switch: %d unit(s) for each of %s", num,
                          ", ".join(f"{s[0]}:{s[1]}/{s[2]}" for s in servers))
@@ -521,13 +528,19 @@ def _port_open(ip: str, port: int, timeout: float = 1.0) -> bool:
 class WKRDecentralizeCentral(threading.Thread):
     """A pool whose central loop runs in this thread (units are child processes).
 
-    ``WKRDecentralizeCentral(ProcessingModel, config)`` where ``config`` is a
-    :class:`PoolConfig`; ``start()`` then ``join()`` as in the original package, or use
-    it as a context manager (returns once the ports are bound and units started)."""
+    ``WKRDecentralizeCentral(ProcessingModel, args)`` where ``args`` is a
+    :class:`PoolConfig`, or ``wkr-decentral-start``'s parsed arguments (a namespace or
+    a mapping, e.g. ``build_start_parser(ProcessingModel).parse_args([...])``);
+    ``start()`` then ``join()`` as in the original package, or use it as a context
+    manager (returns once the ports are bound and the units started)."""
 
-    def __init__(self, unit_class: type[WKRWorker], config: PoolConfig) -> None:
+    def __init__(self, unit_class: type[WKRWorker], args: Any) -> None:
         super().__init__(name="WKRDecentralizeCentral", daemon=True)
-        self.central = Central(config, unit_class)
+        if not isinstance(args, PoolConfig):
+            from .pool_cli import config_from_args
+
+            args = config_from_args(args, f"{unit_class.__module__}.{unit_class.__name__}")
+        self.central = Central(args, unit_class)
         self.exit_code: int | None = None
 
     @property

@@ -20,7 +20,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .loader import import_class
@@ -29,8 +29,9 @@ from .pool_control import PoolControl, PoolRefused, PoolTimeout
 from .unit import WKRWorker
 from .version import __version__
 
-__all__ = ["build_start_parser", "load_pool_config", "main_idle", "main_restart",
-           "main_start", "main_status", "main_switch", "main_terminate"]
+__all__ = ["build_start_parser", "config_from_args", "load_pool_config", "main_idle",
+           "main_restart", "main_start", "main_status", "main_switch", "main_terminate",
+           "summarize"]
 
 ENV_TOKEN = "WKR_AUTH_TOKEN"
 
@@ -97,19 +98,23 @@ def load_pool_config(argv: Sequence[str]) -> tuple[PoolConfig, type[WKRWorker]]:
     except Exception as exc:
         raise PoolConfigError(f"cannot load {first.unit_class}: {type(exc).__name__}: "
                               f"{exc}") from None
-    base = {a.dest for a in build_start_parser(full=False)._actions}
-    args = build_start_parser(unit_class).parse_args(argv)
-    values = vars(args)
-    unit_options = {k: v for k, v in values.items() if k not in base}
-    config = PoolConfig(
-        unit_class=args.unit_class, remote_servers=_servers_arg(args.remote_servers),
-        num_client=args.num_client, port=args.port, port_out=args.port_out,
-        bind=args.bind, http_port=args.http_port, log_dir=args.log_dir,
-        log_name=args.log_name, verbose=args.verbose,
-        graceful_timeout=args.graceful_timeout, restart_backoff=args.restart_backoff,
-        max_restart_backoff=args.max_restart_backoff, auth_token=args.auth_token,
-        unit_options=unit_options)
-    return config, unit_class
+    return config_from_args(build_start_parser(unit_class).parse_args(argv)), unit_class
+
+
+def config_from_args(args: Any, unit_class: str | None = None) -> PoolConfig:
+    """A :class:`PoolConfig` from parsed ``wkr-decentral-start`` arguments (a namespace
+    or a mapping); every option that is not the pool's own is the unit's."""
+    values = dict(args) if isinstance(args, Mapping) else dict(vars(args))
+    parser = build_start_parser(full=False)
+    own = {a.dest for a in parser._actions} - {"unit_class"}
+    pool = {name: values.get(name, parser.get_default(name)) for name in own}
+    servers = pool.pop("remote_servers")
+    if isinstance(servers, list) and all(isinstance(word, str) for word in servers):
+        servers = " ".join(servers)  # the words of the command line
+    return PoolConfig(unit_class=unit_class or str(values.get("unit_class")),
+                      remote_servers=servers, **pool,
+                      unit_options={k: v for k, v in values.items()
+                                    if k not in own and k != "unit_class"})
 
 
 def main_start(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PoolConfig", "PoolConfigError", "RemoteServer", "parse_remote_servers"]
+__all__ = ["MAX_UNITS", "PoolConfig", "PoolConfigError", "RemoteServer", "check_units",
+           "parse_remote_servers"]
+
+#: Most units one pool runs (servers x num_client): each is a process.
+MAX_UNITS = 1024
 
 #: ``(ip, port, port_out)`` of one remote WKR server.
 RemoteServer = tuple[str, int, int]
@@ -56,6 +60,13 @@ def parse_remote_servers(value: str | Sequence[Any]) -> tuple[RemoteServer, ...]
     return tuple(servers)
 
 
+def check_units(servers: Sequence[RemoteServer], num_client: int) -> None:
+    """Refuse a pool of more than :data:`MAX_UNITS` unit processes."""
+    if len(servers) * num_client > MAX_UNITS:
+        raise PoolConfigError(f"{len(servers)} server(s) x {num_client} unit(s) is more "
+                              f"than the {MAX_UNITS} unit processes a pool may run")
+
+
 def _parse_unquoted(text: str) -> list[list[Any]]:
     inner = text.strip()
     if not (inner.startswith("[") and inner.endswith("]")):
@@ -96,6 +107,7 @@ class PoolConfig:
         if self.num_client < 0:
             raise PoolConfigError("-num_client must be >= 0")
         object.__setattr__(self, "remote_servers", parse_remote_servers(self.remote_servers))
+        check_units(self.remote_servers, self.num_client)
         for name, port in (("port", self.port), ("port_out", self.port_out),
                            ("http_port", self.http_port)):
             if port is not None and not 0 <= port <= 65535:

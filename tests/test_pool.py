@@ -26,7 +26,7 @@ from poolhelp import CLIPool, pool_command, servers_arg
 from prometheus_client.parser import text_string_to_metric_families
 from wkr_serving.client.access import authorize
 from wkr_serving.client.pool_config import PoolConfig, PoolConfigError, parse_remote_servers
-from wkr_serving.client.pool_control import PoolRefused
+from wkr_serving.client.pool_control import PoolControl, PoolRefused
 
 # -- -remote_servers -------------------------------------------------------------------------
 
@@ -369,3 +369,35 @@ def test_control_call_refusal_is_typed(pools, numpy_server):
     with pool.control() as control, pytest.raises(PoolRefused) as info:
         control.call("idle")
     assert info.value.kind == "Unauthorized"
+
+
+def test_a_pool_of_more_than_max_units_is_refused():
+    from wkr_serving.client.pool_config import MAX_UNITS
+
+    with pytest.raises(PoolConfigError, match="unit processes"):
+        PoolConfig("x.Y", "[[a, 1, 2], [b, 1, 2]]", num_client=MAX_UNITS // 2 + 1)
+
+
+def test_wkr_decentralize_central_in_a_program_with_parsed_args(numpy_server, tmp_path):
+    """The seed's way: parse the start arguments, then WKRDecentralizeCentral(cls, args)
+    with start()/join() (here as a context manager, which starts and stops it)."""
+    from pool_units import Echo
+    from wkr_serving.client import WKRDecentralizeCentral
+    from wkr_serving.client.pool_cli import build_start_parser
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    args = build_start_parser(Echo).parse_args(
+        ["pool_units.Echo", "-port", "0", "-port_out", "0", "-bind", "127.0.0.1",
+         "-num_client", "2", "-remote_servers",
+         *f"[[127.0.0.1, {numpy_server.port}, {numpy_server.port_out}]]".split(),
+         "-marker_dir", str(markers)])
+    with WKRDecentralizeCentral(Echo, args) as pool:
+        assert pool.port and pool.port_out and pool.port != pool.port_out
+        with PoolControl("127.0.0.1", pool.port, 10.0) as control:
+            wait_until(lambda: control.call("status")["units_running"] == 2, 60,
+                       "2 units running")
+        assert pool.central.config.unit_options == {"marker_dir": str(markers),
+                                                    "fail_every": 0}
+    assert not pool.is_alive() and pool.exit_code == 0
+    assert len(os.listdir(markers)) == 2
