@@ -100,7 +100,8 @@ def test_the_pages_decentralize_py_as_written_drains_the_queue_in_order(
         pool.wait_running(1)
         for job in JOBS:
             queue.push(job)
-        pool.wait_status(lambda s: s["errors"] >= len(JOBS), "every job to be processed")
+        pool.wait_status(lambda s: s["errors"] >= len(JOBS), "every job to be processed",
+                         limit=120)
         assert queue.pop() is None  # drained
         errors = (tmp_path / "log_dir" / "WKRDecentralize.err").read_text()
         seen = re.findall(r"do_work failed \(\d+ in a row\): .*\n"
@@ -124,7 +125,7 @@ def test_the_pages_decentralize_py_with_its_typo_fixed_pushes_every_result(
     pool = _start_page_pool(tmp_path, obj_server, _page_code(
         redis_server.port, receiver.url, fix_typo=True))
     try:
-        wait_until(lambda: len(receiver.received) >= len(JOBS), 60,
+        wait_until(lambda: len(receiver.received) >= len(JOBS), 120,
                    "every result to reach PUSH_API")
         assert receiver.received == JOBS  # the echo server's results, in FIFO order
         log = (tmp_path / "log_dir" / "WKRDecentralize.log").read_text()
