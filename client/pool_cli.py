@@ -58,7 +58,8 @@ def build_start_parser(unit_class: type[WKRWorker] | None = None, full: bool = T
     ``full``: no help or version, nothing required (to find the unit class first)."""
     parser = _parser("wkr-decentral-start", "Start a decentralized pool: num_client units "
                      "of the given WKRWorker class per remote server.", full)
-    parser.add_argument("unit_class", help="<file>.<Class> of the unit (a WKRWorker "
+    parser.add_argument("unit_class", nargs=None if full else "?",
+                        help="<file>.<Class> of the unit (a WKRWorker "
                         "subclass), file in the current directory, or an installed "
                         "module's class such as wkr_serving.client.QueueWorker")
     parser.add_argument("-remote_servers", nargs="+", required=full, metavar="SERVERS",
@@ -93,6 +94,9 @@ def build_start_parser(unit_class: type[WKRWorker] | None = None, full: bool = T
 def load_pool_config(argv: Sequence[str]) -> tuple[PoolConfig, type[WKRWorker]]:
     """Parse ``wkr-decentral-start`` arguments; import the unit class (from the cwd)."""
     first, _ = build_start_parser(full=False).parse_known_args(argv)
+    if first.unit_class is None:  # --help, or an error naming what is missing
+        build_start_parser().parse_args(argv)
+        raise PoolConfigError("the unit class (<file>.<Class>) is required")
     try:
         unit_class = import_class(first.unit_class, WKRWorker)
     except Exception as exc:

@@ -137,6 +137,22 @@ def test_client_alone_needs_only_pyzmq_numpy_msgpack(tmp_path):
     assert report["first"] == [], f"import wkr_serving.client pulled {report['first']}"
     assert set(report["foreign"]) <= {"wkr_serving", "zmq", "numpy", "msgpack"}, report
     assert report["server"] == [], report["server"]
+    # The pool's commands run with the client alone (here: a clean timeout, no pool).
+    help_text = venv.run(str(venv.bin / "wkr-decentral-start"), "--help")
+    assert "-remote_servers" in help_text
+    proc = subprocess.run([str(venv.bin / "wkr-decentral-status"), "-ip", "127.0.0.1",
+                           "-port", str(_free_port()), "-timeout", "0.3"], env=venv.env,
+                          capture_output=True, text=True, timeout=COMMAND_LIMIT_S,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and "no answer from the pool" in proc.stderr, proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_getting_started_page_install_server_then_client_editable(tmp_path):
@@ -192,12 +208,19 @@ def test_three_distributions_share_version_scripts_and_dependencies():
             "attr": "wkr_serving.client.version.__version__"}
     assert root["project"]["dependencies"] == server["project"]["dependencies"]
     server_scripts = server["project"]["scripts"]
+    client_scripts = client["project"]["scripts"]
+    pool_control = {f"wkr-decentral-{c}" for c in ("start", "status", "switch", "idle",
+                                                    "restart", "terminate")}
+    assert set(client_scripts) == pool_control  # the pool runs with the client alone
     assert set(server_scripts) == {"wkr-serving-start", "wkr-serving-make",
-                                   "wkr-serving-keygen", "wkr-serving-terminate"}
-    assert {k: root["project"]["scripts"][k] for k in server_scripts} == server_scripts
+                                   "wkr-serving-keygen", "wkr-serving-terminate",
+                                   "wkr-decentral-make", *pool_control}
+    assert {k: server_scripts[k] for k in client_scripts} == client_scripts
+    assert root["project"]["scripts"] == server_scripts
     deps = {re.split(r"[<>=!~ \[;]", d)[0].lower() for d in client["project"]["dependencies"]}
     assert deps == CLIENT_DEPENDENCIES
-    assert client["project"]["optional-dependencies"]["pool"] == ["redis>=5.0"]
+    assert client["project"]["optional-dependencies"]["pool"] == ["redis>=5.0",
+                                                                  "prometheus-client>=0.20"]
     assert set(server["tool"]["setuptools"]["packages"]) == {"wkr_serving.server",
                                                             "wkr_serving.client"}
     assert server["tool"]["setuptools"]["package-dir"]["wkr_serving.client"] == "../client"
