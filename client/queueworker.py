@@ -177,9 +177,14 @@ class QueueWorker(WKRWorker):
         state.protocol = "obj" if protocol == "auto" else protocol
         redis = import_redis()
         block_s = self._opt("block_ms") / 1000.0
+        # No retries inside redis-py (they would sleep without seeing ``stopping``):
+        # do_work backs off and reconnects itself.
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         state.redis = redis.Redis.from_url(
-            self._opt("redis_url"), socket_connect_timeout=5.0, socket_timeout=block_s + 30.0,
-            health_check_interval=30)
+            self._opt("redis_url"), socket_connect_timeout=5.0, socket_timeout=block_s + 10.0,
+            health_check_interval=30, retry=Retry(NoBackoff(), 0))
         logger = logging.getLogger(f"wkr.queueworker.{self.index}")
         try:
             self._ensure_group(state)
