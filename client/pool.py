@@ -44,6 +44,7 @@ from .pool_control import CONTROL_COMMANDS, MAX_COMMAND_BYTES, decode_command, e
 from .pool_unit import EXIT_BOOT_FAILED, UnitSpec, run_unit
 from .unit import WKRWorker
 from .version import __version__
+from .wake import WakePipe
 
 __all__ = ["Central", "WKRDecentralizeCentral"]
 
@@ -113,8 +114,7 @@ class Central:
         self._next_index = 0
         self._started = time.monotonic()
         self._mp = multiprocessing.get_context("spawn")
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self._wake = WakePipe()
         self._report_endpoint = f"ipc://@wkr-pool-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._http: Any = None
         self._dirty = True
@@ -122,14 +122,13 @@ class Central:
     @property
     def wakeup_fd(self) -> int:
         """Give this to :func:`signal.set_wakeup_fd` so signals wake the loop."""
-        return self._wake_w
+        return self._wake.write_fd
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask the loop to stop every unit and exit; safe from signal handlers/threads."""
         if self.stop_reason is None:
             self.stop_reason = reason
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"s")
+        self._wake.wake()
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -181,7 +180,7 @@ class Central:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.reports, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wake.read_fd, zmq.POLLIN)
         watched: dict[int, Slot] = {}
         stopping_since: float | None = None
         while True:
@@ -198,9 +197,8 @@ class Central:
                     watched[slot.process.sentinel] = slot
                     poller.register(slot.process.sentinel, zmq.POLLIN)
             events = dict(poller.poll(self._poll_timeout_ms()))
-            if self._wake_r in events:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 512)
+            if self._wake.read_fd in events:
+                self._wake.drain()
             if self.control in events:
                 self._drain(self.control, self._on_command)
             if self.reports in events:
@@ -484,8 +482,7 @@ class Central:
 
     def request_wake(self) -> None:
         self._dirty = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"w")
+        self._wake.wake()
 
     def _shutdown(self, context: zmq.Context) -> None:
         for slot in self._live():  # only after an error in the loop itself
@@ -500,10 +497,7 @@ class Central:
         self.finished.set()
         self.settled.set()
         context.destroy(linger=500)
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_w = -1
+        self._wake.close()
         self.logger.info("pool stopped")
 
 

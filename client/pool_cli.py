@@ -228,24 +228,27 @@ def main_switch(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def main_idle(argv: Sequence[str] | None = None) -> int:
-    parser = _control_parser("idle", "Stop every unit of a pool (gracefully); the pool "
-                             "keeps running until switch or restart.")
+def _plain_command(name: str, description: str, report: Any,
+                   argv: Sequence[str] | None) -> int:
+    """A control command without options of its own: send it, print ``report(value)``."""
+    parser = _control_parser(name, description)
     args = parser.parse_args(argv)
-    code, value = _run(parser.prog, args, "idle")
+    code, value = _run(parser.prog, args, name)
     if code == 0:
-        print(f"idle: {value['stopping_units']} unit(s) stopping")
+        print(report(value))
     return code
+
+
+def main_idle(argv: Sequence[str] | None = None) -> int:
+    return _plain_command(
+        "idle", "Stop every unit of a pool (gracefully); the pool keeps running until "
+        "switch or restart.", lambda v: f"idle: {v['stopping_units']} unit(s) stopping", argv)
 
 
 def main_restart(argv: Sequence[str] | None = None) -> int:
-    parser = _control_parser("restart", "Restart every unit of a pool (each finishes its "
-                             "current work first).")
-    args = parser.parse_args(argv)
-    code, value = _run(parser.prog, args, "restart")
-    if code == 0:
-        print(f"restarting {value['restarting']} unit(s)")
-    return code
+    return _plain_command(
+        "restart", "Restart every unit of a pool (each finishes its current work first).",
+        lambda v: f"restarting {v['restarting']} unit(s)", argv)
 
 
 def main_terminate(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 from wkr_serving.client import protocol as P
+from wkr_serving.client.wake import WakePipe
 
 from .config import ServerConfig
 from .devices import DeviceError, assign_devices, describe, discover_gpus
@@ -84,25 +85,20 @@ class Supervisor:
         self.port_out: int | None = None
         self.http_port: int | None = None
         self.started_at = time.time()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake = WakePipe()
 
     # -- public -------------------------------------------------------------------------
 
     @property
     def wakeup_fd(self) -> int:
         """Give this to :func:`signal.set_wakeup_fd` so signals wake the loop."""
-        return self._wake_w
+        return self._wake.write_fd
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask the loop to drain and stop; safe from signal handlers and other threads."""
         if self.stop_reason is None:
             self.stop_reason = reason
-        if self._wake_w < 0:  # already shut down; the fd number may belong to a new file
-            return
-        with contextlib.suppress(OSError):  # a full pipe already means "wake up"
-            os.write(self._wake_w, b"s")
+        self._wake.wake()
 
     def serve(self, on_ready: Any = None) -> int:
         """Start, wait until ready, supervise until stopped; return the exit code."""
@@ -178,7 +174,7 @@ class Supervisor:
     def _tick(self, timeout_ms: int) -> None:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wake.read_fd, zmq.POLLIN)
         # Reading exitcode reaps a dead child, after which its sentinel may never fire:
         # a child found dead here is handled directly, the others are watched.
         exited: list[str] = []
@@ -193,7 +189,7 @@ class Supervisor:
         for fd in sentinels:
             poller.register(fd, zmq.POLLIN)
         events = dict(poller.poll(0 if exited else timeout_ms))
-        if self._wake_r in events:
+        if self._wake.read_fd in events:
             self._read_wakeups()
         if self.control in events:
             while True:
@@ -207,11 +203,7 @@ class Supervisor:
             self._on_exit(name)
 
     def _read_wakeups(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
+        self._wake.drain()
         if self.stop_reason is None:
             self.stop_reason = "signal"
 
@@ -377,12 +369,7 @@ class Supervisor:
 
     def close_wake_pipe(self) -> None:
         """Release the wake-up pipe (done by the loop's shutdown; idempotent)."""
-        wake_r, wake_w = self._wake_r, self._wake_w
-        if wake_r < 0:
-            return
-        self._wake_r = self._wake_w = -1
-        os.close(wake_r)
-        os.close(wake_w)
+        self._wake.close()
 
     def _stop_children(self, names: list[str], grace: float) -> None:
         """Tell roles to stop, repeating until each took it (a role that was still

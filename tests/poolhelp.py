@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from helpers import START_LIMIT_S, STOP_LIMIT_S, TESTS_DIR, free_port, wait_until
+from helpers import START_LIMIT_S, TESTS_DIR, CLIServer, free_port, wait_until
 from wkr_serving.client.pool_control import PoolControl, PoolTimeout
 
 
@@ -23,9 +23,9 @@ def servers_arg(*servers: Any) -> str:
     return "[" + ", ".join(f'["127.0.0.1", {s.port}, {s.port_out}]' for s in servers) + "]"
 
 
-class CLIPool:
+class CLIPool(CLIServer):
     """``wkr-decentral-start UNIT ARGS`` on 127.0.0.1 with free -port/-port_out/-http_port;
-    stdout/stderr go to files in ``tmp_path``."""
+    stdout/stderr go to files in ``tmp_path`` (stopped like a CLIServer)."""
 
     def __init__(self, unit: str, args: list[str], tmp_path: Path, *, cwd: str = TESTS_DIR,
                  name: str = "pool", env: dict[str, str] | None = None,
@@ -36,18 +36,16 @@ class CLIPool:
         while self.port_out == self.port:
             self.port_out = free_port()
         self.http_port = free_port() if http else None
+        self.stdout_path = tmp_path / f"{name}.stdout.txt"
         self.stderr_path = tmp_path / f"{name}.stderr.txt"
-        self._err = open(self.stderr_path, "wb")  # noqa: SIM115 (closed in close())
+        self._out = open(self.stdout_path, "wb")  # noqa: SIM115 (closed in close())
+        self._err = open(self.stderr_path, "wb")  # noqa: SIM115
         extra = ["-http_port", str(self.http_port)] if http else []
         self.proc = subprocess.Popen(
             [*pool_command(), unit, *args, "-port", str(self.port), "-port_out",
              str(self.port_out), "-bind", "127.0.0.1", *extra],
-            cwd=cwd, stdout=self._err, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})})
-
-    def stderr(self) -> str:
-        self._err.flush()
-        return self.stderr_path.read_text(errors="replace")
 
     def control(self, timeout: float = 10.0, token: str | None = None) -> PoolControl:
         return PoolControl("127.0.0.1", self.port, timeout, token)
@@ -82,20 +80,3 @@ class CLIPool:
             [*pool_command(name), "-ip", "127.0.0.1", "-port", str(self.port), "-port_out",
              str(self.port_out), *args], capture_output=True, text=True, timeout=timeout,
             stdin=subprocess.DEVNULL)
-
-    def wait_exit(self, limit: float = STOP_LIMIT_S) -> int:
-        try:
-            return self.proc.wait(limit)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the pool did not exit within {limit}s:\n"
-                                 f"{self.stderr()[-4000:]}") from None
-
-    def close(self, grace: float = STOP_LIMIT_S) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._err.close()
