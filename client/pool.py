@@ -257,6 +257,8 @@ class Central:
             if key not in wanted and slot.wanted:
                 slot.wanted = False
                 self._stop(slot, "no longer in the pool")
+            elif key in wanted and not slot.wanted:  # wanted again while stopping:
+                slot.wanted = True  # started again once its process is gone
         for key in sorted(wanted - set(self.slots), key=lambda k: (self.servers.index(k[0]),
                                                                     k[1])):
             self.slots[key] = Slot(index=self._next_index, server=key[0], position=key[1])

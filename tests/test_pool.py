@@ -401,3 +401,14 @@ def test_wkr_decentralize_central_in_a_program_with_parsed_args(numpy_server, tm
                                                     "fail_every": 0}
     assert not pool.is_alive() and pool.exit_code == 0
     assert len(os.listdir(markers)) == 2
+
+
+def test_a_unit_removed_then_wanted_again_while_stopping_comes_back(pools, numpy_server):
+    pool = pools("pool_units.Stubborn", "-num_client", "2", "-remote_servers",
+                 servers_arg(numpy_server), "-graceful_timeout", "2")
+    pool.wait_running(2)
+    with pool.control() as control:
+        control.call("switch", num_client=1)  # unit 1 stops (killed after 2 s)
+        control.call("switch", num_client=2)  # and is wanted again meanwhile
+    status = pool.wait_running(2)
+    assert len(status["units"]) == 2
