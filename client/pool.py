@@ -166,6 +166,7 @@ class Central:
         self.events.setsockopt(zmq.SNDHWM, 10_000)
         self.reports = context.socket(zmq.PULL)
         self.reports.setsockopt(zmq.LINGER, 0)
+        self.reports.setsockopt(zmq.MAXMSGSIZE, MAX_COMMAND_BYTES)  # a report is small
         self.reports.bind(self._report_endpoint)
         self.port = _bind_tcp(self.control, self.config.bind, self.config.port)
         self.port_out = _bind_tcp(self.events, self.config.bind, self.config.port_out)

@@ -14,6 +14,7 @@ connection has a read timeout, so idle or slow clients cannot hold a thread for 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,6 +23,8 @@ __all__ = ["render_metrics", "start_http"]
 
 #: Seconds a connection may stay silent before it is closed.
 READ_TIMEOUT_S = 5.0
+#: Connections served at once (a thread each); more are closed at once, unanswered.
+MAX_CONNECTIONS = 64
 
 
 def start_http(central: Any, host: str, port: int) -> ThreadingHTTPServer:
@@ -31,18 +34,36 @@ def start_http(central: Any, host: str, port: int) -> ThreadingHTTPServer:
         pass
 
     Handler.central = central
-    server_class = _Server6 if ":" in host else ThreadingHTTPServer
-    server = server_class((host.strip("[]"), port), Handler)
-    server.daemon_threads = True
+    server = (_Server6 if ":" in host else _Server)((host.strip("[]"), port), Handler)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                      name="pool-http", daemon=True).start()
     return server
 
 
-class _Server6(ThreadingHTTPServer):
-    import socket as _socket
+class _Server(ThreadingHTTPServer):
+    """At most :data:`MAX_CONNECTIONS` connections at once, each in a daemon thread."""
 
-    address_family = _socket.AF_INET6
+    daemon_threads = True
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: refuse rather than queue a thread
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -10,6 +10,7 @@ with the installed CLI, real sockets. Units are in tests/pool_units.py.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -86,6 +87,8 @@ def _http(pool: CLIPool, path: str) -> tuple[int, bytes]:
             return reply.status, reply.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+    except (OSError, http.client.HTTPException):  # refused or closed unanswered
+        return 0, b""
 
 
 def test_seed_flags_unquoted_servers_status_cli_and_http(pools, numpy_server, tmp_path):
@@ -412,3 +415,37 @@ def test_a_unit_removed_then_wanted_again_while_stopping_comes_back(pools, numpy
         control.call("switch", num_client=2)  # and is wanted again meanwhile
     status = pool.wait_running(2)
     assert len(status["units"]) == 2
+
+
+def test_idle_http_connections_cannot_hold_the_status_port(pools, numpy_server):
+    """More idle connections than the pool's HTTP server serves at once: the extra ones
+    are closed at once, the idle ones are cut after the read timeout, and /status
+    answers again without the pool or its units noticing."""
+    import socket
+
+    from wkr_serving.client.pool_http import MAX_CONNECTIONS, READ_TIMEOUT_S
+
+    pool = pools("pool_units.Echo", "-remote_servers", servers_arg(numpy_server))
+    pool.wait_running(1)
+    idle = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 16):
+            conn = socket.create_connection(("127.0.0.1", pool.http_port), timeout=10)
+            conn.sendall(b"GET /sta")  # never finishes its request line
+            idle.append(conn)
+        start = time.monotonic()
+        wait_until(lambda: _http(pool, "/status")[0] == 200, READ_TIMEOUT_S + 20,
+                   "/status to answer once the idle connections are cut")
+        assert time.monotonic() - start < READ_TIMEOUT_S + 20
+        closed = 0
+        for conn in idle:  # every idle connection was closed by the server
+            conn.settimeout(10)
+            try:
+                closed += conn.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+        assert closed == len(idle)
+    finally:
+        for conn in idle:
+            conn.close()
+    assert pool.status()["units_running"] == 1 and pool.proc.poll() is None
