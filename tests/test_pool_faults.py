@@ -149,3 +149,24 @@ def _check_all_but_dead(jq: JobQueue, ids, xs, dead: int) -> None:
     stats = wait_until(lambda: (s := jq.stats())["dead"] == dead and s, 30,
                        "the malformed entries to be dead-lettered")
     assert stats["pending"] == 0
+
+
+def test_kill_9_of_the_central_leaves_no_unit_and_a_new_pool_finishes_the_jobs(
+        pools, redis_server, cli_server):
+    from helpers import gone
+
+    server = cli_server(SERVER)
+    server.client(protocol="numpy").close()
+    pool = _queue_pool(pools, redis_server, "kill-central", server)
+    units = [u["pid"] for u in pool.wait_running(2)["units"]]
+    xs = _inputs()
+    with JobQueue(redis_server.url, "kill-central") as jq:
+        ids = jq.submit_many(xs)
+        wait_until(lambda: _done(pool) >= 300, 60, "work under way")
+        pool.proc.kill()
+        pool.wait_exit()
+        wait_until(lambda: all(gone(pid) for pid in units), 30,
+                   "the units to die with their central")
+        again = _queue_pool(pools, redis_server, "kill-central", server)
+        again.wait_running(2)
+        _check_all(jq, ids, xs)
