@@ -65,7 +65,8 @@ class WKRClient:
 
     :param ip: server address.
     :param port: the server's ``-port`` (requests); ``port_out``: its ``-port_out``.
-    :param protocol: ``"obj"`` or ``"numpy"``, as the server was started with.
+    :param protocol: ``"obj"`` or ``"numpy"`` (also named ``"npy"``), as the server was
+        started with.
     :param identity: this client's ZeroMQ identity (random by default); two clients must
         not share one.
     :param timeout: milliseconds a call waits for its reply (``-1``/None: no limit).
