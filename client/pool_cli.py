@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import select
-import signal
 import socket
 import sys
 import threading
@@ -28,6 +27,7 @@ from .pool_config import PoolConfig, PoolConfigError, parse_remote_servers
 from .pool_control import PoolControl, PoolRefused, PoolTimeout
 from .unit import WKRWorker
 from .version import __version__
+from .wake import serve_until_signalled
 
 __all__ = ["build_start_parser", "config_from_args", "load_pool_config", "main_idle",
            "main_restart", "main_start", "main_status", "main_switch", "main_terminate",
@@ -132,18 +132,7 @@ def main_start(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = sorted(config.as_dict(redact=True).items())
     print("\n".join(f"{k:>22} = {v}" for k, v in rows), file=sys.stderr, flush=True)
-    central = Central(config, unit_class)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        central.request_stop(signal.Signals(signum).name)
-
-    signal.set_wakeup_fd(central.wakeup_fd, warn_on_full_buffer=False)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    try:
-        return central.serve()
-    finally:
-        signal.set_wakeup_fd(-1)
+    return serve_until_signalled(Central(config, unit_class))
 
 
 # -- control commands ------------------------------------------------------------------------

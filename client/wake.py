@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+from typing import Any
 
-__all__ = ["WakePipe"]
+__all__ = ["WakePipe", "serve_until_signalled"]
 
 
 class WakePipe:
@@ -39,3 +41,19 @@ class WakePipe:
         self.read_fd = self.write_fd = -1
         os.close(read_fd)
         os.close(write_fd)
+
+
+def serve_until_signalled(loop: Any) -> int:
+    """Run ``loop.serve()`` in the main thread with SIGTERM and SIGINT asking it to stop
+    (``loop.request_stop(name)``), woken through ``loop.wakeup_fd``; return its code."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        loop.request_stop(signal.Signals(signum).name)
+
+    signal.set_wakeup_fd(loop.wakeup_fd, warn_on_full_buffer=False)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    try:
+        return int(loop.serve())
+    finally:
+        signal.set_wakeup_fd(-1)  # the loop closed its pipe

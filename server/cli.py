@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Sequence
+
+from wkr_serving.client.wake import serve_until_signalled
 
 from .config import ConfigError, ServerConfig, load_config
 from .supervisor import Supervisor
@@ -35,18 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     print(format_config(config, spec), file=sys.stderr, flush=True)
-    supervisor = Supervisor(config, worker_class)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        supervisor.request_stop(signal.Signals(signum).name)
-
-    signal.set_wakeup_fd(supervisor.wakeup_fd, warn_on_full_buffer=False)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    try:
-        return supervisor.serve()
-    finally:
-        signal.set_wakeup_fd(-1)  # the supervisor closed its pipe
+    return serve_until_signalled(Supervisor(config, worker_class))
 
 
 if __name__ == "__main__":
