@@ -42,9 +42,9 @@ from .pool_config import (
 )
 from .pool_control import CONTROL_COMMANDS, MAX_COMMAND_BYTES, decode_command, encode_reply
 from .pool_unit import EXIT_BOOT_FAILED, UnitSpec, run_unit
+from .process import WakePipe
 from .unit import WKRWorker
 from .version import __version__
-from .wake import WakePipe
 
 __all__ = ["Central", "WKRDecentralizeCentral"]
 

@@ -25,9 +25,9 @@ from typing import Any
 from .loader import import_class
 from .pool_config import PoolConfig, PoolConfigError, parse_remote_servers
 from .pool_control import PoolControl, PoolRefused, PoolTimeout
+from .process import serve_until_signalled
 from .unit import WKRWorker
 from .version import __version__
-from .wake import serve_until_signalled
 
 __all__ = ["build_start_parser", "config_from_args", "load_pool_config", "main_idle",
            "main_restart", "main_start", "main_status", "main_switch", "main_terminate",

@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from .logs import LogThrottle, set_logger
+from .process import die_with_parent
 from .unit import WKRWorker
 
 __all__ = ["EXIT_BOOT_FAILED", "UnitSpec", "run_unit"]
@@ -35,7 +36,6 @@ ERROR_PAUSE_S = 0.05
 MAX_ERROR_PAUSE_S = 1.0
 #: Failures logged with their traceback per minute (then one line counting the rest).
 LOGGED_FAILURES_PER_MIN = 100
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class _Reporter:
 def run_unit(spec: UnitSpec, stop: Any) -> None:
     """Process entry of a unit (module level, for the spawn method)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: central decides
-    _die_with_parent()
+    die_with_parent()
     name = f"unit-{spec.index}"
     logger = set_logger(name, spec.log_dir, spec.log_name, spec.verbose, "cyan")
     unit = spec.unit_class(spec.index, spec.server, _namespace(spec.options))
@@ -158,17 +158,3 @@ def _namespace(options: dict[str, Any]) -> Any:
 def _one_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text.splitlines()[0][:500] if text else type(exc).__name__
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this unit when the central dies, even by SIGKILL."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:
-        os._exit(4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from wkr_serving.client.wake import serve_until_signalled
+from wkr_serving.client.process import serve_until_signalled
 
 from .config import ConfigError, ServerConfig, load_config
 from .supervisor import Supervisor

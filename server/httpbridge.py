@@ -25,8 +25,10 @@ import tempfile
 import threading
 from typing import Any
 
+from wkr_serving.client.process import die_with_parent
+
 from .config import ServerConfig
-from .process import Endpoints, Role, _die_with_parent
+from .process import Endpoints, Role
 
 __all__ = ["HTTPBridge"]
 
@@ -125,7 +127,7 @@ def _ignore_group_signals(_arbiter: Any) -> None:
 
 
 def _worker_started(_arbiter: Any, _worker: Any) -> None:
-    _die_with_parent()  # a worker process never outlives the bridge
+    die_with_parent()  # a worker process never outlives the bridge
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

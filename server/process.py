@@ -17,6 +17,7 @@ from typing import Any
 
 import zmq
 from wkr_serving.client import protocol as P
+from wkr_serving.client.process import die_with_parent
 
 from .config import ServerConfig
 from .logs import set_logger
@@ -28,9 +29,6 @@ __all__ = ["EXIT_BOOT_FAILED", "Endpoints", "Role", "bind_public", "drain",
 #: supervisor stops the server instead of restarting it.
 EXIT_BOOT_FAILED = 3
 
-#: Exit code of a role whose supervisor was already gone when it started.
-EXIT_ORPHANED = 4
-PR_SET_PDEATHSIG = 1
 
 #: Milliseconds a closing socket may spend flushing messages already queued.
 LINGER_MS = 2000
@@ -73,7 +71,7 @@ class Role:
         # supervisor's job, so roles ignore them and die only with it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _die_with_parent()
+        die_with_parent()
         self.logger = set_logger(self.identity, self.config.log_dir, self.config.log_name,
                                  self.config.verbose, self.color)
         self.context = zmq.Context()
@@ -164,21 +162,6 @@ def drain(socket: zmq.Socket, handler: Any, limit: int) -> int:
         handler(socket.recv_multipart(copy=False))
         n += 1
     return n
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the supervisor dies, even by SIGKILL."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
-        os._exit(EXIT_ORPHANED)
 
 
 def run_role(role: Role) -> None:

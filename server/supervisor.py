@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 from wkr_serving.client import protocol as P
-from wkr_serving.client.wake import WakePipe
+from wkr_serving.client.process import WakePipe
 
 from .config import ServerConfig
 from .devices import DeviceError, assign_devices, describe, discover_gpus

@@ -1,8 +1,11 @@
-"""A self-pipe that wakes a supervisor's poll loop (the server's and the pool's).
+"""Process plumbing shared by the server's supervisor and the pool's central.
 
-Signal handlers (through :func:`signal.set_wakeup_fd`) and other threads write a byte;
-the loop polls :attr:`WakePipe.read_fd` and drains it. Both ends are non-blocking: a
-full pipe already means "wake up", and a drain never blocks.
+- :class:`WakePipe`: a self-pipe that wakes a poll loop. Signal handlers (through
+  :func:`signal.set_wakeup_fd`) and other threads write a byte; the loop polls
+  :attr:`WakePipe.read_fd` and drains it. Both ends are non-blocking: a full pipe
+  already means "wake up", and a drain never blocks.
+- :func:`serve_until_signalled`: run such a loop in the foreground.
+- :func:`die_with_parent`: a child process that dies with its supervisor.
 """
 
 from __future__ import annotations
@@ -10,9 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from typing import Any
 
-__all__ = ["WakePipe", "serve_until_signalled"]
+__all__ = ["EXIT_ORPHANED", "WakePipe", "die_with_parent", "serve_until_signalled"]
+
+#: Exit code of a child whose parent was already gone when it started.
+EXIT_ORPHANED = 4
+_PR_SET_PDEATHSIG = 1
 
 
 class WakePipe:
@@ -57,3 +65,18 @@ def serve_until_signalled(loop: Any) -> int:
         return int(loop.serve())
     finally:
         signal.set_wakeup_fd(-1)  # the loop closed its pipe
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, even by SIGKILL; exit at
+    once (:data:`EXIT_ORPHANED`) if the parent is already gone."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(EXIT_ORPHANED)
