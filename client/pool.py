@@ -42,7 +42,7 @@ from .pool_config import (
 )
 from .pool_control import CONTROL_COMMANDS, MAX_COMMAND_BYTES, decode_command, encode_reply
 from .pool_unit import EXIT_BOOT_FAILED, UnitSpec, run_unit
-from .process import WakePipe
+from .process import StoppableLoop
 from .unit import WKRWorker
 from .version import __version__
 
@@ -89,10 +89,11 @@ class Slot:
                 "counters": dict(self.counters)}
 
 
-class Central:
+class Central(StoppableLoop):
     """The pool's supervisor loop (run it in the main thread or in a thread)."""
 
     def __init__(self, config: PoolConfig, unit_class: type[WKRWorker]) -> None:
+        super().__init__()
         if not (isinstance(unit_class, type) and issubclass(unit_class, WKRWorker)):
             raise TypeError("the unit class must be a subclass of WKRWorker")
         self.config = config
@@ -102,7 +103,6 @@ class Central:
         self.idle = False
         self.slots: dict[tuple[RemoteServer, int], Slot] = {}
         self.logger = logging.getLogger("wkr_serving.central")
-        self.stop_reason: str | None = None
         self.ready = threading.Event()
         self.finished = threading.Event()
         self.settled = threading.Event()  # ready, or the loop ended
@@ -114,21 +114,10 @@ class Central:
         self._next_index = 0
         self._started = time.monotonic()
         self._mp = multiprocessing.get_context("spawn")
-        self._wake = WakePipe()
         self._report_endpoint = f"ipc://@wkr-pool-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._http: Any = None
         self._dirty = True
 
-    @property
-    def wakeup_fd(self) -> int:
-        """Give this to :func:`signal.set_wakeup_fd` so signals wake the loop."""
-        return self._wake.write_fd
-
-    def request_stop(self, reason: str = "stop requested") -> None:
-        """Ask the loop to stop every unit and exit; safe from signal handlers/threads."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self._wake.wake()
 
     # -- the loop -------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ import signal
 import sys
 from typing import Any
 
-__all__ = ["EXIT_ORPHANED", "WakePipe", "die_with_parent", "serve_until_signalled"]
+__all__ = ["EXIT_ORPHANED", "StoppableLoop", "WakePipe", "die_with_parent",
+           "serve_until_signalled"]
 
 #: Exit code of a child whose parent was already gone when it started.
 EXIT_ORPHANED = 4
@@ -49,6 +50,28 @@ class WakePipe:
         self.read_fd = self.write_fd = -1
         os.close(read_fd)
         os.close(write_fd)
+
+
+class StoppableLoop:
+    """Base of a supervisor loop that signal handlers and other threads ask to stop."""
+
+    stop_reason: str | None
+
+    def __init__(self) -> None:
+        self._wake = WakePipe()
+        #: Why the loop was asked to stop (the first reason given), or None.
+        self.stop_reason = None
+
+    @property
+    def wakeup_fd(self) -> int:
+        """Give this to :func:`signal.set_wakeup_fd` so signals wake the loop."""
+        return self._wake.write_fd
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Ask the loop to stop; safe from signal handlers and other threads."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._wake.wake()
 
 
 def serve_until_signalled(loop: Any) -> int:

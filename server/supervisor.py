@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 from wkr_serving.client import protocol as P
-from wkr_serving.client.process import WakePipe
+from wkr_serving.client.process import StoppableLoop
 
 from .config import ServerConfig
 from .devices import DeviceError, assign_devices, describe, discover_gpus
@@ -65,9 +65,12 @@ class _Child:
     hung: bool = False  # killed by us after -worker_timeout
 
 
-class Supervisor:
+class Supervisor(StoppableLoop):
+    stop_reason: str | None  # set by request_stop (StoppableLoop)
+
     def __init__(self, config: ServerConfig, worker_class: type[WKRHardWorker],
                  logger: logging.Logger | None = None) -> None:
+        super().__init__()
         self.config = config
         self.worker_class = worker_class
         self.logger = logger or set_logger("SUPERVISOR", config.log_dir, config.log_name,
@@ -78,27 +81,15 @@ class Supervisor:
         #: The one line of a role's boot failure (``ValueError: no such model``), for the
         #: console when the traceback went to the log files.
         self.boot_error: str | None = None
-        self.stop_reason: str | None = None
         self.drained = False
         self.registered: list[int] = []  # worker indices the ventilator can dispatch to
         self.port: int | None = None
         self.port_out: int | None = None
         self.http_port: int | None = None
         self.started_at = time.time()
-        self._wake = WakePipe()
 
     # -- public -------------------------------------------------------------------------
 
-    @property
-    def wakeup_fd(self) -> int:
-        """Give this to :func:`signal.set_wakeup_fd` so signals wake the loop."""
-        return self._wake.write_fd
-
-    def request_stop(self, reason: str = "stop requested") -> None:
-        """Ask the loop to drain and stop; safe from signal handlers and other threads."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self._wake.wake()
 
     def serve(self, on_ready: Any = None) -> int:
         """Start, wait until ready, supervise until stopped; return the exit code."""
