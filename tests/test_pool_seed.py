@@ -128,8 +128,10 @@ def test_the_pages_decentralize_py_with_its_typo_fixed_pushes_every_result(
         wait_until(lambda: len(receiver.received) >= len(JOBS), 120,
                    "every result to reach PUSH_API")
         assert receiver.received == JOBS  # the echo server's results, in FIFO order
-        log = (tmp_path / "log_dir" / "WKRDecentralize.log").read_text()
-        assert log.count("DONE job with input: job-") == len(JOBS)
+        log = tmp_path / "log_dir" / "WKRDecentralize.log"
+        # The unit logs DONE after PUSH_API answered: wait for the last line too.
+        wait_until(lambda: log.read_text().count("DONE job with input: job-") == len(JOBS),
+                   30, "every job's DONE line")
         assert pool.status()["errors"] == 0
     finally:
         queue.close()
