@@ -15,7 +15,10 @@ import os
 import sys
 import time
 
-__all__ = ["LogThrottle", "set_logger"]
+__all__ = ["DEFAULT_LOG_NAME", "LogThrottle", "log_base", "set_logger"]
+
+#: The base name of a server's log files when no ``log_name`` is given.
+DEFAULT_LOG_NAME = "WKRServer"
 
 _FORMAT = "[%(asctime)s.%(msecs)03d]: %(levelname).1s:{context}: %(message)s"
 _VERBOSE_FORMAT = ("[%(asctime)s.%(msecs)03d]: %(levelname).1s:{context}:"
@@ -39,7 +42,7 @@ def set_logger(context: str, log_dir: str | None = None, log_name: str | None = 
                                   datefmt=_DATEFMT)
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
-        base = os.path.join(log_dir, log_name or "WKRServer")
+        base = log_base(log_dir, log_name)
         targets = [(base + ".log", level), (base + ".err", logging.ERROR)]
         for path, handler_level in targets:
             file_handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
@@ -52,6 +55,12 @@ def set_logger(context: str, log_dir: str | None = None, log_name: str | None = 
         stream.setFormatter(formatter)
         logger.addHandler(stream)
     return logger
+
+
+def log_base(log_dir: str, log_name: str | None) -> str:
+    """``<log_dir>/<log_name>``, the path of the log files without their suffix
+    (``.log``, ``.err``, ``.predictions.jsonl``)."""
+    return os.path.join(log_dir, log_name or DEFAULT_LOG_NAME)
 
 
 def _colored(text: str, color: str) -> str:

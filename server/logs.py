@@ -1,5 +1,5 @@
 """Logging setup of the server's processes (its home is :mod:`wkr_serving.client.logs`)."""
 
-from wkr_serving.client.logs import LogThrottle, set_logger
+from wkr_serving.client.logs import LogThrottle, log_base, set_logger
 
-__all__ = ["LogThrottle", "set_logger"]
+__all__ = ["LogThrottle", "log_base", "set_logger"]

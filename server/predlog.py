@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from wkr_serving.client import protocol as P
 
-from .logs import LogThrottle
+from .logs import LogThrottle, log_base
 
 __all__ = ["Entry", "PredictionLog", "capture", "format_entry", "log_path"]
 
@@ -57,7 +57,7 @@ WAKE_AFTER_S = 0.05
 
 def log_path(log_dir: str, log_name: str | None) -> str:
     """The prediction log file of a server."""
-    return os.path.join(log_dir, f"{log_name or 'WKRServer'}.predictions.jsonl")
+    return log_base(log_dir, log_name) + ".predictions.jsonl"
 
 
 class Item(NamedTuple):

@@ -27,7 +27,7 @@ from wkr_serving.client.process import StoppableLoop
 from .config import ServerConfig
 from .devices import DeviceError, assign_devices, describe, discover_gpus
 from .httpbridge import HTTPBridge
-from .logs import set_logger
+from .logs import log_base, set_logger
 from .process import EXIT_BOOT_FAILED, Endpoints, Role, run_role
 from .sink import Sink
 from .ventilator import Ventilator
@@ -183,12 +183,7 @@ class Supervisor(StoppableLoop):
         if self._wake.read_fd in events:
             self._read_wakeups()
         if self.control in events:
-            while True:
-                try:
-                    frames = self.control.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_event(frames)
+            self._read_events()
         exited += [name for fd, name in sentinels.items() if fd in events]
         for name in exited:
             self._on_exit(name)
@@ -279,12 +274,16 @@ class Supervisor(StoppableLoop):
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0 or not self.control.poll(left_ms, zmq.POLLIN):
                 return
-            while self.boot_error is None:
-                try:
-                    frames = self.control.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_event(frames)
+            self._read_events()
+
+    def _read_events(self) -> None:
+        """Handle every event waiting on the control socket."""
+        while True:
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_event(frames)
 
     def _tell_console(self) -> None:
         """With -log_dir every log line, tracebacks included, goes to the files: say on
@@ -292,8 +291,8 @@ class Supervisor(StoppableLoop):
         if not self.config.log_dir or not self.failure:
             return
         reason = self.boot_error or self.failure.splitlines()[0]
-        err_file = os.path.abspath(os.path.join(
-            self.config.log_dir, (self.config.log_name or "WKRServer") + ".err"))
+        err_file = os.path.abspath(log_base(self.config.log_dir, self.config.log_name)
+                                   + ".err")
         with contextlib.suppress(OSError, ValueError):  # no usable stderr: nothing to do
             print(f"wkr-serving: stopped: {reason}\n"
                   f"wkr-serving: the traceback is in {err_file}",
