@@ -136,22 +136,22 @@ class QueueWorker(WKRWorker):
                            help="Redis holding the queue (redis://[:password@]host:port/db)")
         group.add_argument("-queue", type=str, default="default",
                            help="the queue's name (JobQueue(redis_url, name))")
-        group.add_argument("-claim_after", type=float, default=30.0,
+        group.add_argument("-claim_after", type=_above(0.0, float), default=30.0,
                            help="seconds a job may stay idle in a unit before another "
                                 "unit reclaims it")
-        group.add_argument("-max_attempts", type=int, default=3,
+        group.add_argument("-max_attempts", type=_above(0, int), default=3,
                            help="deliveries of a job before it is dead-lettered")
-        group.add_argument("-prefetch", type=int, default=256,
+        group.add_argument("-prefetch", type=_above(0, int), default=256,
                            help="most jobs a unit holds (read at once, in flight together)")
-        group.add_argument("-result_ttl", type=float, default=3600.0,
+        group.add_argument("-result_ttl", type=_above(0.0, float), default=3600.0,
                            help="seconds results are kept in Redis")
-        group.add_argument("-max_job_bytes", type=int, default=MAX_JOB_BYTES,
+        group.add_argument("-max_job_bytes", type=_above(0, int), default=MAX_JOB_BYTES,
                            help="largest job input (bytes); larger entries are dead-lettered")
-        group.add_argument("-block_ms", type=int, default=200,
+        group.add_argument("-block_ms", type=_above(0, int), default=200,
                            help="longest wait (ms) for new jobs in one iteration")
-        group.add_argument("-job_timeout", type=int, default=60_000,
+        group.add_argument("-job_timeout", type=_above(0, int), default=60_000,
                            help="ms the server may take for one job before it is retried")
-        group.add_argument("-max_backoff", type=float, default=5.0,
+        group.add_argument("-max_backoff", type=_above(0.0, float), default=5.0,
                            help="longest back-off (s) after transient failures")
         group.add_argument("-server_protocol", type=str, default="auto",
                            choices=("auto", "obj", "numpy"),
@@ -528,6 +528,19 @@ class QueueWorker(WKRWorker):
         if now - state.last_warning.get(kind, -1e9) >= 1.0:
             state.last_warning[kind] = now
             logger.warning(msg, *args)
+
+
+def _above(low: float, kind: type) -> Any:
+    """An argparse type: a ``kind`` number greater than ``low``."""
+
+    def convert(text: str) -> Any:
+        value = kind(text)
+        if not value > low:
+            raise argparse.ArgumentTypeError(f"must be greater than {low:g}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
 
 
 _DEFAULTS: dict[str, Any] = {}

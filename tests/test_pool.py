@@ -348,6 +348,10 @@ def test_a_start_error_is_clear(tmp_path):
         (["pool_units.Echo", "-remote_servers", "[[a, 1]]"], "remote_servers"),
         (["pool_units.Echo", "-remote_servers", "[[a, 1, 2]]", "-bogus", "1"],
          "unrecognized arguments: -bogus"),
+        (["wkr_serving.client.QueueWorker", "-remote_servers", "[[a, 1, 2]]", "-prefetch",
+          "0"], "argument -prefetch: must be greater than 0"),
+        (["wkr_serving.client.QueueWorker", "-remote_servers", "[[a, 1, 2]]",
+          "-claim_after", "-1"], "argument -claim_after: must be greater than 0"),
     ]
     for args, message in cases:
         done = subprocess.run([*pool_command(), *args], capture_output=True, text=True,
