@@ -57,6 +57,7 @@ from .errors import (
 )
 from .helper import dumps, import_redis, loads
 from .jobqueue import MAX_JOB_BYTES, QueueKeys, encode_result, error_record
+from .logs import LogThrottle
 from .unit import WKRWorker
 
 __all__ = ["QueueWorker"]
@@ -122,7 +123,7 @@ class QueueState:
     redis_backoff: float = 0.0
     next_reclaim: float = 0.0
     reclaim_cursor: str = "0-0"
-    last_warning: dict[str, float] = field(default_factory=dict)
+    warnings: dict[str, LogThrottle] = field(default_factory=dict)  # one per kind
     write_script: Any = None
 
 
@@ -523,11 +524,11 @@ class QueueWorker(WKRWorker):
     def _warn(self, state: QueueState, logger: logging.Logger, kind: str, msg: str,
               *args: Any) -> None:
         """Log a warning, at most once per second per kind (a stuck server or Redis
-        must not flood the log)."""
-        now = time.monotonic()
-        if now - state.last_warning.get(kind, -1e9) >= 1.0:
-            state.last_warning[kind] = now
-            logger.warning(msg, *args)
+        must not flood the log; the next line says how many were left out)."""
+        throttle = state.warnings.get(kind)
+        if throttle is None:
+            throttle = state.warnings[kind] = LogThrottle(logger, burst=1, period=1.0)
+        throttle.log(msg, *args)
 
 
 def _above(low: float, kind: type) -> Any:
