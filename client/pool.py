@@ -73,7 +73,6 @@ class Slot:
     kill_at: float | None = None  # monotonic time a stopping unit gets SIGKILL
     stopping: bool = False
     wanted: bool = True  # False: remove the slot once its process is gone
-    restart_after_stop: bool = False
     restarts: int = 0
     failures_in_row: int = 0
     iterations: int = 0
@@ -172,12 +171,12 @@ class Central(StoppableLoop):
         poller.register(self.reports, zmq.POLLIN)
         poller.register(self._wake.read_fd, zmq.POLLIN)
         watched: dict[int, Slot] = {}
-        stopping_since: float | None = None
+        stopping = False
         while True:
-            if self.stop_reason is not None and stopping_since is None:
-                stopping_since = time.monotonic()
+            if self.stop_reason is not None and not stopping:
+                stopping = True
                 self._stop_all()
-            if stopping_since is not None and not self.slots:
+            if stopping and not self.slots:
                 return
             for fd in set(watched) - {s.process.sentinel for s in self._live()}:
                 poller.unregister(fd)
@@ -266,7 +265,7 @@ class Central(StoppableLoop):
         process.start()
         slot.process, slot.pid, slot.state = process, process.pid, "starting"
         slot.started_at = time.monotonic()
-        slot.stopping, slot.kill_at, slot.restart_after_stop = False, None, False
+        slot.stopping, slot.kill_at = False, None
         self._publish("unit_started", unit=slot.index, pid=slot.pid,
                       server=slot.row()["server"])
         self._dirty = True
@@ -361,6 +360,8 @@ class Central(StoppableLoop):
                 self._reply(identity, req_id, error=("Unauthorized", refusal))
                 return
         try:
+            if cmd in CONTROL_COMMANDS and cmd != "terminate" and self.stop_reason:
+                raise ValueError("the pool is stopping")
             value = getattr(self, f"_cmd_{cmd}")(args)
         except (PoolConfigError, ValueError, TypeError) as exc:
             self._reply(identity, req_id, error=("BadRequest", str(exc)))
@@ -380,8 +381,6 @@ class Central(StoppableLoop):
         return self._build_snapshot()
 
     def _cmd_switch(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.stop_reason is not None:
-            raise ValueError("the pool is stopping")
         unknown = set(args) - {"num_client", "remote_servers", "token"}
         if unknown:
             raise ValueError(f"switch takes num_client and remote_servers, not "
@@ -403,8 +402,6 @@ class Central(StoppableLoop):
         return {"num_client": num, "remote_servers": [list(s) for s in servers]}
 
     def _cmd_idle(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.stop_reason is not None:
-            raise ValueError("the pool is stopping")
         self.idle = True
         self._apply_target()
         self._publish("idle")
@@ -412,13 +409,10 @@ class Central(StoppableLoop):
                                                    if s.process is not None)}
 
     def _cmd_restart(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.stop_reason is not None:
-            raise ValueError("the pool is stopping")
         self.idle = False
         self._apply_target()
         for slot in self.slots.values():
-            if slot.wanted and slot.process is not None:
-                slot.restart_after_stop = True
+            if slot.wanted and slot.process is not None:  # started again once gone
                 self._stop(slot, "restart")
             slot.start_at = time.monotonic()
         self._publish("restarting")

@@ -9,11 +9,13 @@ authority on whether it is alive. Exit codes: 0 after a clean stop,
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -85,7 +87,7 @@ def run_unit(spec: UnitSpec, stop: Any) -> None:
     die_with_parent()
     name = f"unit-{spec.index}"
     logger = set_logger(name, spec.log_dir, spec.log_name, spec.verbose, "cyan")
-    unit = spec.unit_class(spec.index, spec.server, _namespace(spec.options))
+    unit = spec.unit_class(spec.index, spec.server, argparse.Namespace(**spec.options))
     signal.signal(signal.SIGTERM, lambda *_: unit.stopping.set())
     _watch_stop(stop, unit)
     reporter = _Reporter(spec)
@@ -140,19 +142,12 @@ def _loop(unit: WKRWorker, model: Any, logger: logging.Logger, reporter: _Report
 
 def _watch_stop(stop: Any, unit: WKRWorker) -> None:
     """Turn the central's stop event (a multiprocessing Event) into ``unit.stopping``."""
-    import threading
 
     def watch() -> None:
         stop.wait()
         unit.stopping.set()
 
     threading.Thread(target=watch, name="stop-watch", daemon=True).start()
-
-
-def _namespace(options: dict[str, Any]) -> Any:
-    import argparse
-
-    return argparse.Namespace(**options)
 
 
 def _one_line(exc: BaseException) -> str:
