@@ -226,7 +226,8 @@ valid_metas = st.lists(
 def _item_frame(draw: Any, meta: Any) -> bytes:
     """A payload frame for ``meta``: the right size for a raw array (random bytes), a
     msgpack value for meta 0, else random bytes."""
-    if isinstance(meta, list) and len(meta) == 2 and isinstance(meta[1], list):
+    if (isinstance(meta, list) and len(meta) == 2 and isinstance(meta[1], list)
+            and all(_is_int(n) for n in meta[1])):  # a shape: math.prod of lists is a list
         try:
             size = np.dtype(meta[0]).itemsize * math.prod(meta[1])
         except Exception:
