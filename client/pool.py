@@ -22,7 +22,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -40,9 +39,15 @@ from .pool_config import (
     check_units,
     parse_remote_servers,
 )
-from .pool_control import CONTROL_COMMANDS, MAX_COMMAND_BYTES, decode_command, encode_reply
+from .pool_control import (
+    CONTROL_COMMANDS,
+    MAX_COMMAND_BYTES,
+    decode_command,
+    encode_reply,
+    port_open,
+)
 from .pool_unit import EXIT_BOOT_FAILED, UnitSpec, run_unit
-from .process import StoppableLoop
+from .process import StoppableLoop, bind_public
 from .unit import WKRWorker
 from .version import __version__
 
@@ -156,8 +161,8 @@ class Central(StoppableLoop):
         self.reports.setsockopt(zmq.LINGER, 0)
         self.reports.setsockopt(zmq.MAXMSGSIZE, MAX_COMMAND_BYTES)  # a report is small
         self.reports.bind(self._report_endpoint)
-        self.port = _bind_tcp(self.control, self.config.bind, self.config.port)
-        self.port_out = _bind_tcp(self.events, self.config.bind, self.config.port_out)
+        self.port = bind_public(self.control, self.config.bind, self.config.port)
+        self.port_out = bind_public(self.events, self.config.bind, self.config.port_out)
         if self.config.http_port is not None:
             from .pool_http import start_http
 
@@ -460,7 +465,7 @@ class Central(StoppableLoop):
         while not self.finished.is_set():
             for ip, port, port_out in self.servers:
                 name = f"{ip}:{port}/{port_out}"
-                ok = all(_port_open(ip, p) for p in (port, port_out))
+                ok = all(port_open(ip, p) for p in (port, port_out))
                 if self.reachable.get(name) != ok:
                     self.reachable = {**self.reachable, name: ok}
                     self.request_wake()
@@ -485,24 +490,6 @@ class Central(StoppableLoop):
         context.destroy(linger=500)
         self._wake.close()
         self.logger.info("pool stopped")
-
-
-def _bind_tcp(sock: zmq.Socket, host: str, port: int) -> int:
-    if ":" in host:
-        sock.setsockopt(zmq.IPV6, 1)
-        host = host if host.startswith("[") else f"[{host}]"
-    if port:
-        sock.bind(f"tcp://{host}:{port}")
-        return port
-    return sock.bind_to_random_port(f"tcp://{host}")
-
-
-def _port_open(ip: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((ip.strip("[]"), port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 class WKRDecentralizeCentral(threading.Thread):

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import select
-import socket
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 from .loader import import_class
 from .pool_config import PoolConfig, PoolConfigError, parse_remote_servers
-from .pool_control import PoolControl, PoolRefused, PoolTimeout
+from .pool_control import PoolControl, PoolRefused, PoolTimeout, port_open
 from .process import serve_until_signalled
 from .unit import WKRWorker
 from .version import __version__
@@ -254,7 +253,7 @@ def main_terminate(argv: Sequence[str] | None = None) -> int:
     if isinstance(pid, int) and _is_local_host(args.ip):
         _wait_pid(pid, deadline)
     pause = threading.Event()
-    while _port_open(args.ip, args.port):
+    while port_open(args.ip, args.port):
         if time.monotonic() >= deadline:
             print(f"{parser.prog}: the pool is still running after {args.timeout:g}s",
                   file=sys.stderr)
@@ -277,14 +276,6 @@ def _wait_pid(pid: int, deadline: float) -> None:
         select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
     finally:
         os.close(fd)
-
-
-def _port_open(ip: str, port: int) -> bool:
-    try:
-        with socket.create_connection((ip.strip("[]"), port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":  # the run scripts start a pool as python -m this module

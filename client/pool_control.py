@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ import zmq
 
 __all__ = ["COMMANDS", "CONTROL_COMMANDS", "MAX_COMMAND_BYTES", "PoolControl",
            "PoolControlError", "PoolRefused", "PoolTimeout", "decode_command",
-           "encode_reply"]
+           "encode_reply", "port_open"]
 
 COMMANDS = ("ping", "status", "switch", "idle", "restart", "terminate")
 #: Commands that change or stop the pool: token or local peer only.
@@ -131,3 +132,12 @@ class PoolControl:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def port_open(ip: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections on ``ip:port`` (bounded by ``timeout``)."""
+    try:
+        with socket.create_connection((ip.strip("[]"), port), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -6,6 +6,7 @@
   already means "wake up", and a drain never blocks.
 - :func:`serve_until_signalled`: run such a loop in the foreground.
 - :func:`die_with_parent`: a child process that dies with its supervisor.
+- :func:`bind_public`: bind a client-facing TCP socket (IPv6 too, port 0: any free one).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import signal
 import sys
 from typing import Any
 
-__all__ = ["EXIT_ORPHANED", "StoppableLoop", "WakePipe", "die_with_parent",
+import zmq
+
+__all__ = ["EXIT_ORPHANED", "StoppableLoop", "WakePipe", "bind_public", "die_with_parent",
            "serve_until_signalled"]
 
 #: Exit code of a child whose parent was already gone when it started.
@@ -103,3 +106,15 @@ def die_with_parent() -> None:
         pass
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(EXIT_ORPHANED)
+
+
+def bind_public(socket: zmq.Socket, host: str, port: int) -> int:
+    """Bind a client-facing TCP socket; ``port`` 0 takes any free port. Returns the port."""
+    if ":" in host:
+        socket.setsockopt(zmq.IPV6, 1)
+        host = f"[{host}]" if not host.startswith("[") else host
+    address = f"tcp://{host}"
+    if port:
+        socket.bind(f"{address}:{port}")
+        return port
+    return socket.bind_to_random_port(address)

@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 from wkr_serving.client import protocol as P
-from wkr_serving.client.process import die_with_parent
+from wkr_serving.client.process import bind_public, die_with_parent
 
 from .config import ServerConfig
 from .logs import set_logger
@@ -137,18 +137,6 @@ class Role:
 
     def shutdown(self) -> None:
         """Release what :meth:`boot` acquired (sockets close with the context)."""
-
-
-def bind_public(socket: zmq.Socket, host: str, port: int) -> int:
-    """Bind a client-facing TCP socket; ``port`` 0 takes any free port. Returns the port."""
-    if ":" in host:
-        socket.setsockopt(zmq.IPV6, 1)
-        host = f"[{host}]" if not host.startswith("[") else host
-    address = f"tcp://{host}"
-    if port:
-        socket.bind(f"{address}:{port}")
-        return port
-    return socket.bind_to_random_port(address)
 
 
 def drain(socket: zmq.Socket, handler: Any, limit: int) -> int:
