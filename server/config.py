@@ -75,6 +75,9 @@ class ServerConfig:
     max_queue_size: int = _opt(
         10_000, "most items waiting for a worker; beyond it requests get an immediate "
         "Overloaded error", kind=int)
+    max_request_items: int = _opt(
+        10_000, "most items in one request (ZeroMQ or HTTP), checked from its header before "
+        "any item is decoded", kind=int)
     max_msg_size: int = _opt(
         256 * 1024 * 1024, "largest frame (bytes) accepted on the public ports, enforced by "
         "ZeroMQ: a peer sending a bigger one is disconnected (-1: no limit)", kind=int)
@@ -98,10 +101,27 @@ class ServerConfig:
                                  "no bridge)",
                                  kind=int)
     http_max_connect: int = _opt(
-        20, "connections from the HTTP bridge to the server: the requests it serves at once, "
-        "shared out among its processes", kind=int)
-    http_workers: int = _opt(2, "processes of the HTTP bridge (gunicorn workers)", kind=int)
-    cors: str = _opt("*", "Access-Control-Allow-Origin of the HTTP bridge")
+        256, "requests one HTTP bridge process has in flight to the server at once; more "
+        "wait their turn (within their timeout)", kind=int)
+    http_workers: int = _opt(1, "HTTP bridge processes (each event-driven, on the same "
+                             "port, restarted alone if it dies)", kind=int)
+    http_max_connections: int = _opt(
+        4096, "open HTTP connections one bridge process holds; beyond it a new connection "
+        "gets 503 and is closed", kind=int)
+    http_max_body: int = _opt(
+        64 * 1024 * 1024, "largest HTTP request body (bytes) on every route: a bigger one "
+        "gets 413 as soon as its Content-Length, or the bytes read so far, exceed it",
+        kind=int)
+    http_read_timeout: float = _opt(
+        10.0, "seconds an HTTP client has to send a request's headers, and at most between "
+        "two parts of its body; then the connection is closed", kind=float)
+    http_keepalive: float = _opt(
+        5.0, "seconds an idle keep-alive HTTP connection is kept open", kind=float)
+    cors: str | None = _opt(
+        None, "serve CORS headers (off by default): -cors alone allows the origins of "
+        "-cors_origins; -cors ORIGINS (the seed's form) allows those", nargs="?", const="")
+    cors_origins: str = _opt(
+        "*", "comma-separated origins CORS allows when -cors is given (* : any)")
     http_token: str | None = _opt(
         None, "bearer token the HTTP bridge requires on every route but the health checks",
         secret=True)
@@ -116,6 +136,9 @@ class ServerConfig:
         for name, value in (("num_worker", self.num_worker), ("batch_size", self.batch_size),
                             ("http_max_connect", self.http_max_connect),
                             ("http_workers", self.http_workers),
+                            ("http_max_connections", self.http_max_connections),
+                            ("http_max_body", self.http_max_body),
+                            ("max_request_items", self.max_request_items),
                             ("max_queue_size", self.max_queue_size)):
             if value < 1:
                 raise ConfigError(f"-{name} must be at least 1, got {value}")
@@ -139,6 +162,8 @@ class ServerConfig:
             raise ConfigError("-max_msg_size must be a positive number of bytes, or -1")
         if self.http_jobs_max < 1 or self.http_jobs_ttl <= 0:
             raise ConfigError("-http_jobs_max must be at least 1 and -http_jobs_ttl > 0 s")
+        if self.http_read_timeout <= 0 or self.http_keepalive <= 0:
+            raise ConfigError("-http_read_timeout and -http_keepalive must be > 0 seconds")
         if self.worker_timeout < 0:
             raise ConfigError("-worker_timeout must be >= 0 seconds (0: no limit)")
         if self.auth_token is not None and not self.auth_token:
@@ -153,6 +178,13 @@ class ServerConfig:
             if not self.device_map or any(d < -1 for d in self.device_map):
                 raise ConfigError("-device_map takes GPU ids >= 0, or -1 for CPU")
             object.__setattr__(self, "device_map", tuple(self.device_map))
+
+    def cors_allowed(self) -> list[str]:
+        """The origins CORS allows ([]: CORS is off); ``*`` allows any."""
+        if self.cors is None:
+            return []
+        given = self.cors.strip() or self.cors_origins
+        return [o.strip() for o in given.split(",") if o.strip()]
 
     def worker_threads(self, cpu_count: int | None = None) -> int | None:
         """BLAS/OpenMP threads each worker should use (None: leave library defaults)."""
@@ -192,7 +224,7 @@ def _coerce(name: str, raw: Any) -> Any:
     if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
         return None
     try:
-        if f.metadata.get("nargs"):
+        if f.metadata.get("nargs") == "+":
             items = raw.replace(",", " ").split() if isinstance(raw, str) else raw
             return tuple(int(x) for x in items)
         if kind is bool:
@@ -253,7 +285,7 @@ def build_parser(with_worker_class: bool = True, defaults: Mapping[str, Any] | N
             continue
         kwargs: dict[str, Any] = {"dest": name, "type": kind, "default": default,
                                   "help": f.metadata["help"]}
-        for key in ("choices", "nargs"):
+        for key in ("choices", "nargs", "const"):
             if key in f.metadata:
                 kwargs[key] = f.metadata[key]
         parser.add_argument(*flags, **kwargs)

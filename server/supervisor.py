@@ -26,7 +26,7 @@ from wkr_serving.client.process import StoppableLoop
 
 from .config import ServerConfig
 from .devices import DeviceError, assign_devices, describe, discover_gpus
-from .httpbridge import HTTPBridge
+from .http.bridge import HTTPBridge
 from .logs import log_base, set_logger
 from .process import EXIT_BOOT_FAILED, Endpoints, Role, run_role
 from .sink import Sink

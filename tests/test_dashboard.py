@@ -1,4 +1,4 @@
-"""The live dashboard of the HTTP bridge (``server/http_dashboard.py``), end to end.
+"""The live dashboard of the HTTP bridge (``server/http/dashboard.py``), end to end.
 
 A real server with the bridge (ControlledWorker, obj protocol), real HTTP on loopback,
 and the page itself in Debian's headless Chromium driven by Playwright (no browser
@@ -37,7 +37,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, Route, sync_playw
 from wkr_serving.client import WKRClient
 from wkr_serving.client import errors as E
 from wkr_serving.server import WKRServer
-from wkr_serving.server.http_dashboard import STATIC_DIR
+from wkr_serving.server.http.dashboard import STATIC_DIR
 from workers import ControlledWorker
 
 CHROMIUM = "/usr/bin/chromium"

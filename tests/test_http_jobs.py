@@ -24,7 +24,7 @@ import pytest
 from helpers import Gate, bridge_connections, http_call, http_send, serve, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from wkr_serving.server import WKRServer
-from wkr_serving.server.http_jobs import JobStore
+from wkr_serving.server.http.jobs import JobStore
 from workers import ControlledWorker, touch
 
 LIMIT_S = 30
@@ -212,7 +212,7 @@ def test_a_finished_job_expires_after_the_ttl(short_ttl_server, tmp_path):
 
 CHILD = textwrap.dedent("""
     import json, sys
-    from wkr_serving.server.http_jobs import JobStore
+    from wkr_serving.server.http.jobs import JobStore
     from workers import wait_for_file
     path, out, release = sys.argv[1:4]
     store = JobStore(path, max_jobs=3, ttl_s=300.0)
@@ -274,7 +274,7 @@ def test_concurrent_submissions_never_exceed_the_bound(tmp_path):
 
 OPENER = textwrap.dedent("""
     import sys
-    from wkr_serving.server.http_jobs import JobStore
+    from wkr_serving.server.http.jobs import JobStore
     for path in sys.argv[1:]:
         if sys.stdin.buffer.read(1) != b"g":  # all children are let go at the same moment
             sys.exit(3)

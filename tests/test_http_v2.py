@@ -1,4 +1,4 @@
-"""The Open Inference Protocol (KServe v2) REST API of the HTTP bridge (``server/http_v2.py``).
+"""The Open Inference Protocol (KServe v2) REST API of the HTTP bridge (``server/http/v2.py``).
 
 Driven mostly through the official client, ``tritonclient.http``, against real servers
 with the bridge on: health and readiness (also while a slow model loads), server and

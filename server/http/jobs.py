@@ -15,123 +15,39 @@ gets ``429``.
 
 The bridge runs several gunicorn processes and a GET may reach another process than its
 POST, so the store is shared by all of them: a small SQLite file (WAL journal) in a
-directory of the bridge (see :func:`bridge_state_dir`). A job whose process exited
+directory of the bridge (see :mod:`.state`). A job whose process exited
 before finishing it is reported as an error (``job_lost``).
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import logging
 import os
 import secrets
-import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import psutil
 from flask import Flask, Response, g, jsonify, request
 from wkr_serving.client.protocol import MAX_OPTION_CHARS
 
-from .httpapp import EncodeCall, envelope_error, failure, parse_encode_body, run_encode
+from . import state
+from .app import EncodeCall, envelope_error, failure, parse_encode_body, run_encode
 
-__all__ = ["JobStore", "bridge_state_dir", "register"]
+__all__ = ["JobStore", "register"]
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable naming a directory the bridge owns, shared by its processes
-#: (the job store and the metrics files live there). Set by whoever starts gunicorn.
-STATE_DIR_ENV = "WKR_HTTP_STATE_DIR"
-#: Prefix of the directories made when :data:`STATE_DIR_ENV` is not set.
-AUTO_PREFIX = "wkr-http-auto-"
 #: Seconds a process waits for another one holding the store's write lock.
 LOCK_WAIT_S = 10.0
 
 #: The answer of a job whose process exited before finishing it.
 LOST = json.dumps({"status": "error", "error_code": 500, "error_type": "job_lost",
                    "error_message": "the bridge process running this job exited"})
-
-_state_lock = threading.Lock()
-_private_dir: str | None = None
-
-
-def _in_gunicorn_worker() -> bool:
-    """Whether this process is a gunicorn worker (its arbiter sets SERVER_SOFTWARE)."""
-    return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn")
-
-
-def _process_key(pid: int) -> str | None:
-    """``<pid>-<start time>``: a name no other process will have, or None if gone."""
-    try:
-        return f"{pid}-{psutil.Process(pid).create_time():.2f}"
-    except psutil.Error:
-        return None
-
-
-def bridge_state_dir() -> str:
-    """The directory shared by every process of this bridge.
-
-    ``$WKR_HTTP_STATE_DIR`` when set. Otherwise, in a gunicorn worker, a directory named
-    after the arbiter (the parent process, common to all workers), made on first use;
-    directories left by arbiters that no longer run are removed then. Elsewhere (the
-    application served by one process), a private directory removed at exit.
-    """
-    global _private_dir
-    given = os.environ.get(STATE_DIR_ENV)
-    if given:
-        os.makedirs(given, exist_ok=True)
-        return given
-    with _state_lock:
-        if _in_gunicorn_worker():
-            key = _process_key(os.getppid())
-            if key is not None:
-                _remove_stale_dirs()
-                path = os.path.join(tempfile.gettempdir(), AUTO_PREFIX + key)
-                os.makedirs(path, mode=0o700, exist_ok=True)
-                return path
-        if _private_dir is None:
-            _private_dir = tempfile.mkdtemp(prefix="wkr-http-")
-            atexit.register(shutil.rmtree, _private_dir, True)
-        return _private_dir
-
-
-def _remove_stale_dirs() -> None:
-    """Remove auto directories whose arbiter (named in the directory) has exited."""
-    root = tempfile.gettempdir()
-    with contextlib.suppress(OSError):
-        for name in os.listdir(root):
-            if not name.startswith(AUTO_PREFIX):
-                continue
-            pid, _, _ = name[len(AUTO_PREFIX):].partition("-")
-            if pid.isdigit() and _process_key(int(pid)) != name[len(AUTO_PREFIX):]:
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-_this: tuple[int, str] = (0, "")
-
-
-def _this_process() -> str:
-    """This process's ``<pid>-<start time>`` (cached; a fork gets its own)."""
-    global _this
-    if _this[0] != os.getpid():
-        _this = (os.getpid(), _process_key(os.getpid()) or str(os.getpid()))
-    return _this[1]
-
-
-def _gone(owner: str) -> bool:
-    """Whether the process named ``owner`` (``<pid>-<start time>``) has exited; a new
-    process that got the same pid does not count as the owner."""
-    if owner == _this_process():
-        return False
-    pid = owner.partition("-")[0]
-    return not pid.isdigit() or _process_key(int(pid)) != owner
-
 
 class JobStore:
     """Jobs in one SQLite file that every process of the bridge opens.
@@ -208,7 +124,7 @@ class JobStore:
                 db.execute("COMMIT")
                 return None
             db.execute("INSERT INTO jobs (id, owner, status) VALUES (?, ?, 'pending')",
-                       (job_id, _this_process()))
+                       (job_id, state.this_process()))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -218,7 +134,7 @@ class JobStore:
     def _reclaim_lost(self, db: sqlite3.Connection, now: float) -> None:
         """Fail the pending jobs of processes that exited (so they can be evicted)."""
         owners = [o for (o,) in db.execute(
-            "SELECT DISTINCT owner FROM jobs WHERE expires IS NULL").fetchall() if _gone(o)]
+            "SELECT DISTINCT owner FROM jobs WHERE expires IS NULL").fetchall() if state.gone(o)]
         for owner in owners:
             db.execute("UPDATE jobs SET status = 'error', expires = ?, answer = ? WHERE "
                        "owner = ? AND expires IS NULL", (now + self.ttl_s, LOST, owner))
@@ -238,7 +154,7 @@ class JobStore:
             return None
         owner, expires, answer = row
         if expires is None:
-            if _gone(owner):
+            if state.gone(owner):
                 self._db().execute("UPDATE jobs SET status = 'error', expires = ?, answer = ? "
                                    "WHERE id = ? AND expires IS NULL",
                                    (time.monotonic() + self.ttl_s, LOST, job_id))
@@ -292,10 +208,10 @@ class _Runner:
 
 def register(app: Flask, backend: Any, store: JobStore | None = None) -> None:
     """Add ``POST /jobs`` and ``GET /jobs/<id>`` to ``app``. The store defaults to one
-    in :func:`bridge_state_dir` sized by ``-http_jobs_max`` and ``-http_jobs_ttl``."""
+    in :mod:`.state` sized by ``-http_jobs_max`` and ``-http_jobs_ttl``."""
     if store is None:
         config = backend.config
-        store = JobStore(os.path.join(bridge_state_dir(), "jobs.sqlite3"),
+        store = JobStore(os.path.join(state.state_dir(), "jobs.sqlite3"),
                          config.http_jobs_max, config.http_jobs_ttl)
     jobs = store
     # Half of this process's clients at most, so that jobs never starve /encode.

@@ -12,7 +12,7 @@ Two kinds of metrics, one page:
   route and type, and an HTTP latency histogram per route, counted in every bridge
   process. The bridge runs several gunicorn processes and a scrape reaches one of them,
   so these use prometheus-client's multiprocess mode: each process writes its counts to
-  files in ``<bridge state dir>/metrics`` (see :func:`.http_jobs.bridge_state_dir`) and
+  files in ``<bridge state dir>/metrics`` (see :mod:`.state`) and
   a scrape sums every process's files, those of exited processes included (counters
   never go back). Served by a single process (not gunicorn), they are plain
   per-process metrics. The job store adds ``wkr_http_jobs{status}``.
@@ -29,7 +29,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from .http_jobs import _in_gunicorn_worker, bridge_state_dir
+from . import state
 
 __all__ = ["HTTP_LATENCY_BUCKETS_S", "ServerCollector", "register"]
 
@@ -48,12 +48,12 @@ WORKER_STATES = ("starting", "restarting", "idle", "busy")
 def _multiprocess_dir() -> str | None:
     """Where this bridge's processes share their HTTP metrics (None: one process).
 
-    ``PROMETHEUS_MULTIPROC_DIR`` if the environment sets it; in a gunicorn worker, a
+    ``PROMETHEUS_MULTIPROC_DIR`` if the environment sets it; in a bridge process, a
     folder of the bridge's state directory, then exported in this process's environment
     (prometheus-client reads it there). Must run before the HTTP metrics are made."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not path and _in_gunicorn_worker():
-        path = os.path.join(bridge_state_dir(), "metrics")
+    if not path and state.shared():
+        path = os.path.join(state.state_dir(), "metrics")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     if not path:
         return None

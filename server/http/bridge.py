@@ -27,8 +27,8 @@ from typing import Any
 
 from wkr_serving.client.process import die_with_parent
 
-from .config import ServerConfig
-from .process import Endpoints, Role
+from ..config import ServerConfig
+from ..process import Endpoints, Role
 
 __all__ = ["HTTPBridge"]
 
@@ -71,7 +71,7 @@ class HTTPBridge(Role):
     def serve(self) -> None:
         # One directory shared by the bridge's processes (the jobs store, the HTTP
         # metrics of every process), removed when the bridge stops.
-        from .http_jobs import STATE_DIR_ENV
+        from .state import STATE_DIR_ENV
 
         state = tempfile.mkdtemp(prefix="wkr-http-")
         os.environ[STATE_DIR_ENV] = state
@@ -97,8 +97,7 @@ class HTTPBridge(Role):
 
     def wsgi_app(self) -> Any:
         """Build the application in a worker process, after the fork."""
-        from .httpapp import Backend, EncodeFastPath, create_app
-        from .httpblueprints import all_blueprints
+        from .app import Backend, EncodeFastPath, all_blueprints, create_app
 
         host = "127.0.0.1" if self.config.bind in ("0.0.0.0", "::", "*") else self.config.bind
         threads = self.threads_per_worker()

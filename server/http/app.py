@@ -42,7 +42,8 @@ from wkr_serving.client import errors as E
 from wkr_serving.client.protocol import MAX_OPTION_CHARS
 from wkr_serving.client.version import __version__
 
-from .config import ServerConfig
+from ..config import ServerConfig
+from . import state
 
 __all__ = ["Backend", "EncodeFastPath", "create_app", "encode_call", "http_status", "to_json"]
 
@@ -142,10 +143,7 @@ class Backend:
 
     @staticmethod
     def _seen_path() -> str | None:
-        from .http_jobs import STATE_DIR_ENV  # the directory the bridge's processes share
-
-        state = os.environ.get(STATE_DIR_ENV)
-        return os.path.join(state, "seen.json") if state else None
+        return os.path.join(state.state_dir(), "seen.json") if state.shared() else None
 
     def server_status(self) -> dict[str, Any]:
         return self.status_client.server_status
@@ -390,3 +388,11 @@ def as_input(value: Any, protocol: str, dtype: Any = None) -> Any:
 def envelope_error(status: int, code: str, message: str) -> Any:
     status, payload = _envelope(status, code, message)
     return jsonify(payload), status
+
+
+def all_blueprints() -> list[Callable[[Flask, Backend], None]]:
+    """The route groups registered besides the core routes above: each is a function
+    ``register(app, backend)`` in its own module; adding one here is all it takes."""
+    from . import dashboard, jobs, metrics, v2
+
+    return [dashboard.register, v2.register, metrics.register, jobs.register]
