@@ -22,7 +22,7 @@ from wkr_serving.client.process import bind_public, die_with_parent
 from .config import ServerConfig
 from .logs import set_logger
 
-__all__ = ["EXIT_BOOT_FAILED", "Endpoints", "Role", "bind_public", "drain",
+__all__ = ["EXIT_BOOT_FAILED", "BootError", "Endpoints", "Role", "bind_public", "drain",
            "run_role"]
 
 #: A role that cannot start (bad model, port in use) exits with this code; the
@@ -32,6 +32,11 @@ EXIT_BOOT_FAILED = 3
 
 #: Milliseconds a closing socket may spend flushing messages already queued.
 LINGER_MS = 2000
+
+
+class BootError(RuntimeError):
+    """A role cannot start, for a reason its message says in full (a port in use...):
+    reported without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -83,10 +88,14 @@ class Role:
             try:
                 info = self.boot()
             except Exception as exc:
-                text = traceback.format_exc()
-                self.logger.error("failed to start: %s\n%s", exc, text)
-                self.event("boot_failed", {"error": f"{type(exc).__name__}: {exc}",
-                                           "traceback": text, "pid": os.getpid()})
+                if isinstance(exc, BootError):  # its message says it all
+                    text, error = "", str(exc)
+                    self.logger.error("failed to start: %s", exc)
+                else:
+                    text, error = traceback.format_exc(), f"{type(exc).__name__}: {exc}"
+                    self.logger.error("failed to start: %s\n%s", exc, text)
+                self.event("boot_failed", {"error": error, "traceback": text,
+                                           "pid": os.getpid()})
                 return EXIT_BOOT_FAILED
             self.event("ready", {"pid": os.getpid(), **(info or {})})
             self.serve()

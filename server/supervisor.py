@@ -26,6 +26,7 @@ from wkr_serving.client.process import StoppableLoop
 
 from .config import ServerConfig
 from .devices import DeviceError, assign_devices, describe, discover_gpus
+from .http import state as http_state
 from .http.bridge import HTTPBridge
 from .logs import log_base, set_logger
 from .process import EXIT_BOOT_FAILED, Endpoints, Role, run_role
@@ -86,6 +87,7 @@ class Supervisor(StoppableLoop):
         self.port: int | None = None
         self.port_out: int | None = None
         self.http_port: int | None = None
+        self.http_state: str | None = None  # the bridge processes' shared directory
         self.started_at = time.time()
 
     # -- public -------------------------------------------------------------------------
@@ -150,7 +152,8 @@ class Supervisor(StoppableLoop):
         while self.failure is None and self.stop_reason is None:
             if (all(c.ready for c in self.children.values())
                     and len(self.registered) >= self.config.num_worker
-                    and (self.config.http_port is None or "http" in self.children)):
+                    and (self.config.http_port is None
+                         or len(self._bridges()) == self.config.http_workers)):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -206,13 +209,21 @@ class Supervisor(StoppableLoop):
             self.port_out = child.info.get("port_out", self.port_out)
             self.http_port = child.info.get("http_port", self.http_port)
             self._maybe_start_bridge()
+            if name == "http-0":
+                self._start_more_bridges()
+        elif event == "boot_failed" and _is_bridge(child) and child.total_restarts:
+            # A restarted bridge that cannot start again: its exit is counted as one
+            # more restart (repeated failure stops the server, with this error).
+            child.info = {"boot_error": str((value or {}).get("error"))}
         elif event == "boot_failed":
             value = value or {}
             again = (f" (after {child.total_restarts} restart(s))" if child.total_restarts
                      else "")
             error = str(value.get("error") or "unknown error")
             self.boot_error = self.boot_error or f"{name} failed to start{again}: {error}"
-            self.failure = self.failure or f"{self.boot_error}\n{value.get('traceback')}"
+            trace = value.get("traceback")
+            self.failure = self.failure or (f"{self.boot_error}\n{trace}" if trace
+                                            else self.boot_error)
         elif event == "drained":
             self.drained = True
         elif event == "workers":
@@ -226,13 +237,46 @@ class Supervisor(StoppableLoop):
             self._kill_hung(value["index"], value["pid"])
 
     def _maybe_start_bridge(self) -> None:
-        """Start the HTTP bridge once the ports it connects to are bound."""
-        if (self.config.http_port is None or "http" in self.children or self.port is None
+        """Start the first HTTP bridge process once the ports it connects to are bound
+        (it binds the HTTP port; the others start when it has: they need the number)."""
+        if (self.config.http_port is None or "http-0" in self.children or self.port is None
                 or self.port_out is None):
             return
+        self.http_state = http_state.create()  # outlives any one bridge process
+        self._spawn(self._bridge(0, self.config))
+
+    def _start_more_bridges(self) -> None:
+        config = self.config.replace(http_port=self.http_port)
+        for index in range(1, self.config.http_workers):
+            if f"http-{index}" not in self.children:
+                self._spawn(self._bridge(index, config))
+
+    def _bridge(self, index: int, config: ServerConfig) -> HTTPBridge:
+        assert self.port is not None and self.port_out is not None
         cls = self.worker_class
-        self._spawn(HTTPBridge(self.config, self.endpoints, self.port, self.port_out,
-                               f"{cls.__module__}.{cls.__qualname__}"))
+        return HTTPBridge(config, self.endpoints, self.port, self.port_out,
+                          f"{cls.__module__}.{cls.__qualname__}", index, self.http_state)
+
+    def _restart_bridge(self, child: _Child, code: int) -> None:
+        """A bridge process died: start another on the same port, unless bridges keep
+        dying (then the server stops, with the reason)."""
+        role = child.role
+        assert isinstance(role, HTTPBridge)
+        now = time.monotonic()
+        recent = [t for t in child.restarts if now - t < RESTART_WINDOW] + [now]
+        reason = child.info.get("boot_error") or describe_exit(code)
+        if len(recent) > MAX_RESTARTS:
+            self.failure = (f"{role.identity} died {len(recent)} times in "
+                            f"{RESTART_WINDOW:.0f}s (last: {reason}); giving up")
+            return
+        self.logger.error("%s (pid %s) %s; restarting it (the ZeroMQ ports keep serving)",
+                          role.identity, child.process.pid, reason)
+        self._spawn(self._bridge(role.index, self.config.replace(http_port=self.http_port)),
+                    restarts=recent)
+        self.children[role.identity].total_restarts = child.total_restarts + 1
+
+    def _bridges(self) -> list[str]:
+        return [n for n, c in self.children.items() if _is_bridge(c)]
 
     def _kill_hung(self, index: int, pid: int) -> None:
         child = self.children.get(f"worker-{index}")
@@ -253,6 +297,10 @@ class Supervisor(StoppableLoop):
             return
         child.handled = True
         if self.stop_reason is not None or self.failure is not None:
+            return
+        if _is_bridge(child) and (child.ready or child.total_restarts):
+            self._read_events()  # its boot_failed event, if it sent one
+            self._restart_bridge(child, code)
             return
         if code == EXIT_BOOT_FAILED and self.boot_error is None:
             self._await_boot_error(name)  # it was sent before the exit: let it arrive
@@ -355,6 +403,7 @@ class Supervisor(StoppableLoop):
         self.control.close(0)
         self.context.term()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        http_state.remove(self.http_state)
         self.close_wake_pipe()
 
     def close_wake_pipe(self) -> None:
@@ -382,6 +431,10 @@ class Supervisor(StoppableLoop):
                 self.logger.warning("%s did not stop in time; killing it", child.role.identity)
                 child.process.kill()
                 child.process.join()
+
+
+def _is_bridge(child: _Child | None) -> bool:
+    return child is not None and isinstance(child.role, HTTPBridge)
 
 
 def describe_exit(code: int) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import zmq
+from requests.structures import CaseInsensitiveDict
 from wkr_serving.client import ConnectTimeout, WKRClient
 from wkr_serving.client import protocol as P
 from wkr_serving.server import WKRServer
@@ -293,9 +294,9 @@ def http_request(url: str, body: Any = None, headers: dict[str, str] | None = No
     request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, CaseInsensitiveDict(response.headers), response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return exc.code, CaseInsensitiveDict(exc.headers), exc.read()
 
 
 def http_call(server: Any, path: str, body: Any = None, headers: dict[str, str] | None = None,
@@ -323,7 +324,7 @@ def http_send(conn: http.client.HTTPConnection, method: str, path: str, body: An
 def bridge_connections(server: Any, headers: dict[str, str] | None = None,
                                 ) -> list[http.client.HTTPConnection]:
     """Kept-alive connections, one to each bridge process, told apart by the identities
-    of their pools of clients (``/status/client``, asked with ``headers``). The kernel
+    (``/status/client`` names the process, asked with ``headers``). The kernel
     hands a new connection to whichever process accepts first, and a process may still be
     booting when the server is ready: try new connections until each process has answered
     one (bounded)."""
@@ -337,7 +338,7 @@ def bridge_connections(server: Any, headers: dict[str, str] | None = None,
         response = conn.getresponse()
         clients = json.loads(response.read())["clients"]
         assert response.status == 200 and clients
-        key = min(str(c["identity"]) for c in clients)
+        key = str(clients[0]["pid"])
         if key in found:
             conn.close()
         found.setdefault(key, conn)

@@ -2,7 +2,7 @@
 once, ``GET /jobs/<id>`` gives pending, then the result (or the error with its code);
 unknown ids are 404; a full store of pending jobs refuses new ones with 429 while
 finished jobs make room; finished jobs expire after ``-http_jobs_ttl``; the token guards
-the routes. The bridge runs two gunicorn processes sharing one store (every call here
+the routes. The bridge runs two processes (-http_workers 2) sharing one store (every call here
 opens a new connection); the store itself is also checked with two real processes."""
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def finished(server: WKRServer, job_id: str, headers: dict[str, str] | None = No
 def server(tmp_path_factory) -> Iterator[WKRServer]:
     """ControlledWorker (obj), 1 worker, a store of MAX_JOBS jobs, default TTL."""
     yield from serve(tmp_path_factory, "http_jobs", ControlledWorker, "-http_port", "0", "-cpu",
-                     "-num_worker", "1", "-batch_size", "4", "-http_jobs_max", str(MAX_JOBS))
+                     "-num_worker", "1", "-batch_size", "4", "-http_jobs_max", str(MAX_JOBS),
+                     "-http_workers", "2")
 
 
 @pytest.fixture(scope="module")

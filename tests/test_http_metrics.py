@@ -1,7 +1,7 @@
 """``GET /metrics`` of the HTTP bridge against a real server: the page parses with
 prometheus-client's parser, every required family is there with its type, and the
 numbers move as they should after requests, errors of each kind, a busy worker and a
-worker restart. The bridge runs its default two gunicorn processes, so the exact deltas
+worker restart. The bridge runs two processes (-http_workers 2), so the exact deltas
 of the ``wkr_http_*`` counters also check that a scrape sums every process's counts.
 The bearer token guards ``/metrics`` like every route but health."""
 
@@ -51,7 +51,7 @@ def server(tmp_path_factory) -> Iterator[WKRServer]:
     """ControlledWorker (obj protocol), 1 worker, batch_size 4, a small queue, a token."""
     yield from serve(tmp_path_factory, "http_metrics", ControlledWorker, "-http_port", "0", "-cpu",
                      "-num_worker", "1", "-batch_size", "4", "-max_queue_size", str(QUEUE),
-                     "-http_token", TOKEN)
+                     "-http_token", TOKEN, "-http_workers", "2")
 
 
 def test_metrics_needs_the_token(server):
@@ -196,7 +196,7 @@ def test_errors_by_kind_move_after_bad_input_and_model_error(server):
     assert delta("wkr_http_errors_total", route="/encode", type="bad_input") == 2
     assert delta("wkr_http_errors_total", route="/encode", type="model_error") == 1
     assert delta("wkr_http_requests_total", route="<unmatched>", status="404") == 1
-    assert delta("wkr_http_errors_total", route="<unmatched>", type="http_404") == 1
+    assert delta("wkr_http_errors_total", route="<unmatched>", type="not_found") == 1
 
 
 def test_queue_depth_in_flight_and_busy_worker_gauges(server, tmp_path):

@@ -1,12 +1,11 @@
-"""The HTTP face of the server: a Flask application over a pool of Python clients.
+"""The bridge's routes besides the hot path, as a Flask application, and its backend.
 
-:func:`create_app` builds the application; the bridge process (``httpbridge.py``) serves
-it with a production WSGI server. Every route talks to the server through
-:class:`Backend`, which lends one :class:`~wkr_serving.client.WKRClient` of a pool to each
-call, so the bridge adds no batching of its own: concurrent HTTP requests become
-concurrent requests to the ventilator, which batches them with everyone else's.
+The ASGI front (:mod:`.front`) answers ``POST /encode`` itself and hands every other
+request to the application :func:`create_app` builds, after it has checked the token,
+bounded and read the body. Every route talks to the server through :class:`Backend`.
 
-Core routes (this module); other route groups live in their own blueprints:
+Core routes (this module); other route groups live in their own modules
+(:func:`all_blueprints`):
 
 - ``POST /encode``: ``{"data": x}`` or ``{"batch": [x, ...]}`` (optional ``"dtype"`` for
   ``-protocol numpy``, optional ``"timeout"`` in ms) → ``{"error_code": 0,
@@ -15,16 +14,13 @@ Core routes (this module); other route groups live in their own blueprints:
 - ``GET /health/live`` (the bridge answers), ``GET /health/ready`` (every worker has
   loaded its model and the pipeline answers).
 - ``GET /metadata``: model, worker class, protocol, dtypes and shapes seen, versions.
-
-Every response carries ``X-Request-ID`` (the caller's, or a new one). With a token
-(``-http_token``) every route but the health checks needs ``Authorization: Bearer``.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
+import concurrent.futures
 import contextlib
-import hmac
 import json
 import os
 import platform
@@ -36,23 +32,23 @@ from http import HTTPStatus
 from typing import Any, NamedTuple
 
 import numpy as np
-from flask import Flask, Response, g, jsonify, request
-from wkr_serving.client import ConcurrentWKRClient, WKRClient
+from flask import Flask, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from wkr_serving.client import AsyncWKRClient
 from wkr_serving.client import errors as E
 from wkr_serving.client.protocol import MAX_OPTION_CHARS
 from wkr_serving.client.version import __version__
 
 from ..config import ServerConfig
-from . import state
+from . import jsonio, state
 
-__all__ = ["Backend", "EncodeFastPath", "create_app", "encode_call", "http_status", "to_json"]
+__all__ = ["Backend", "EncodeCall", "Limits", "all_blueprints", "create_app", "encode_call",
+           "envelope", "failure", "http_status", "parse_encode_body", "read_call"]
 
-#: Largest ``/encode`` body read (bytes); a bigger one gets 413.
-MAX_BODY_BYTES = 256 * 1024 * 1024
-#: Paths served without the bearer token: probes must not need a secret, and the
-#: dashboard's page and static files hold no data (its data route needs the token).
-OPEN_PATHS = ("/health/", "/v2/health/", "/dashboard/static/")
-OPEN_EXACT = ("/dashboard", "/dashboard/")
+#: Seconds a thread waits for a call beyond the call's own timeout (the server answers
+#: a timed-out call itself; this only bounds a wait that went wrong).
+CALL_SLACK_S = 5.0
 
 
 def http_status(error: BaseException) -> int:
@@ -74,53 +70,111 @@ def error_code(error: BaseException) -> str:
     return error.code if isinstance(error, E.ServerError) else type(error).__name__
 
 
-def to_json(value: Any) -> Any:
-    """A result as JSON: arrays become nested lists, bytes become base64 text."""
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind in "SU":
-            return to_json(value.tolist())
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json(v) for v in value]
-    return value
-
-
 class Backend:
-    """The bridge's connection to the server: a pool of clients and what it has seen."""
+    """The bridge process's connection to the server: one asyncio client, shared.
+
+    Every route calls the server through it. The ASGI front awaits :meth:`aencode`
+    on the event loop; the Flask routes, which run in threads, call :meth:`encode` and
+    :meth:`server_status`, which hand the call to the loop and wait for its result. So
+    the bridge adds no batching of its own: concurrent HTTP requests are concurrent
+    requests on one client, which the ventilator batches with everyone else's. At most
+    ``-http_max_connect`` calls are in flight at once; more wait their turn.
+    """
 
     def __init__(self, config: ServerConfig, port: int, port_out: int, host: str = "127.0.0.1",
                  worker_class: str = "", client_options: dict[str, Any] | None = None,
-                 pool_size: int | None = None) -> None:
+                 ) -> None:
         self.config = config
         self.worker_class = worker_class
         self.protocol = config.protocol
-        # No handshake now: each client makes it before its first call, so a bridge
-        # process can start (or restart) while the server is busy or stopping.
-        options = {"ip": host, "port": port, "port_out": port_out, "protocol": config.protocol,
-                   "timeout": 60_000, "ignore_all_checks": True, **(client_options or {})}
-        self.pool = ConcurrentWKRClient(max_concurrency=pool_size or config.http_max_connect,
-                                        **options)
-        self.status_client = WKRClient(**options)
+        self.limits = Limits(config.max_request_items, config.max_msg_size)
+        self.options = {"ip": host, "port": port, "port_out": port_out,
+                        "protocol": config.protocol, "timeout": 60_000,
+                        **(client_options or {})}
         self.started_at = time.time()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._client: AsyncWKRClient | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self.in_flight = 0
         self._seen_lock = threading.Lock()
         self.seen: dict[str, Any] = {"input": None, "output": None}
 
-    def encode(self, items: list[Any], timeout: int | None, **options: Any) -> list[Any]:
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Use ``loop`` (the bridge's event loop, in this process) from now on."""
+        self.loop = loop
+        self._connecting = asyncio.Lock()
+        self._slots = asyncio.Semaphore(self.config.http_max_connect)
+
+    async def client(self) -> AsyncWKRClient:
+        """The connected client. No handshake before the first call, so a bridge can
+        start (or restart) while the server is busy or stopping; a failed connect is
+        tried again by the next call."""
+        if self._client is not None:
+            return self._client
+        assert self._connecting is not None, "attach() the event loop first"
+        async with self._connecting:
+            if self._client is None:
+                client = AsyncWKRClient(**self.options)
+                try:
+                    await client.connect()
+                except BaseException:
+                    await client.close()
+                    raise
+                self._client = client
+        return self._client
+
+    async def aencode(self, items: list[Any], timeout: int | None, **options: Any) -> list[Any]:
         """Compute ``items`` as one request; ``options`` (``request_id``,
         ``suppress_log_input``) go to the server's prediction log."""
-        results: list[Any] = self.pool.encode_batch(items, timeout=timeout, **options)
-        self._see(items[0], results[0] if results else None)
+        assert self._slots is not None, "attach() the event loop first"
+        async with self._slots:
+            client = await self.client()
+            self.in_flight += 1
+            try:
+                results: list[Any] = await client.encode_batch(items, timeout=timeout,
+                                                               **options)
+            finally:
+                self.in_flight -= 1
+        if self.seen["output"] is None:
+            self._see(items[0], results[0] if results else None)
         return results
 
+    async def astatus(self) -> dict[str, Any]:
+        client = await self.client()
+        status: dict[str, Any] = await client.server_status()
+        return status
+
+    def client_status(self) -> dict[str, Any]:
+        """This process's client: one, shared by every request of the process."""
+        client = self._client
+        return {"pool_size": 1, "max_in_flight": self.config.http_max_connect, "clients": [{
+            "identity": client.options.identity.decode(errors="replace") if client else None,
+            "connected": client is not None, "in_flight": self.in_flight, "pid": os.getpid(),
+            "server_ip": self.options["ip"], "port": self.options["port"],
+            "port_out": self.options["port_out"], "protocol": self.protocol}]}
+
+    def _run(self, coro: Any, timeout: float | None) -> Any:
+        """Run ``coro`` on the bridge's loop from another thread and wait for it."""
+        assert self.loop is not None, "attach() the event loop first"
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise E.WKRTimeoutError(f"no answer from the server in {timeout:g} s") from None
+
+    def encode(self, items: list[Any], timeout: int | None, **options: Any) -> list[Any]:
+        """:meth:`aencode` for the Flask routes (threads)."""
+        wait = (timeout or self.options["timeout"]) / 1000.0 + CALL_SLACK_S
+        results: list[Any] = self._run(self.aencode(items, timeout, **options), wait)
+        return results
+
+    def server_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self._run(self.astatus(), self.options["timeout"] / 1000.0)
+        return status
+
     def _see(self, item: Any, result: Any) -> None:
-        if self.seen["input"] is not None and self.seen["output"] is not None:
-            return
         with self._seen_lock:
             self.seen["input"] = self.seen["input"] or describe_value(item)
             if result is not None:
@@ -128,9 +182,10 @@ class Backend:
             path = self._seen_path()
             if path is not None:  # for the bridge's other processes (once per process)
                 tmp = f"{path}.{os.getpid()}"
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    json.dump(self.seen, fh)
-                os.replace(tmp, path)
+                with contextlib.suppress(OSError):
+                    with open(tmp, "w", encoding="utf-8") as fh:
+                        json.dump(self.seen, fh)
+                    os.replace(tmp, path)
 
     def seen_values(self) -> dict[str, Any]:
         """What the first request showed, in this process or another of the bridge."""
@@ -145,12 +200,10 @@ class Backend:
     def _seen_path() -> str | None:
         return os.path.join(state.state_dir(), "seen.json") if state.shared() else None
 
-    def server_status(self) -> dict[str, Any]:
-        return self.status_client.server_status
-
-    def close(self) -> None:
-        self.pool.close()
-        self.status_client.close()
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
 
 def describe_value(value: Any) -> dict[str, Any]:
@@ -160,54 +213,53 @@ def describe_value(value: Any) -> dict[str, Any]:
     return {"type": type(value).__name__}
 
 
-def create_app(backend: Backend, token: str | None = None, cors: str | None = None,
+def create_app(backend: Backend,
                blueprints: list[Callable[[Flask, Backend], None]] | None = None) -> Flask:
-    """The Flask application of the bridge; ``blueprints`` register more route groups."""
-    app = Flask("wkr_serving.http")
-    app.config["JSON_SORT_KEYS"] = False
-    app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["wkr_backend"] = backend
-    if cors:
-        from flask_cors import CORS
+    """The Flask application of the routes the ASGI front does not answer itself.
 
-        CORS(app, origins=cors, expose_headers=["X-Request-ID"])
+    The front has already checked the token, bounded and read the body, and it adds
+    ``X-Request-ID`` and the CORS headers to every answer; here every error is a JSON
+    envelope too (404, 405, 500: never an HTML page)."""
+    app = Flask("wkr_serving.http")
+    app.json = JSONProvider(app)
+    app.extensions["wkr_backend"] = backend
 
     @app.before_request
-    def _before() -> Any:
+    def _before() -> None:
         g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
         g.started = time.perf_counter()
-        if (token is not None and not request.path.startswith(OPEN_PATHS)
-                and request.path not in OPEN_EXACT):
-            given = request.headers.get("Authorization", "")
-            if not (given.startswith("Bearer ") and hmac.compare_digest(
-                    given[7:].encode(), token.encode())):
-                return envelope_error(401, "unauthorized",
-                                      "this route needs Authorization: Bearer <-http_token>")
-        return None
 
-    @app.after_request
-    def _after(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.get("request_id", "")
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        status = exc.code or 500
+        response = envelope_error(status, _snake(HTTPStatus(status).phrase),
+                                  f"{exc.name}: {request.method} {request.path}"
+                                  if status in (404, 405) else exc.description or exc.name)
+        if status == 405 and isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response[0].headers["Allow"] = ", ".join(exc.valid_methods)
         return response
+
+    @app.errorhandler(Exception)
+    def _crash(exc: Exception) -> Any:
+        app.logger.exception("%s %s failed", request.method, request.path)
+        return envelope_error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
     @app.post("/encode")
     def encode() -> Any:
-        # Served by EncodeFastPath in the bridge; kept for the app used on its own and
-        # so that CORS preflight (OPTIONS) finds the route.
-        status, payload = encode_call(backend, request.get_json(silent=True), g.request_id)
+        # Answered by the ASGI front in the bridge; here for the app used on its own.
+        status, payload = encode_call(backend, request.get_data(cache=False), g.request_id)
         return jsonify(payload), status
 
     @app.get("/status/server")
     def status_server() -> Any:
         try:
-            return jsonify(to_json(backend.server_status()))
+            return jsonify(backend.server_status())
         except Exception as exc:
             return envelope_error(http_status(exc), error_code(exc), str(exc))
 
     @app.get("/status/client")
     def status_client() -> Any:
-        return jsonify(to_json({"pool_size": backend.pool.max_concurrency,
-                                "clients": backend.pool.status}))
+        return jsonify(backend.client_status())
 
     @app.get("/health/live")
     def live() -> Any:
@@ -235,6 +287,27 @@ def create_app(backend: Backend, token: str | None = None, cors: str | None = No
     return app
 
 
+def _snake(phrase: str) -> str:
+    return phrase.lower().replace(" ", "_").replace("-", "_")
+
+
+class JSONProvider(DefaultJSONProvider):
+    """Flask's JSON on :mod:`.jsonio`: strict, depth-bounded reading; NaN written as null."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return jsonio.loads(s)
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return jsonio.dumps(obj).decode()
+
+
+class Limits(NamedTuple):
+    """What one request may ask for: items, and bytes once its items are decoded."""
+
+    max_items: int
+    max_bytes: int  # -max_msg_size; -1: no limit
+
+
 class EncodeCall(NamedTuple):
     """What an ``/encode`` (or ``/jobs``) body asks for."""
 
@@ -244,9 +317,11 @@ class EncodeCall(NamedTuple):
     suppress_log_input: bool
 
 
-def parse_encode_body(body: Any, protocol: str) -> EncodeCall:
-    """The call an ``/encode`` body asks for; ValueError says what is wrong, BadInput
-    (from :func:`as_input`) names an input the protocol cannot take."""
+def parse_encode_body(body: Any, protocol: str, limits: Limits | None = None) -> EncodeCall:
+    """The call an ``/encode`` body (parsed JSON) asks for; ValueError says what is
+    wrong, BadInput (from :func:`as_input`) names an input the protocol cannot take.
+
+    The item count and the decoded size are checked before any item is built."""
     if not isinstance(body, dict) or ("data" in body) == ("batch" in body):
         raise ValueError('the body must be a JSON object with "data" (one input) or '
                          '"batch" (a list of inputs)')
@@ -254,6 +329,9 @@ def parse_encode_body(body: Any, protocol: str) -> EncodeCall:
     items = [body["data"]] if single else body["batch"]
     if not isinstance(items, list) or not items:
         raise ValueError('"batch" must be a non-empty list')
+    if limits is not None and len(items) > limits.max_items:
+        raise ValueError(f"a request of {len(items)} items is over the server's "
+                         f"-max_request_items {limits.max_items}: send smaller requests")
     timeout = body.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
                                 or timeout <= 0):
@@ -261,35 +339,100 @@ def parse_encode_body(body: Any, protocol: str) -> EncodeCall:
     suppress = body.get("suppress_log_input", False)
     if not isinstance(suppress, bool):
         raise ValueError('"suppress_log_input" must be a boolean')
-    return EncodeCall([as_input(x, protocol, body.get("dtype")) for x in items], single,
-                      timeout, suppress)
+    dtype = body.get("dtype")
+    if protocol == "numpy" or dtype is not None:
+        dtype = _dtype_of(dtype)
+        if limits is not None and limits.max_bytes > 0:
+            check_decoded_size(items, dtype, limits.max_bytes)
+    return EncodeCall([as_input(x, protocol, dtype) for x in items], single, timeout, suppress)
+
+
+def _dtype_of(value: Any) -> np.dtype | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 32:
+        raise ValueError('"dtype" must be a numpy dtype name such as "float32"')
+    try:
+        return np.dtype(value)
+    except TypeError:
+        raise ValueError(f'"dtype" {value!r} is not a numpy dtype') from None
+
+
+def check_decoded_size(items: list[Any], dtype: np.dtype | None, limit: int) -> None:
+    """Refuse (ValueError) items whose arrays would take more than ``limit`` bytes, each
+    or together, before numpy allocates them: elements x item size, where a string
+    dtype without a width takes the longest string's."""
+    total = 0
+    for index, item in enumerate(items):
+        leaves, longest = _leaves(item)
+        if dtype is None:
+            size = 4 * longest if longest else 8  # numpy's U<longest>, else float64/int64
+        elif dtype.itemsize == 0 and dtype.kind in "SU":
+            size = (4 if dtype.kind == "U" else 1) * max(longest, 1)
+        else:
+            size = max(dtype.itemsize, 1)
+        nbytes = leaves * size
+        total += nbytes
+        if nbytes > limit or total > limit:
+            what = f"item {index}" if nbytes > limit else "the request"
+            raise ValueError(f"{what} would decode to more than {limit} bytes (-max_msg_size;"
+                             f" {leaves} element(s) of {size} bytes each so far)")
+
+
+def _leaves(value: Any) -> tuple[int, int]:
+    """Elements in a nested list, and the length of its longest string."""
+    if not isinstance(value, list):
+        return 1, len(value) if isinstance(value, str) else 0
+    leaves = longest = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        for child in node:
+            if isinstance(child, list):
+                stack.append(child)
+            else:
+                leaves += 1
+                if isinstance(child, str) and len(child) > longest:
+                    longest = len(child)
+    return leaves, longest
 
 
 def run_encode(backend: Backend, call: EncodeCall, request_id: str) -> Any:
-    """Make the call on the server; return its result(s) as JSON. Raises its error."""
-    if backend.config.log_predictions:  # the log gets the request id (and suppress)
-        results = backend.encode(call.items, call.timeout,
-                                 suppress_log_input=call.suppress_log_input,
-                                 request_id=request_id[:MAX_OPTION_CHARS])
-    else:
-        results = backend.encode(call.items, call.timeout)
-    return to_json(results[0] if call.single else results)
+    """Make the call on the server (from a thread); return its result(s). Raises its
+    error."""
+    results = backend.encode(call.items, call.timeout, **log_options(backend, call, request_id))
+    return results[0] if call.single else results
+
+
+def log_options(backend: Backend, call: EncodeCall, request_id: str) -> dict[str, Any]:
+    """What the server's prediction log gets with the call (the request id, suppress)."""
+    if not backend.config.log_predictions:
+        return {}
+    return {"suppress_log_input": call.suppress_log_input,
+            "request_id": request_id[:MAX_OPTION_CHARS]}
 
 
 def failure(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """The HTTP status and envelope reporting ``exc`` (an error of the call)."""
-    return _envelope(http_status(exc), error_code(exc), getattr(exc, "message", str(exc)))
+    return envelope(http_status(exc), error_code(exc), getattr(exc, "message", str(exc)))
 
 
-def encode_call(backend: Backend, body: Any, request_id: str) -> tuple[int, dict[str, Any]]:
-    """``POST /encode``: validate the JSON body, call the server, and return the HTTP
-    status with the envelope."""
+def read_call(backend: Backend, body: bytes) -> EncodeCall | tuple[int, dict[str, Any]]:
+    """The call in an ``/encode`` or ``/jobs`` body, or the status and envelope of why
+    it is not one."""
     try:
-        call = parse_encode_body(body, backend.protocol)
-    except ValueError as exc:  # the body is not a valid call
-        return _envelope(400, "bad_input", str(exc))
+        return parse_encode_body(jsonio.loads(body), backend.protocol, backend.limits)
+    except ValueError as exc:  # not JSON, or not a valid call
+        return envelope(400, "bad_input", str(exc))
     except Exception as exc:  # an input the protocol cannot take (BadInput)
         return failure(exc)
+
+
+def encode_call(backend: Backend, body: bytes, request_id: str) -> tuple[int, dict[str, Any]]:
+    """``POST /encode`` from a thread: the HTTP status and envelope."""
+    call = read_call(backend, body)
+    if not isinstance(call, EncodeCall):
+        return call
     try:
         data = run_encode(backend, call, request_id)
     except Exception as exc:  # every failure becomes an HTTP status and envelope
@@ -297,69 +440,10 @@ def encode_call(backend: Backend, body: Any, request_id: str) -> tuple[int, dict
     return 200, {"error_code": 0, "error_message": "", "data": data}
 
 
-def _envelope(status: int, code: str, message: str) -> tuple[int, dict[str, Any]]:
+def envelope(status: int, code: str, message: str) -> tuple[int, dict[str, Any]]:
+    """The error envelope of every route but ``/v2``'s."""
     return status, {"error_code": status, "error_type": code, "error_message": message,
                     "data": None}
-
-
-class EncodeFastPath:
-    """WSGI middleware in front of the Flask app: ``POST /encode``, the bridge's hot
-    route, is answered here without Flask's per-request machinery (which doubled the
-    bridge's CPU time per request), with the same behaviour: token, ``X-Request-ID``,
-    CORS, the same statuses and envelope, and the HTTP metrics. Everything else goes to
-    the Flask app."""
-
-    def __init__(self, app: Flask, backend: Backend, token: str | None, cors: str | None,
-                 ) -> None:
-        self.wsgi = app.wsgi_app
-        self.app = app
-        self.backend = backend
-        self.token = token.encode() if token is not None else None
-        self.cors = [o.strip() for o in cors.split(",")] if cors else []
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        if environ.get("PATH_INFO") != "/encode" or environ.get("REQUEST_METHOD") != "POST":
-            return self.wsgi(environ, start_response)
-        started = time.perf_counter()
-        request_id = environ.get("HTTP_X_REQUEST_ID") or uuid.uuid4().hex
-        auth = environ.get("HTTP_AUTHORIZATION", "")
-        if self.token is not None and not (auth.startswith("Bearer ") and hmac.compare_digest(
-                auth[7:].encode(), self.token)):
-            status, payload = _envelope(401, "unauthorized", "this route needs "
-                                        "Authorization: Bearer <-http_token>")
-        else:
-            try:
-                length = int(environ.get("CONTENT_LENGTH") or 0)
-            except ValueError:
-                length = 0
-            body = None
-            if 0 < length <= MAX_BODY_BYTES:
-                try:
-                    body = json.loads(environ["wsgi.input"].read(length))
-                except ValueError:
-                    body = None
-            if length > MAX_BODY_BYTES:
-                status, payload = _envelope(413, "bad_input", f"the body is over "
-                                            f"{MAX_BODY_BYTES} bytes")
-            else:
-                status, payload = encode_call(self.backend, body, request_id)
-        data = json.dumps(payload, separators=(",", ":")).encode()
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                   ("X-Request-ID", request_id)]
-        origin = environ.get("HTTP_ORIGIN")
-        if origin and self.cors:
-            allowed = "*" if "*" in self.cors else origin if origin in self.cors else None
-            if allowed:
-                headers += [("Access-Control-Allow-Origin", allowed),
-                            ("Access-Control-Expose-Headers", "X-Request-ID")]
-                if allowed != "*":
-                    headers.append(("Vary", "Origin"))
-        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
-        metrics = self.app.extensions.get("wkr_metrics")
-        if metrics is not None:
-            metrics.count("/encode", "POST", status, time.perf_counter() - started,
-                          payload.get("error_type"))
-        return [data]
 
 
 def is_ready(backend: Backend) -> tuple[bool, str]:
@@ -386,7 +470,7 @@ def as_input(value: Any, protocol: str, dtype: Any = None) -> Any:
 
 
 def envelope_error(status: int, code: str, message: str) -> Any:
-    status, payload = _envelope(status, code, message)
+    status, payload = envelope(status, code, message)
     return jsonify(payload), status
 
 

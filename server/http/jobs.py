@@ -36,12 +36,14 @@ from flask import Flask, Response, g, jsonify, request
 from wkr_serving.client.protocol import MAX_OPTION_CHARS
 
 from . import state
-from .app import EncodeCall, envelope_error, failure, parse_encode_body, run_encode
+from .app import EncodeCall, envelope_error, failure, read_call, run_encode
 
 __all__ = ["JobStore", "register"]
 
 logger = logging.getLogger(__name__)
 
+#: Threads of a bridge process running jobs, at most.
+MAX_JOB_THREADS = 32
 #: Seconds a process waits for another one holding the store's write lock.
 LOCK_WAIT_S = 10.0
 
@@ -214,8 +216,8 @@ def register(app: Flask, backend: Any, store: JobStore | None = None) -> None:
         store = JobStore(os.path.join(state.state_dir(), "jobs.sqlite3"),
                          config.http_jobs_max, config.http_jobs_ttl)
     jobs = store
-    # Half of this process's clients at most, so that jobs never starve /encode.
-    runner = _Runner(max(1, backend.pool.max_concurrency // 2))
+    # Half of this process's calls in flight at most, so that jobs never starve /encode.
+    runner = _Runner(max(1, min(MAX_JOB_THREADS, backend.config.http_max_connect // 2)))
     app.extensions["wkr_jobs"] = jobs
     atexit.register(runner.shutdown)
 
@@ -233,12 +235,9 @@ def register(app: Flask, backend: Any, store: JobStore | None = None) -> None:
 
     @app.post("/jobs")
     def submit_job() -> Any:
-        try:
-            call = parse_encode_body(request.get_json(silent=True), backend.protocol)
-        except ValueError as exc:
-            return envelope_error(400, "bad_input", str(exc))
-        except Exception as exc:
-            status, payload = failure(exc)
+        call = read_call(backend, request.get_data(cache=False))
+        if not isinstance(call, EncodeCall):
+            status, payload = call
             return jsonify(payload), status
         job_id = jobs.create()
         if job_id is None:
