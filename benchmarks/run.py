@@ -20,10 +20,15 @@ it waits for the oldest one (``next(client.fetch())``), records its round trip w
 ``encode(x, blocking=False)``. ``C = 1`` is a single client calling blocking
 ``encode()`` in a loop. Every loop is bounded by a shared deadline and a request cap.
 
-HTTP rows: the W1 numpy server also runs the HTTP bridge, and ``wrk`` (a C load
-generator; ``apt-get install wrk``, skipped with a note when missing) drives
-``POST /encode`` with ``-t1 -c<C>`` keep-alive connections; a Lua ``done()`` hook prints
-its counts and latency percentiles as JSON. They share the table with the ZeroMQ rows.
+HTTP rows: the W1 numpy server also runs the HTTP bridge (its defaults: one bridge
+process), and ``wrk`` (a C load generator; ``apt-get install wrk``, skipped with a note
+when missing) drives ``POST /encode`` with ``-t1 -c<C>`` keep-alive connections; a Lua
+``done()`` hook prints its counts and latency percentiles as JSON. They share the table
+with the ZeroMQ rows and add the bridge's RSS and CPU ms per request. Two more rows
+(c=64 and c=1) are measured while a separate process (``slowclients.py``) holds 1,000
+idle and 50 slowloris connections open to the same port.
+
+    python benchmarks/run.py --only http --repeat 3     # only the HTTP rows (to /tmp)
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -88,17 +94,29 @@ SPIN_LOADGEN = "spin:1x1x1"
 LOADGEN_ALTERNATIVES = ["pipe:1x8x8", "pipe:2x1x32", "pipe:2x32x1", "pipe:1x64x1",
                         "aio:1x1x64", "aio:1x8x8", "raw:2x4x8"]
 
-#: HTTP rows (W1 noop/numpy only): the same server also runs the HTTP bridge, and wrk, a
-#: C load generator, POSTs one JSON item per request to /encode over keep-alive
-#: connections. "wrk:TxC" = wrk -tT -cC.
-HTTP_FLAGS = ["-http_port", "0", "-http_max_connect", "16", "-http_workers", "2"]
+#: HTTP rows (W1 noop/numpy only): the same server also runs the HTTP bridge with its
+#: defaults (one bridge process), and wrk, a C load generator, POSTs one JSON item per
+#: request to /encode over keep-alive connections. "wrk:TxC" = wrk -tT -cC;
+#: "wrk:TxC+idleI+slowS" = the same while I idle and S slowloris connections are held
+#: open by a separate process (slowclients.py).
+HTTP_FLAGS = ["-http_port", "0"]
+#: Slow clients of the attack rows (idle, slowloris) and the concurrencies measured so.
+SLOW_CLIENTS = (1000, 50)
+SLOW_CONCURRENCY = (64, 1)
+#: The attack rows' measured window is at least this long, so that it spans the bridge's
+#: -http_read_timeout (10 s by default): every slow connection is closed by the bridge and
+#: reopened by the attacker at least once inside the window.
+SLOW_MIN_WINDOW_S = 12.0
+#: Seconds to wait for every slow connection to be established before measuring anyway.
+SLOW_READY_LIMIT_S = 30.0
 HTTP_RUN = ("noop", "numpy")
 HTTP_TRANSPORT = "HTTP JSON /encode (wrk)"
 WRK_THREADS = 1
 WRK = "wrk"
 
 CLIENT_TIMEOUT_MS = 30_000
-REPEAT_KEYS = ("req_per_s", "p50_ms", "p99_ms", "mean_ms", "mean_batch", "cpu_percent")
+REPEAT_KEYS = ("req_per_s", "p50_ms", "p99_ms", "mean_ms", "mean_batch", "cpu_percent",
+               "errors", "bridge_rss_mib", "bridge_cpu_ms_per_req")
 #: Seconds to wait for load processes to connect / to finish after the deadline.
 SPAWN_LIMIT_S = 60.0
 FINISH_LIMIT_S = 60.0
@@ -495,7 +513,8 @@ def measure(server: dict[str, Any], status_client: Any, loadgen: str, concurrenc
     for r in results:
         window = r["t_stop"] - r["t_meas"]
         rps += r["count"] / window if window > 0 else 0.0
-    roles = _role_names(snapshots["end"], load_pids, server.get("http_pid"))
+    roles = _role_names(snapshots["end"], load_pids,
+                        bridge_pids(server["http_port"]) if server.get("http_port") else [])
     hist = _batch_delta(_batch_counts(snapshots["measure"]), _batch_counts(snapshots["end"]))
     batches = sum(hist.values())
     end = snapshots["after"]
@@ -524,8 +543,10 @@ def measure(server: dict[str, Any], status_client: Any, loadgen: str, concurrenc
 # HTTP rows: wrk against the bridge's POST /encode
 # ---------------------------------------------------------------------------------------
 
-#: wrk script: every request POSTs the same JSON item; done() prints one JSON line with
-#: the counts and latency statistics (wrk's unit: microseconds) after WRK_MARK.
+#: wrk script: every request POSTs the same JSON item; response() counts the replies
+#: whose status is not 2xx (wrk's own errors.status counts only >= 400); done() prints one
+#: JSON line with the counts and latency statistics (wrk's unit: microseconds) after
+#: WRK_MARK.
 WRK_MARK = "WKR_BENCH_WRK "
 WRK_SCRIPT = """\
 wrk.method = "POST"
@@ -533,34 +554,65 @@ wrk.path = "/encode"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = [==[%(body)s]==]
 
+local threads = {}
+setup = function(thread) table.insert(threads, thread) end
+non2xx = 0
+response = function(status, headers, body)
+  if status < 200 or status > 299 then non2xx = non2xx + 1 end
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
+  local bad = 0
+  for _, t in ipairs(threads) do bad = bad + t:get("non2xx") end
   io.write(string.format(
     '%(mark)s{"requests": %%d, "duration_us": %%d, "bytes": %%d, ' ..
-    '"errors": {"connect": %%d, "read": %%d, "write": %%d, "status": %%d, "timeout": %%d}, ' ..
+    '"errors": {"connect": %%d, "read": %%d, "write": %%d, "status": %%d, "timeout": %%d, ' ..
+    '"non2xx": %%d}, ' ..
     '"latency_us": {"min": %%d, "mean": %%.3f, "stdev": %%.3f, "max": %%d, ' ..
     '"p50": %%d, "p90": %%d, "p99": %%d}}\\n',
     summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
+    e.connect, e.read, e.write, e.status, e.timeout, bad,
     latency.min, latency.mean, latency.stdev, latency.max,
     latency:percentile(50.0), latency:percentile(90.0), latency:percentile(99.0)))
 end
 """
+#: wrk's socket errors; with the non-2xx replies they make a row's ``errors``.
+WRK_SOCKET_ERRORS = ("connect", "read", "write", "timeout")
 #: Seconds a wrk run may take beyond its -d before it is killed.
 WRK_GRACE_S = 30.0
+#: wrk's --timeout: a reply slower than this is not a latency but a timeout error. Far
+#: above any latency of a working bridge. (wrk 4 counts nothing for a request still
+#: unanswered when it stops: a row with no completed request fails its target instead.)
+WRK_TIMEOUT_S = 2
 
 
 def wrk_path() -> str | None:
     return shutil.which(WRK)
 
 
-def parse_wrk(spec: str) -> tuple[int, int]:
-    """``"wrk:1x64"`` -> (1 thread, 64 connections)."""
-    kind, _, dims = spec.partition(":")
-    threads, conns = (int(v) for v in dims.split("x"))
+def parse_wrk(spec: str) -> tuple[int, int, int, int]:
+    """``"wrk:1x64"`` -> (1 thread, 64 connections, 0, 0);
+    ``"wrk:1x64+idle1000+slow50"`` -> (1, 64, 1000 idle, 50 slowloris connections)."""
+    kind, _, rest = spec.partition(":")
+    dims, *extras = rest.split("+")
+    try:
+        threads, conns = (int(v) for v in dims.split("x"))
+        slow = {"idle": 0, "slow": 0}
+        for extra in extras:
+            name = extra.rstrip("0123456789")
+            if name not in slow:
+                raise ValueError(extra)
+            slow[name] = int(extra[len(name):])
+    except ValueError:
+        raise ValueError(f"bad wrk spec {spec!r}") from None
     if kind != "wrk" or threads < 1 or conns < threads:
         raise ValueError(f"bad wrk spec {spec!r}")
-    return threads, conns
+    return threads, conns, slow["idle"], slow["slow"]
+
+
+def wrk_spec(conns: int, idle: int = 0, slow: int = 0) -> str:
+    return f"wrk:{WRK_THREADS}x{conns}" + (f"+idle{idle}+slow{slow}" if idle or slow else "")
 
 
 def _wrk_seconds(seconds: float) -> int:
@@ -597,7 +649,7 @@ def _run_wrk(wrk: str, script: str, port: int, threads: int, conns: int, seconds
     import subprocess
 
     cmd = [wrk, f"-t{threads}", f"-c{conns}", f"-d{seconds}s",
-           f"--timeout={CLIENT_TIMEOUT_MS // 1000}s", "-s", script,
+           f"--timeout={WRK_TIMEOUT_S}s", "-s", script,
            f"http://{HOST}:{port}/encode"]
     limit = seconds + WRK_GRACE_S
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -643,14 +695,59 @@ def _run_wrk(wrk: str, script: str, port: int, threads: int, conns: int, seconds
     return json.loads(line[len(WRK_MARK):]), cpu_s, wall
 
 
+def bridge_pids(http_port: int) -> list[int]:
+    """The HTTP bridge's processes: this process's descendants (the server's supervisor
+    runs in this process) with a listening TCP socket on ``http_port``, however many
+    there are. An event-driven front's bridge processes are children of the supervisor;
+    a gunicorn bridge's arbiter is one and its worker processes (which inherit the
+    listening socket) are its children."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == http_port
+               for c in conns):
+            pids.append(proc.pid)
+    return sorted(pids)
+
+
+def bridge_memory(pids: list[int], http_port: int) -> dict[str, Any]:
+    """RSS of each bridge process (MiB) and, summed, the TCP connections they hold
+    established on ``http_port`` (deduplicated: forked processes share sockets)."""
+    import psutil
+
+    rss: dict[str, float] = {}
+    established = set()
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            rss[str(pid)] = proc.memory_info().rss / 2**20
+            for c in proc.net_connections(kind="tcp"):
+                if (c.status == psutil.CONN_ESTABLISHED and c.laddr
+                        and c.laddr.port == http_port and c.raddr):
+                    established.add((c.laddr, c.raddr))
+        except psutil.Error:
+            continue
+    return {"rss_mib": rss, "rss_mib_total": sum(rss.values()) if rss else math.nan,
+            "established": len(established)}
+
+
 def measure_http(server: dict[str, Any], status_client: Any, loadgen: str, concurrency: int,
                  settings: dict[str, Any]) -> dict[str, Any]:
     """wrk at ``concurrency`` keep-alive connections against the bridge's POST /encode: a
-    warm-up run, then the measured run; returns a row with the same keys as measure()."""
+    warm-up run, then the measured run; returns a row with the same keys as measure(),
+    plus the bridge's RSS and CPU per request. With slow clients in ``loadgen``, a
+    separate process holds them open from before the warm-up to the end of the run."""
+    import contextlib
+
     wrk = wrk_path()
     if wrk is None:
         raise RuntimeError(f"{WRK} is not installed")
-    threads, conns = parse_wrk(loadgen)
+    threads, conns, idle, slow = parse_wrk(loadgen)
     if conns != concurrency:
         raise ValueError(f"{loadgen} does not give concurrency {concurrency}")
     wl = WORKLOADS[server["workload"]]
@@ -659,44 +756,76 @@ def measure_http(server: dict[str, Any], status_client: Any, loadgen: str, concu
                       separators=(",", ":"))
     port = server["http_port"]
     _http_check(port, body.encode(), x)
-    warmup_s, duration_s = _wrk_seconds(settings["warmup"]), _wrk_seconds(settings["duration"])
+    attacked = bool(idle or slow)
+    duration = (max(settings["duration"], settings["http"]["slow_min_window_s"]) if attacked
+                else settings["duration"])
+    warmup_s, duration_s = _wrk_seconds(settings["warmup"]), _wrk_seconds(duration)
+    bridges = set(bridge_pids(port))
     workdir = tempfile.mkdtemp(prefix="wkr-bench-wrk-")
+    attack_ready: dict[str, Any] | None = None
+    attack_end: dict[str, Any] | None = None
+    attack_pid = None
     try:
-        script = os.path.join(workdir, "encode.lua")
-        Path(script).write_text(WRK_SCRIPT % {"body": body, "mark": WRK_MARK})
-        if settings["warmup"] > 0:
-            _run_wrk(wrk, script, port, threads, conns, warmup_s)
-        load_before = os.getloadavg()
-        status_start = status_client.server_status
-        cpu: dict[str, tuple[float, dict[int, float]]] = {}
-        wrk_pid: list[int] = []
+        with contextlib.ExitStack() as stack:
+            attack = None
+            if attacked:
+                slowclients = _import_slowclients()
+                limit = (SLOW_READY_LIMIT_S + warmup_s + duration_s + 2 * WRK_GRACE_S
+                         + slowclients.REPLY_LIMIT_S)
+                attack = stack.enter_context(slowclients.SlowClients(HOST, port, idle, slow,
+                                                                     limit))
+                attack_pid = attack.pid
+                attack_ready = attack.wait_ready(SLOW_READY_LIMIT_S)
+            script = os.path.join(workdir, "encode.lua")
+            Path(script).write_text(WRK_SCRIPT % {"body": body, "mark": WRK_MARK})
+            if settings["warmup"] > 0:
+                _run_wrk(wrk, script, port, threads, conns, warmup_s)
+            load_before = os.getloadavg()
+            status_start = status_client.server_status
+            cpu: dict[str, tuple[float, dict[int, float]]] = {}
+            wrk_pid: list[int] = []
 
-        def started(pid: int) -> None:
-            wrk_pid.append(pid)
-            cpu["measure"] = (time.perf_counter(), _cpu_seconds())
+            def started(pid: int) -> None:
+                wrk_pid.append(pid)
+                if attack is not None:
+                    attack.mark()
+                cpu["measure"] = (time.perf_counter(), _cpu_seconds())
 
-        result, wrk_cpu, _ = _run_wrk(wrk, script, port, threads, conns, duration_s, started)
-        cpu["end"] = (time.perf_counter(), _cpu_seconds())
-        status_end = status_client.server_status
+            result, wrk_cpu, _ = _run_wrk(wrk, script, port, threads, conns, duration_s,
+                                          started)
+            cpu["end"] = (time.perf_counter(), _cpu_seconds())
+            if attack is not None:
+                attack_end = attack.report()
+            status_end = status_client.server_status
+            bridges_end = bridge_pids(port)
+            memory = bridge_memory(bridges_end, port)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     # wrk has been reaped by now: its CPU comes from wait4's rusage (its whole life; the
     # start-up before the first snapshot is what the snapshot already saw).
     cpu["end"][1][wrk_pid[0]] = wrk_cpu
     cpu["measure"][1].setdefault(wrk_pid[0], 0.0)
-    names = _role_names(status_end, [], server.get("http_pid"))
+    bridges.update(bridges_end)
+    names = _role_names(status_end, [], sorted(bridges))
     names[wrk_pid[0]] = "load-wrk"
+    if attack_pid is not None:
+        names[attack_pid] = "attack"
     hist = _batch_delta(_batch_counts(status_start), _batch_counts(status_end))
     batches = sum(hist.values())
-    lat = result["latency_us"]
     window = result["duration_us"] / 1e6
     requests = int(result["requests"])
     errors = result["errors"]
-    return {
+    # with no request completed wrk's latency statistics are zeros: not numbers
+    lat = (result["latency_us"] if requests else dict.fromkeys(result["latency_us"], math.nan))
+    start_cpu, end_cpu = cpu["measure"][1], cpu["end"][1]
+    # a bridge process that appeared during the window counts from 0 (all of its CPU)
+    bridge_cpu_s = sum(end_cpu[p] - start_cpu.get(p, 0.0) for p in bridges if p in end_cpu)
+    row = {
         "workload": server["workload"], "label": wl["label"], "protocol": server["protocol"],
         "via": "http", "transport": HTTP_TRANSPORT, "loadgen": loadgen,
         "concurrency": concurrency, "requests": requests,
-        "errors": int(sum(errors.values())), "wrk_errors": errors, "sent": requests,
+        "errors": int(sum(errors[k] for k in WRK_SOCKET_ERRORS) + errors["non2xx"]),
+        "wrk_errors": errors, "sent": requests,
         "window_s": window, "wrk_seconds": {"warmup": warmup_s if settings["warmup"] > 0
                                             else 0, "duration": duration_s},
         "req_per_s": requests / window if window > 0 else 0.0,
@@ -706,11 +835,30 @@ def measure_http(server: dict[str, Any], status_client: Any, loadgen: str, concu
         "bytes": result["bytes"], "request_body": body,
         "mean_batch": (sum(k * v for k, v in hist.items()) / batches) if batches else math.nan,
         "batches": batches, "batch_hist": {str(k): v for k, v in hist.items()},
+        "bridge": {"pids": sorted(bridges), "pids_at_end": bridges_end,
+                   "processes": len(bridges_end), "cpu_s": bridge_cpu_s,
+                   "established_at_end": memory["established"],
+                   "rss_mib_by_pid": memory["rss_mib"]},
+        "bridge_rss_mib": memory["rss_mib_total"],
+        "bridge_cpu_ms_per_req": 1000.0 * bridge_cpu_s / requests if requests else math.nan,
         "cpu_percent": _cpu_percent(cpu["measure"], cpu["end"], names),
         "server_latency_ms": status_end.get("latency_ms"),
         "server_statistic": status_end.get("statistic"),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
+    if attacked:
+        row["slow_clients"] = {"idle": idle, "slowloris": slow, "pid": attack_pid,
+                               "at_ready": attack_ready, "at_end": attack_end}
+    return row
+
+
+def _import_slowclients() -> Any:
+    """benchmarks/slowclients.py, importable by name (the spawned attacker re-imports it)."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import slowclients
+
+    return slowclients
 
 
 def _cpu_seconds() -> dict[int, float]:
@@ -744,21 +892,15 @@ def server_role_names(status: dict[str, Any]) -> dict[int, str]:
 
 
 def _role_names(status: dict[str, Any], load_pids: list[int],
-                http_pid: int | None = None) -> dict[int, str]:
+                http_pids: list[int] | None = None) -> dict[int, str]:
     """pid -> role of this process, the load generators and the server's processes. The
-    HTTP bridge (``http_pid``) and its gunicorn worker processes are all named "http"."""
+    HTTP bridge's processes (``http_pids``, see bridge_pids) are all named "http"."""
     import psutil
 
     names = {os.getpid(): "bench"}
     names.update({pid: f"load-{i}" for i, pid in enumerate(load_pids)})
     names.update(server_role_names(status))
-    if http_pid:
-        try:
-            bridge = psutil.Process(http_pid)
-            for proc in [bridge, *bridge.children(recursive=True)]:
-                names[proc.pid] = "http"
-        except psutil.Error:
-            pass
+    names.update(dict.fromkeys(http_pids or [], "http"))
     for proc in psutil.Process().children(recursive=True):
         try:
             cmdline = " ".join(proc.cmdline())
@@ -766,8 +908,6 @@ def _role_names(status: dict[str, Any], load_pids: list[int],
             continue
         if "resource_tracker" in cmdline:
             names[proc.pid] = "mp-resource-tracker"
-        elif "wkr-serving-http" in cmdline or "gunicorn" in cmdline:
-            names.setdefault(proc.pid, "http")  # process titles, where setproctitle is there
     return names
 
 
@@ -858,11 +998,11 @@ def _import_worker_module(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def _server_args(protocol: str, workdir: str, http: bool = False) -> Any:
+def _server_args(protocol: str, workdir: str, http_flags: list[str] | None = None) -> Any:
     from wkr_serving.server.helper import get_args_parser
 
     return get_args_parser().parse_args(
-        [*SERVER_FLAGS, "-protocol", protocol, *(HTTP_FLAGS if http else []),
+        [*SERVER_FLAGS, "-protocol", protocol, *(http_flags or []),
          "-model_dir", workdir, "-log_dir", workdir, "-log_name", "server"])
 
 
@@ -912,12 +1052,6 @@ def floor(workload: str, seconds: float) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _bridge_pid(server: Any) -> int | None:
-    """The HTTP bridge's pid (its gunicorn workers are its children)."""
-    child = server.supervisor.children.get("http")
-    return child.process.pid if child is not None else None
-
-
 def _time_calls(fn: Callable[[], Any], seconds: float) -> tuple[int, float]:
     """Call ``fn`` in chunks (sized to ~10 ms) until ``seconds`` have passed."""
     pc = time.perf_counter
@@ -952,10 +1086,11 @@ def serve_and_measure(workload: str, protocol: str, settings: dict[str, Any],
     http = any(spec.startswith("wrk:") for _, spec in plan)
     rows = []
     try:
-        with WKRServer(_server_args(protocol, workdir, http), module.Worker) as server:
+        args = _server_args(protocol, workdir, settings["http"]["server_flags"] if http else None)
+        with WKRServer(args, module.Worker) as server:
             info = {"workload": workload, "protocol": protocol, "port": server.port,
-                    "port_out": server.port_out, "http_port": server.http_port,
-                    "http_pid": _bridge_pid(server) if http else None}
+                    "port_out": server.port_out,
+                    "http_port": server.http_port if http else None}
             with WKRClient(HOST, server.port, server.port_out, protocol=protocol,
                            timeout=CLIENT_TIMEOUT_MS) as status_client:
                 for concurrency, loadgen in plan:
@@ -966,7 +1101,7 @@ def serve_and_measure(workload: str, protocol: str, settings: dict[str, Any],
                         print(_row_line(reps[-1]), flush=True)
                     # the repeat with the median throughput stands for the row
                     row = sorted(reps, key=lambda r: r["req_per_s"])[len(reps) // 2]
-                    row["repeats"] = [{k: r[k] for k in REPEAT_KEYS} for r in reps]
+                    row["repeats"] = [{k: r[k] for k in REPEAT_KEYS if k in r} for r in reps]
                     rows.append(row)
     except Exception:
         err = Path(workdir, "server.err")
@@ -1020,9 +1155,14 @@ def machine_info() -> dict[str, Any]:
 
 
 COLUMNS = ["workload", "protocol", "transport / load generator", "concurrency", "req/s",
-           "p50 ms", "p99 ms", "mean ms", "mean batch", "ratio to floor b32"]
-CPU_ROLES = ["ventilator", "worker-0", "sink", "http", "load", "bench", "machine_busy",
-             "not_ours"]
+           "p50 ms", "p99 ms", "mean ms", "mean batch", "ratio to floor b32",
+           "bridge RSS MiB", "bridge CPU ms/req"]
+CPU_ROLES = ["ventilator", "worker-0", "sink", "http", "load", "attack", "bench",
+             "machine_busy", "not_ours"]
+HTTP_COLUMNS = ["row", "req/s", "p50 ms", "p99 ms", "errors", "bridge processes",
+                "bridge RSS MiB", "bridge CPU ms/req", "bridge conns at end",
+                "slow clients open at end (idle / slowloris)", "closed by bridge and reopened "
+                "in window (idle / slowloris)"]
 
 
 def _transport(kind: str) -> str:
@@ -1034,8 +1174,9 @@ def _transport(kind: str) -> str:
 
 def _layout(loadgen: str) -> str:
     if loadgen.startswith("wrk:"):
-        threads, conns = parse_wrk(loadgen)
-        return f"{HTTP_TRANSPORT}, {threads} thread x {conns} conn"
+        threads, conns, idle, slow = parse_wrk(loadgen)
+        extra = f", + {idle:,} idle + {slow:,} slowloris conns" if idle or slow else ""
+        return f"{HTTP_TRANSPORT}, {threads} thread x {conns} conn{extra}"
     kind, p, n, k = parse_loadgen(loadgen)
     return f"{_transport(kind)}, {p} proc x {n} conn x {k}"
 
@@ -1044,14 +1185,49 @@ def _table_cells(row: dict[str, Any]) -> list[str]:
     return [row["label"], row["protocol"], _layout(row["loadgen"]), str(row["concurrency"]),
             f"{row['req_per_s']:,.0f}", f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}",
             f"{row['mean_ms']:.3f}", f"{row['mean_batch']:.2f}",
-            _fmt_ratio(row.get("ratio_floor_b32"))]
+            _fmt_ratio(row.get("ratio_floor_b32")), _fmt(row.get("bridge_rss_mib"), ".0f"),
+            _fmt(row.get("bridge_cpu_ms_per_req"), ".3f")]
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    via = " HTTP" if row.get("via") == "http" else ""
+    name = f"{row['label']} {row['protocol']}{via} c={row['concurrency']}"
+    sc = row.get("slow_clients")
+    if sc:
+        name += f" + {sc['idle']:,} idle + {sc['slowloris']:,} slowloris"
+    return name
+
+
+def _http_cells(row: dict[str, Any]) -> list[str]:
+    sc = row.get("slow_clients") or {}
+    end = sc.get("at_end") or {}
+    opened = closed = "-"
+    if end:
+        opened = (f"{end['open']['idle']:,} / {end['open']['slow']:,} of "
+                  f"{end['target']['idle']:,} / {end['target']['slow']:,}")
+        w = end.get("window") or {}
+        if w:
+            closed = f"{w['closed_by_server']['idle']:,} / {w['closed_by_server']['slow']:,}"
+    errors = f"{row['errors']:,}"
+    detail = {k: v for k, v in (row.get("wrk_errors") or {}).items()
+              if v and k in (*WRK_SOCKET_ERRORS, "non2xx")}
+    if detail:
+        errors += " (" + ", ".join(f"{k} {v:,}" for k, v in detail.items()) + ")"
+    bridge = row.get("bridge") or {}
+    return [_row_name(row), f"{row['req_per_s']:,.0f}", f"{row['p50_ms']:.3f}",
+            f"{row['p99_ms']:.3f}", errors, str(bridge.get("processes", "-")),
+            _fmt(row.get("bridge_rss_mib"), ".0f"), _fmt(row.get("bridge_cpu_ms_per_req"), ".3f"),
+            str(bridge.get("established_at_end", "-")), opened, closed]
 
 
 def _cpu_cells(row: dict[str, Any]) -> list[str]:
     cpu = dict(row.get("cpu_percent") or {})
     cpu["load"] = sum(v for k, v in cpu.items() if k.startswith("load-")) or cpu.get("load")
-    via = " HTTP" if row.get("via") == "http" else ""
-    return [f"{row['label']} {row['protocol']}{via} c={row['concurrency']}",
+    return [_row_name(row),
             *(f"{cpu[r]:.0f}" if cpu.get(r) is not None else "-" for r in CPU_ROLES)]
 
 
@@ -1079,11 +1255,43 @@ def _fmt_ratio(value: float | None) -> str:
 
 
 def _row_line(row: dict[str, Any]) -> str:
-    return (f"  {row['label']:8} {row['protocol']:5} c={row['concurrency']:<3} "
+    line = (f"  {row['label']:8} {row['protocol']:5} c={row['concurrency']:<3} "
             f"{row['loadgen']:12} {row['req_per_s']:>9,.0f} req/s  p50 {row['p50_ms']:.3f} ms"
             f"  p99 {row['p99_ms']:.3f} ms  batch {row['mean_batch']:.2f}"
-            f"  n={row['requests']} err={row['errors']}  cpu% "
-            + " ".join(f"{k}={v:.0f}" for k, v in row["cpu_percent"].items() if v >= 1))
+            f"  n={row['requests']} err={row['errors']}")
+    if row.get("via") == "http":
+        line += (f"  bridge x{row['bridge']['processes']} "
+                 f"{_fmt(row['bridge_rss_mib'], '.0f')} MiB "
+                 f"{_fmt(row['bridge_cpu_ms_per_req'], '.3f')} ms/req")
+        end = (row.get("slow_clients") or {}).get("at_end")
+        if end:
+            line += (f"  open at end idle {end['open']['idle']}/{end['target']['idle']} "
+                     f"slow {end['open']['slow']}/{end['target']['slow']}")
+    return line + "  cpu% " + " ".join(f"{k}={v:.0f}" for k, v in row["cpu_percent"].items()
+                                       if v >= 1)
+
+
+def _http_header_lines(http: dict[str, Any]) -> list[str]:
+    if not http.get("enabled"):
+        return []
+    flags = http["server_flags"]
+    lines = [f"HTTP rows: the W1 numpy server with ``{' '.join(flags)}``"
+             f"{' (the bridge defaults)' if flags == HTTP_FLAGS else ''}; load: wrk "
+             f"-t{WRK_THREADS} -c<C> --timeout={WRK_TIMEOUT_S}s, a warm-up run then the "
+             f"measured run (whole seconds: {http['wrk_warmup_s']} s + "
+             f"{http['wrk_duration_s']} s), one JSON item per POST /encode; bridge = the "
+             "server's processes listening on the HTTP port"]
+    slow = http.get("slow_clients")
+    if slow:
+        lines.append(
+            f"slow-client rows: from before the warm-up to the end, a separate process holds "
+            f"{slow['idle']:,} idle connections (nothing sent) and {slow['slowloris']:,} "
+            "slowloris connections (a partial header, then one more header byte a second) "
+            "open to the HTTP port, reopening those the bridge closes; measured window at "
+            f"least {http['slow_min_window_s']:g} s"
+            + (" (longer than the bridge's default 10 s read timeout)"
+               if http["slow_min_window_s"] > 10 else ""))
+    return lines
 
 
 def _header_lines(report: dict[str, Any]) -> list[str]:
@@ -1097,10 +1305,7 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
         f"{m['pyzmq']} (libzmq {m['libzmq']}), msgpack {m['msgpack']}, wkr-serving "
         f"{m['wkr_serving']}; thread env vars: {env}",
         f"server: ``{' '.join(SERVER_FLAGS)} -protocol <protocol>`` (WKRServer, 1 worker)",
-        *([f"HTTP rows: the W1 numpy server with ``{' '.join(HTTP_FLAGS)}``; load: wrk "
-           f"-t{WRK_THREADS} -c<C>, a warm-up run then the measured run (whole seconds: "
-           f"{st['http']['wrk_warmup_s']} s + {st['http']['wrk_duration_s']} s), one JSON "
-           "item per POST /encode"] if st.get("http", {}).get("enabled") else []),
+        *_http_header_lines(st.get("http") or {}),
         *([f"HTTP rows skipped: {st['http']['skipped']}"]
           if st.get("http", {}).get("skipped") else []),
         f"closed loop: {st['warmup']} s warm-up then {st['duration']} s measured per row"
@@ -1117,6 +1322,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# wkr-serving benchmark ({report['mode']})", ""]
     lines += [f"- {h.replace('``', '`')}" for h in _header_lines(report)] + [""]
     lines += table(COLUMNS, [_table_cells(r) for r in report["runs"]])
+    http_rows = [r for r in report["runs"] if r.get("via") == "http"]
+    if http_rows:
+        lines += ["", "## HTTP rows: errors, the bridge, the slow clients", ""]
+        lines += table(HTTP_COLUMNS, [_http_cells(r) for r in http_rows])
     lines += ["", "## In-process floor (Worker.predict called directly)", ""]
     lines += table(FLOOR_COLUMNS, [_floor_cells(n, f, b) for n, f in report["floor"].items()
                                    for b in FLOOR_KEYS if b in f])
@@ -1146,6 +1355,17 @@ def rst(report: dict[str, Any]) -> str:
     lines += [sub, "-" * len(sub), ""]
     lines += table("Closed-loop results", COLUMNS, [_table_cells(r) for r in report["runs"]])
     lines += ["Targets:", ""] + [f"- {t['line']}" for t in report["targets"]] + [""]
+    http_rows = [r for r in report["runs"] if r.get("via") == "http"]
+    if http_rows:
+        sub = "HTTP bridge"
+        lines += [sub, "-" * len(sub), "",
+                  "The HTTP rows again, with wrk's errors (socket errors + non-2xx replies), "
+                  "the bridge's processes (those listening on the HTTP port), their RSS summed "
+                  "at the end of the window and their CPU time per request over the window, "
+                  "and, for the slow-client rows, how many slow connections were open at the "
+                  "end and how many the bridge closed (and the attacker reopened) inside the "
+                  "window.", ""]
+        lines += table("HTTP rows", HTTP_COLUMNS, [_http_cells(r) for r in http_rows])
     sub = "In-process floor"
     lines += [sub, "-" * len(sub), "",
               "``Worker.predict(model, batch)`` called directly in the benchmark process on a "
@@ -1172,9 +1392,11 @@ def rst(report: dict[str, Any]) -> str:
 
 def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any],
                   http_skipped: str = "not run") -> list[dict[str, Any]]:
-    def find(workload: str, protocol: str, c: int, via: str = "zmq") -> dict[str, Any] | None:
+    def find(workload: str, protocol: str, c: int, via: str = "zmq",
+             slow: bool = False) -> dict[str, Any] | None:
         return next((r for r in runs if r["workload"] == workload and r.get("via") == via
-                     and r["protocol"] == protocol and r["concurrency"] == c), None)
+                     and r["protocol"] == protocol and r["concurrency"] == c
+                     and bool(r.get("slow_clients")) == slow), None)
 
     targets = []
 
@@ -1197,10 +1419,30 @@ def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any],
         lambda r: r["p50_ms"], 0.5, False, lambda v: f"p50 = {v:.3f} ms")
     add("W1 noop c=64 >= 10,000 req/s (1 worker)", find("noop", "numpy", 64),
         lambda r: r["req_per_s"], 10_000, True, lambda v: f"{v:,.0f} req/s")
-    add("HTTP W1 c=64 >= 2,500 req/s", find("noop", "numpy", 64, "http"),
-        lambda r: r["req_per_s"], 2_500, True, lambda v: f"{v:,.0f} req/s", http_skipped)
-    add("HTTP W1 c=1 p50 <= 1.5 ms", find("noop", "numpy", 1, "http"), lambda r: r["p50_ms"],
-        1.5, False, lambda v: f"p50 = {v:.3f} ms", http_skipped)
+    add("HTTP W1 c=64 >= 5,000 req/s (1 worker)", find("noop", "numpy", 64, "http"),
+        lambda r: r["req_per_s"], 5_000, True, lambda v: f"{v:,.0f} req/s", http_skipped)
+    add("HTTP W1 c=1 p50 <= 0.7 ms", find("noop", "numpy", 1, "http"), lambda r: r["p50_ms"],
+        0.7, False, lambda v: f"p50 = {v:.3f} ms", http_skipped)
+    for c in SLOW_CONCURRENCY:
+        row = find("noop", "numpy", c, "http", slow=True)
+        sc = (row or {}).get("slow_clients") or {}
+        name = (f"HTTP W1 c={c} with {sc.get('idle', SLOW_CLIENTS[0]):,} idle + "
+                f"{sc.get('slowloris', SLOW_CLIENTS[1]):,} slowloris: p99 <= 50 ms and 0 errors")
+        if row is None:
+            targets.append({"name": name, "status": "SKIP",
+                            "line": f"SKIP {name}: {http_skipped or 'not run'}"})
+            continue
+        ok = row["requests"] > 0 and row["p99_ms"] <= 50.0 and row["errors"] == 0
+        status = "PASS" if ok else "MISS"
+        end = sc.get("at_end") or {}
+        held = (f"; open at end: {end['open']['idle']:,}/{end['target']['idle']:,} idle, "
+                f"{end['open']['slow']:,}/{end['target']['slow']:,} slowloris" if end else "")
+        targets.append({"name": name, "status": status,
+                        "value": {"p99_ms": row["p99_ms"], "errors": row["errors"]},
+                        "goal": {"p99_ms": 50.0, "errors": 0},
+                        "line": f"{status} {name}: p99 = {row['p99_ms']:.3f} ms, "
+                        f"{row['errors']:,} errors, {row['req_per_s']:,.0f} req/s"
+                        f"{'' if row['requests'] else ' (no request completed)'}{held}"})
     floor_b32 = floors.get("mlp", {}).get("b32", {}).get("items_per_s", math.nan)
     add("W2 mlp c=64 >= 70% of floor batch-32 throughput", find("mlp", "numpy", 64),
         lambda r: r["req_per_s"] / floor_b32, 0.70, True,
@@ -1220,8 +1462,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="2 s per row, W1 numpy and W2 only, no load-generator comparison")
-    parser.add_argument("--out", default=str(HERE / "results" / "latest.json"),
-                        help="JSON results file (a .md table is written beside it)")
+    parser.add_argument("--out", help="JSON results file (a .md table is written beside it; "
+                        "default benchmarks/results/latest.json, or with --only "
+                        f"{tempfile.gettempdir()}/wkr-bench-<only>.json)")
+    parser.add_argument("--only", choices=["http", "zmq"],
+                        help="only the HTTP rows (W1 numpy server, wrk, slow-client rows) or "
+                        "only the ZeroMQ rows; the default --out is then a file in the temp "
+                        "directory, so a partial run never replaces the results files")
     parser.add_argument("--duration", type=float, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per row")
     parser.add_argument("--max-requests", type=int, default=2_000_000,
@@ -1242,16 +1489,39 @@ def main(argv: list[str] | None = None) -> int:
                         "docs/benchmarks.rst")
     parser.add_argument("--no-http", dest="http", action="store_false",
                         help="leave out the HTTP rows (wrk against the bridge's /encode)")
+    parser.add_argument("--http-flags", default="", metavar="FLAGS",
+                        help="more server flags for the HTTP rows' server, e.g. "
+                        "'-http_workers 2' (default: none, the bridge's defaults)")
+    parser.add_argument("--slow-clients", default=f"{SLOW_CLIENTS[0]},{SLOW_CLIENTS[1]}",
+                        metavar="IDLE,SLOW",
+                        help="idle and slowloris connections of the slow-client HTTP rows "
+                        "(default %(default)s; 0,0 leaves those rows out)")
+    parser.add_argument("--slow-window", type=float, default=SLOW_MIN_WINDOW_S, metavar="S",
+                        help="shortest measured window of the slow-client rows (default "
+                        "%(default)g s, more than the bridge's 10 s read timeout)")
     parser.add_argument("--alternatives", help="comma list of C=64 layouts to compare "
                         f"(default {','.join(LOADGEN_ALTERNATIVES)}); implies the comparison")
     args = parser.parse_args(argv)
 
     quick = args.quick
+    try:
+        slow_idle, slow_loris = (int(v) for v in args.slow_clients.split(","))
+    except ValueError:
+        parser.error("--slow-clients takes IDLE,SLOW, e.g. 1000,50")
+    if slow_idle < 0 or slow_loris < 0:
+        parser.error("--slow-clients: counts must be >= 0")
+    if args.only == "http":
+        if args.runs and "/".join(HTTP_RUN) not in args.runs.split(","):
+            parser.error(f"--only http runs {'/'.join(HTTP_RUN)}; leave out --runs")
+        if not args.http:
+            parser.error("--only http and --no-http contradict each other")
     settings = {"warmup": args.warmup if args.warmup is not None else (0.5 if quick else 1.0),
                 "duration": args.duration if args.duration is not None else (2.0 if quick else 5.0),
                 "max_requests": args.max_requests, "repeat": max(1, args.repeat)}
     runs = ([tuple(s.split("/")) for s in args.runs.split(",")] if args.runs
             else (RUNS_QUICK if quick else RUNS_FULL))
+    if args.only == "http":
+        runs = [HTTP_RUN]
     concurrency = ([int(c) for c in args.concurrency.split(",")] if args.concurrency
                    else list(CONCURRENCY))
     loadgens = dict(DEFAULT_LOADGEN)
@@ -1264,6 +1534,8 @@ def main(argv: list[str] | None = None) -> int:
             loadgens[c] = ("block:1x1x1" if c == 1 else f"pipe:1x{c}x1" if c <= 32 or c % 2
                            else f"pipe:2x{c // 2}x1")
     compare = (not quick) if args.compare is None else args.compare
+    if args.only == "http":
+        compare = False
     alternatives = LOADGEN_ALTERNATIVES
     if args.alternatives:
         alternatives = args.alternatives.split(",")
@@ -1272,7 +1544,9 @@ def main(argv: list[str] | None = None) -> int:
         compare = True
 
     http_skipped = ""
-    if not args.http:
+    if args.only == "zmq":
+        http_skipped = "--only zmq"
+    elif not args.http:
         http_skipped = "--no-http"
     elif HTTP_RUN not in runs:
         http_skipped = f"{'/'.join(HTTP_RUN)} not in --runs"
@@ -1281,15 +1555,21 @@ def main(argv: list[str] | None = None) -> int:
                         "left out")
         print(f"NOTE: {http_skipped}", flush=True)
     settings["http"] = {"enabled": not http_skipped, "skipped": http_skipped or None,
-                        "server_flags": HTTP_FLAGS, "wrk_threads": WRK_THREADS,
+                        "server_flags": [*HTTP_FLAGS, *shlex.split(args.http_flags)],
+                        "wrk_threads": WRK_THREADS,
                         "wrk_warmup_s": _wrk_seconds(settings["warmup"])
                         if settings["warmup"] > 0 else 0,
-                        "wrk_duration_s": _wrk_seconds(settings["duration"])}
+                        "wrk_duration_s": _wrk_seconds(settings["duration"]),
+                        "slow_clients": ({"idle": slow_idle, "slowloris": slow_loris,
+                                          "concurrency": [c for c in SLOW_CONCURRENCY
+                                                          if c in concurrency]}
+                                         if slow_idle or slow_loris else None),
+                        "slow_min_window_s": args.slow_window}
     if not http_skipped:
         settings["http"]["wrk_version"] = _wrk_version()
 
     report: dict[str, Any] = {
-        "mode": "quick" if quick else "full",
+        "mode": ("quick" if quick else "full") + (f", only {args.only}" if args.only else ""),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", os.path.relpath(__file__, os.getcwd()),
                              *(sys.argv[1:] if argv is None else argv)]),
@@ -1312,11 +1592,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     comparison: list[dict[str, Any]] = []
     for workload, protocol in runs:
-        plan = [(c, loadgens[c]) for c in concurrency]
-        if 1 in concurrency and (workload, protocol) == ("noop", "numpy"):
+        plan = [] if args.only == "http" else [(c, loadgens[c]) for c in concurrency]
+        if 1 in concurrency and (workload, protocol) == ("noop", "numpy") \
+                and args.only != "http":
             plan.append((1, SPIN_LOADGEN))
         if (workload, protocol) == HTTP_RUN and not http_skipped:
-            plan += [(c, f"wrk:{WRK_THREADS}x{c}") for c in concurrency]
+            plan += [(c, wrk_spec(c)) for c in concurrency]
+            if slow_idle or slow_loris:
+                plan += [(c, wrk_spec(c, slow_idle, slow_loris)) for c in SLOW_CONCURRENCY
+                         if c in concurrency]
         headlines = len(plan)
         extra = [(64, spec) for spec in alternatives if spec != loadgens.get(64)]
         if compare and (workload, protocol) == ("noop", "numpy"):
@@ -1336,7 +1620,8 @@ def main(argv: list[str] | None = None) -> int:
     report["loadgen_comparison"] = comparison
     report["targets"] = check_targets(rows, floors, http_skipped or "not run")
 
-    out = Path(args.out)
+    out = Path(args.out or (Path(tempfile.gettempdir()) / f"wkr-bench-{args.only}.json"
+                            if args.only else HERE / "results" / "latest.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_clean(report), indent=2) + "\n")
     md = markdown(report)
