@@ -35,7 +35,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from wkr_serving.client.protocol import MAX_OPTION_CHARS
 
-from . import state
+from . import jsonio, state
 from .app import EncodeCall, envelope_error, failure, read_call, run_encode
 
 __all__ = ["JobStore", "register"]
@@ -144,7 +144,7 @@ class JobStore:
     def finish(self, job_id: str, status: str, answer: dict[str, Any]) -> None:
         """Record a job's outcome (``status`` "done" or "error"; ``answer``: the fields
         GET adds to ``job_id`` and ``status``, JSON-ready). Its TTL starts now."""
-        text = json.dumps({"status": status, **answer}, separators=(",", ":"))
+        text = jsonio.dumps({"status": status, **answer}).decode()
         self._db().execute("UPDATE jobs SET status = ?, expires = ?, answer = ? WHERE id = ?",
                            (status, time.monotonic() + self.ttl_s, text, job_id))
 
