@@ -43,6 +43,18 @@ class EchoWorker(WKRHardWorker):
         return input
 
 
+class NonFiniteWorker(EchoWorker):
+    """Echo, except the input ``"nonfinite"`` -> ``{"list": [nan, inf, -inf], "array":
+    float32 array of the same}``: a model output that JSON cannot carry as numbers."""
+
+    def predict(self, model, input):
+        import numpy as np
+
+        values = [float("nan"), float("inf"), float("-inf")]
+        return [{"list": values, "array": np.array(values, dtype=np.float32)}
+                if isinstance(x, str) and x == "nonfinite" else x for x in input]
+
+
 class ControlledWorker(WKRHardWorker):
     """Echo, except for dict inputs carrying a ``"cmd"`` key (obj protocol):
 
