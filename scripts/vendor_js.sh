@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Re-fetch the dashboard's vendored JavaScript from npm into server/static/.
+# Re-fetch the dashboard's vendored JavaScript from npm into server/http/static/.
 #
 #   bash scripts/vendor_js.sh
 #
 # The dashboard (server/http_dashboard.py) ships its chart library inside the package, so
 # it works with no network and no CDN. This script fetches the pinned npm tarball, checks
 # it against the pinned integrity hash (the one the npm registry publishes for that
-# version), and copies the files the page uses, with their licence, into server/static/.
+# version), and copies the files the page uses, with their licence, into server/http/static/.
 # Running it again gives byte-identical files; commit them.
 #
 # Needs npm (only to fetch the tarball: nothing is installed or built).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-STATIC="$ROOT/server/static"
+STATIC="$ROOT/server/http/static"
 
 UPLOT_VERSION="1.6.32"
 UPLOT_INTEGRITY="sha512-KIMVnG68zvu5XXUbC4LQEPnhwOxBuLyW1AHtpm6IKTXImkbLgkMy+jabjLgSLMasNuGGzQm/ep3tOkyTxpiQIw=="

@@ -21,6 +21,10 @@ from wkr_serving.client.version import __version__
 __all__ = ["ConfigError", "ServerConfig", "build_parser", "config_from_args", "load_config"]
 
 ENV_PREFIX = "WKR_"
+#: ``-cors`` given without a value: allow the origins of ``-cors_origins``.
+CORS_ON = "on"
+CORS_YES = ("on", "true", "yes", "1")
+CORS_OFF = ("", "off", "false", "no", "0", "none")
 
 
 class ConfigError(ValueError):
@@ -119,7 +123,8 @@ class ServerConfig:
         5.0, "seconds an idle keep-alive HTTP connection is kept open", kind=float)
     cors: str | None = _opt(
         None, "serve CORS headers (off by default): -cors alone allows the origins of "
-        "-cors_origins; -cors ORIGINS (the seed's form) allows those", nargs="?", const="")
+        "-cors_origins; -cors ORIGINS (the seed's form) allows those; an empty value, "
+        "'off' or 'false' keeps CORS off", nargs="?", const=CORS_ON)
     cors_origins: str = _opt(
         "*", "comma-separated origins CORS allows when -cors is given (* : any)")
     http_token: str | None = _opt(
@@ -181,9 +186,10 @@ class ServerConfig:
 
     def cors_allowed(self) -> list[str]:
         """The origins CORS allows ([]: CORS is off); ``*`` allows any."""
-        if self.cors is None:
+        value = (self.cors or "").strip()
+        if value.lower() in CORS_OFF:
             return []
-        given = self.cors.strip() or self.cors_origins
+        given = self.cors_origins if value == CORS_ON or value.lower() in CORS_YES else value
         return [o.strip() for o in given.split(",") if o.strip()]
 
     def worker_threads(self, cpu_count: int | None = None) -> int | None:

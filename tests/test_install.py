@@ -34,7 +34,8 @@ COMMAND_LIMIT_S = 480
 #: The client's own dependencies: all that ``pip install ./client`` may bring.
 CLIENT_DEPENDENCIES = {"pyzmq", "numpy", "msgpack"}
 #: Server-side dependencies that a client-only install must not bring.
-SERVER_ONLY = {"flask", "flask-cors", "gunicorn", "gputil", "psutil", "prometheus-client",
+SERVER_ONLY = {"flask", "flask-cors", "uvicorn", "httptools", "uvloop", "a2wsgi", "orjson",
+               "gputil", "psutil", "prometheus-client",
                "termcolor", "pyyaml", "threadpoolctl", "redis"}
 
 pytestmark = pytest.mark.timeout(900)
@@ -106,7 +107,7 @@ CLIENT_IMPORTS = r"""
 import importlib, json, pkgutil, sys
 import wkr_serving.client
 from wkr_serving.client import AsyncWKRClient, WKRClient
-first = sorted(m for m in sys.modules if m.startswith(("wkr_serving.server", "flask", "gunicorn",
+first = sorted(m for m in sys.modules if m.startswith(("wkr_serving.server", "flask", "uvicorn",
     "psutil", "GPUtil", "prometheus_client", "termcolor", "yaml", "redis")))
 for info in pkgutil.iter_modules(wkr_serving.client.__path__, "wkr_serving.client."):
     importlib.import_module(info.name)
@@ -192,7 +193,7 @@ def test_client_import_in_this_environment_stays_client_side():
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not [m for m in loaded if m.startswith("wkr_serving.server")], loaded
     tops = {m.split(".")[0] for m in loaded}
-    assert not tops & {"flask", "flask_cors", "gunicorn", "GPUtil", "psutil",
+    assert not tops & {"flask", "flask_cors", "uvicorn", "a2wsgi", "orjson", "GPUtil", "psutil",
                        "prometheus_client", "termcolor", "yaml", "redis"}, tops
 
 

@@ -46,6 +46,8 @@ from . import jsonio, state
 __all__ = ["Backend", "EncodeCall", "Limits", "all_blueprints", "create_app", "encode_call",
            "envelope", "failure", "http_status", "parse_encode_body", "read_call"]
 
+#: Fewest items a merged request may hold (else ``-batch_size``), see :class:`Coalescer`.
+COALESCE_MIN_ITEMS = 32
 #: Seconds a thread waits for a call beyond the call's own timeout (the server answers
 #: a timed-out call itself; this only bounds a wait that went wrong).
 CALL_SLACK_S = 5.0
@@ -96,6 +98,7 @@ class Backend:
         self._client: AsyncWKRClient | None = None
         self._connecting: asyncio.Lock | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._coalescer: Coalescer | None = None
         self.in_flight = 0
         self._seen_lock = threading.Lock()
         self.seen: dict[str, Any] = {"input": None, "output": None}
@@ -105,6 +108,7 @@ class Backend:
         self.loop = loop
         self._connecting = asyncio.Lock()
         self._slots = asyncio.Semaphore(self.config.http_max_connect)
+        self._coalescer = Coalescer(self, max(self.config.batch_size, COALESCE_MIN_ITEMS))
 
     async def client(self) -> AsyncWKRClient:
         """The connected client. No handshake before the first call, so a bridge can
@@ -126,14 +130,20 @@ class Backend:
 
     async def aencode(self, items: list[Any], timeout: int | None, **options: Any) -> list[Any]:
         """Compute ``items`` as one request; ``options`` (``request_id``,
-        ``suppress_log_input``) go to the server's prediction log."""
+        ``suppress_log_input``) go to the server's prediction log.
+
+        Calls made in the same turn of the event loop with the same timeout and no log
+        options travel as one request to the server (see :class:`Coalescer`)."""
         assert self._slots is not None, "attach() the event loop first"
         async with self._slots:
-            client = await self.client()
             self.in_flight += 1
             try:
-                results: list[Any] = await client.encode_batch(items, timeout=timeout,
-                                                               **options)
+                if options or self._coalescer is None:
+                    client = await self.client()
+                    results: list[Any] = await client.encode_batch(items, timeout=timeout,
+                                                                   **options)
+                else:
+                    results = await self._coalescer.submit(items, timeout)
             finally:
                 self.in_flight -= 1
         if self.seen["output"] is None:
@@ -204,6 +214,94 @@ class Backend:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+class Coalescer:
+    """Calls made in one turn of the bridge's event loop, sent as few requests.
+
+    Under load many HTTP requests are parsed in one turn of the loop; each would cost
+    the bridge, the ventilator and the sink a message of its own. Here they are merged,
+    in arrival order, into requests of at most ``max_items`` items (one per distinct
+    timeout), sent at the end of the turn, and each caller gets its own slice of the
+    results. A lone call is sent in the same turn, so it waits for nothing.
+
+    A merged request that fails fails each of its calls with the same error (the model
+    fails a whole batch anyway), except ``BadInput``: then each call is sent again on
+    its own, so that one caller's bad input never fails another's call.
+    """
+
+    def __init__(self, backend: Backend, max_items: int) -> None:
+        self.backend = backend
+        self.max_items = max_items
+        self.pending: list[tuple[list[Any], int | None, asyncio.Future[list[Any]]]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, items: list[Any], timeout: int | None) -> asyncio.Future[list[Any]]:
+        loop = self.backend.loop
+        assert loop is not None
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self.pending:
+            loop.call_soon(self.flush)
+        self.pending.append((items, timeout, future))
+        return future
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        groups: dict[int | None, list[tuple[list[Any], asyncio.Future[list[Any]]]]] = {}
+        for items, timeout, future in pending:
+            group = groups.setdefault(timeout, [])
+            if group and sum(len(i) for i, _ in group) + len(items) > self.max_items:
+                self._start(group, timeout)
+                group = groups[timeout] = []
+            group.append((items, future))
+        for timeout, group in groups.items():
+            if group:
+                self._start(group, timeout)
+
+    def _start(self, group: list[tuple[list[Any], asyncio.Future[list[Any]]]],
+               timeout: int | None) -> None:
+        task = asyncio.ensure_future(self.send(group, timeout))
+        self.tasks.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self.tasks.discard)
+
+    async def send(self, group: list[tuple[list[Any], asyncio.Future[list[Any]]]],
+                   timeout: int | None) -> None:
+        if len(group) == 1:
+            items, future = group[0]
+            await self._one(items, timeout, future)
+            return
+        merged = [item for items, _ in group for item in items]
+        try:
+            client = await self.backend.client()
+            results = await client.encode_batch(merged, timeout=timeout)
+        except E.BadInput:  # whose? each call alone: only the bad one fails
+            await asyncio.gather(*(self._one(items, timeout, future)
+                                   for items, future in group))
+            return
+        except BaseException as exc:
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for items, future in group:
+            if not future.done():
+                future.set_result(results[start:start + len(items)])
+            start += len(items)
+
+    async def _one(self, items: list[Any], timeout: int | None,
+                   future: asyncio.Future[list[Any]]) -> None:
+        try:
+            client = await self.backend.client()
+            results = await client.encode_batch(items, timeout=timeout)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(results)
 
 
 def describe_value(value: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hmac
 
-__all__ = ["OPEN_EXACT", "OPEN_PREFIXES", "CORSPolicy", "bearer_ok", "is_open", "redact"]
+__all__ = ["OPEN_EXACT", "OPEN_PREFIXES", "CORSPolicy", "bearer_ok", "is_open"]
 
 #: Paths served without the token (see the module docstring).
 OPEN_PREFIXES = ("/health/", "/v2/health/", "/dashboard/static/")
@@ -54,11 +54,6 @@ def bearer_ok(authorization: bytes | str | None, token: bytes | None) -> bool:
         authorization = authorization.encode("latin-1", "replace")
     scheme, _, given = authorization.strip().partition(b" ")
     return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
-
-
-def redact(secret: str | None) -> str | None:
-    """A secret as it may be shown: its length only (None stays None)."""
-    return None if secret is None else f"<redacted, {len(secret)} characters>"
 
 
 class CORSPolicy:

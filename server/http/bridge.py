@@ -39,7 +39,7 @@ from typing import Any
 from ..config import ServerConfig
 from ..process import BootError, Endpoints, Role
 from . import jsonio
-from .state import STATE_DIR_ENV
+from .state import PROCESSES_ENV, STATE_DIR_ENV
 
 __all__ = ["HTTPBridge"]
 
@@ -99,6 +99,7 @@ class HTTPBridge(Role):
     def serve(self) -> None:
         if self.state_dir:
             os.environ[STATE_DIR_ENV] = self.state_dir
+            os.environ[PROCESSES_ENV] = str(self.config.http_workers)
         try:
             import uvloop
 
@@ -238,14 +239,14 @@ def guarded_protocol(config: ServerConfig) -> type:
     bad = error_bytes(400, b"Bad Request", "bad_request", "this is not a valid HTTP/1.1 "
                       "request")
 
-    class GuardedProtocol(HttpToolsProtocol):  # type: ignore[misc]
+    class GuardedProtocol(HttpToolsProtocol):
         _timer: asyncio.TimerHandle | None = None
         _in_headers = False
         _in_body = False
         _header_bytes = 0
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(CoalescingTransport(transport, self.loop))
+            super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
             if len(self.connections) > max_connections:
                 transport.write(too_many)
                 transport.close()

@@ -14,7 +14,7 @@ Routes:
   and memory (GPUtil). 503 with ``{"ok": false, "error": ...}`` when the server does
   not answer.
 
-State: the bridge may run in several processes (gunicorn workers), and each poll may land
+State: the bridge may run in several processes (-http_workers), and each poll may land
 on any of them, so these routes keep no history. Everything that moves over time (rates,
 the time series the charts draw) is computed by the page from successive snapshots of the
 server's own counters, which every process reads alike. The only per-process memory is a

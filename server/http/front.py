@@ -49,7 +49,7 @@ class Front:
         self.backend = backend
         self.flask = flask_app
         threads = max(8, min(config.http_max_connect, MAX_ROUTE_THREADS))
-        self.wsgi = WSGIMiddleware(flask_app.wsgi_app, workers=threads)
+        self.wsgi: Any = WSGIMiddleware(flask_app.wsgi_app, workers=threads)
         self.token = config.http_token.encode() if config.http_token else None
         self.cors = CORSPolicy(config.cors_allowed())
         self.max_body = config.http_max_body

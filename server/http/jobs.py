@@ -13,7 +13,7 @@ The store is bounded: at most ``-http_jobs_max`` jobs; a finished job is kept
 oldest finished jobs make room; when every job in it is still pending, ``POST /jobs``
 gets ``429``.
 
-The bridge runs several gunicorn processes and a GET may reach another process than its
+The bridge may run several processes and a GET may reach another process than its
 POST, so the store is shared by all of them: a small SQLite file (WAL journal) in a
 directory of the bridge (see :mod:`.state`). A job whose process exited
 before finishing it is reported as an error (``job_lost``).

@@ -35,7 +35,10 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BadJSON(f"the body is not valid JSON: {exc}") from None
-    check_depth(value)
+    if isinstance(value, (list, dict)) and (
+            not isinstance(data, (bytes, bytearray))
+            or data.count(b"[") + data.count(b"{") > MAX_DEPTH):  # else it cannot be deeper
+        check_depth(value)
     return value
 
 
@@ -68,7 +71,7 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-_CONTAINERS = (dict, list, tuple)
+_NESTED = (np.ndarray, dict, list, tuple)
 
 
 def _native(value: Any) -> Any:
@@ -78,12 +81,14 @@ def _native(value: Any) -> Any:
         return value.astype(value.dtype.newbyteorder("=")) if value.dtype.byteorder == ">" \
             else value
     if isinstance(value, dict):
-        if any(isinstance(v, (np.ndarray, *_CONTAINERS)) for v in value.values()):
-            return {k: _native(v) for k, v in value.items()}
+        for v in value.values():
+            if isinstance(v, _NESTED) and _native(v) is not v:
+                return {k: _native(v) for k, v in value.items()}
         return value
-    if isinstance(value, (list, tuple)) and any(
-            isinstance(v, (np.ndarray, *_CONTAINERS)) for v in value):
-        return [_native(v) for v in value]
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            if isinstance(v, _NESTED) and _native(v) is not v:
+                return [_native(v) for v in value]
     return value
 
 

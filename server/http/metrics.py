@@ -10,12 +10,13 @@ Two kinds of metrics, one page:
   only ``wkr_up 0`` is reported.
 - **Bridge HTTP** (``wkr_http_*``): requests by route, method and status, errors by
   route and type, and an HTTP latency histogram per route, counted in every bridge
-  process. The bridge runs several gunicorn processes and a scrape reaches one of them,
-  so these use prometheus-client's multiprocess mode: each process writes its counts to
-  files in ``<bridge state dir>/metrics`` (see :mod:`.state`) and
-  a scrape sums every process's files, those of exited processes included (counters
-  never go back). Served by a single process (not gunicorn), they are plain
-  per-process metrics. The job store adds ``wkr_http_jobs{status}``.
+  process. With several bridge processes (``-http_workers``) a scrape reaches one of
+  them, so these use prometheus-client's multiprocess mode: each process writes its
+  counts to files in ``<bridge state dir>/metrics`` (see :mod:`.state`) and a scrape
+  sums every process's files, those of exited processes included (counters never go
+  back). With one process (the default) they are plain in-memory metrics, cheaper per
+  request; they restart from zero if the bridge process is restarted (Prometheus reads
+  that as a counter reset). The job store adds ``wkr_http_jobs{status}``.
 
 With ``-http_token``, ``/metrics`` needs the bearer token like every route but health.
 """
@@ -52,7 +53,7 @@ def _multiprocess_dir() -> str | None:
     folder of the bridge's state directory, then exported in this process's environment
     (prometheus-client reads it there). Must run before the HTTP metrics are made."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not path and state.shared():
+    if not path and state.shared() and state.processes() > 1:
         path = os.path.join(state.state_dir(), "metrics")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     if not path:

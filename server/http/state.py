@@ -20,11 +20,13 @@ import threading
 
 import psutil
 
-__all__ = ["STATE_DIR_ENV", "create", "gone", "process_key", "remove", "shared", "state_dir",
-           "this_process"]
+__all__ = ["PROCESSES_ENV", "STATE_DIR_ENV", "create", "gone", "process_key", "processes",
+           "remove", "shared", "state_dir", "this_process"]
 
 #: Environment variable naming the directory the bridge's processes share.
 STATE_DIR_ENV = "WKR_HTTP_STATE_DIR"
+#: Environment variable with the number of the bridge's processes.
+PROCESSES_ENV = "WKR_HTTP_PROCESSES"
 PREFIX = "wkr-http-"
 
 _lock = threading.Lock()
@@ -44,6 +46,14 @@ def remove(path: str | None) -> None:
 def shared() -> bool:
     """Whether this process is one of a bridge's (the directory is the bridge's)."""
     return bool(os.environ.get(STATE_DIR_ENV))
+
+
+def processes() -> int:
+    """How many processes the bridge runs (``-http_workers``; 1 outside a bridge)."""
+    try:
+        return max(1, int(os.environ.get(PROCESSES_ENV, "1")))
+    except ValueError:
+        return 1
 
 
 def state_dir() -> str:
