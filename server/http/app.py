@@ -108,7 +108,8 @@ class Backend:
         self.loop = loop
         self._connecting = asyncio.Lock()
         self._slots = asyncio.Semaphore(self.config.http_max_connect)
-        self._coalescer = Coalescer(self, max(self.config.batch_size, COALESCE_MIN_ITEMS))
+        self._coalescer = Coalescer(self, min(max(self.config.batch_size, COALESCE_MIN_ITEMS),
+                                              self.config.max_request_items))
 
     async def client(self) -> AsyncWKRClient:
         """The connected client. No handshake before the first call, so a bridge can
@@ -226,8 +227,9 @@ class Coalescer:
     results. A lone call is sent in the same turn, so it waits for nothing.
 
     A merged request that fails fails each of its calls with the same error (the model
-    fails a whole batch anyway), except ``BadInput``: then each call is sent again on
-    its own, so that one caller's bad input never fails another's call.
+    fails a whole batch anyway), except an error about the input (``BadInput``,
+    ``ProtocolError``, ``ClientUsageError``): then each call is sent again on its own, so
+    that one caller's bad input never fails another's call.
     """
 
     def __init__(self, backend: Backend, max_items: int) -> None:
@@ -274,7 +276,8 @@ class Coalescer:
         try:
             client = await self.backend.client()
             results = await client.encode_batch(merged, timeout=timeout)
-        except E.BadInput:  # whose? each call alone: only the bad one fails
+        except (E.BadInput, E.ProtocolError, E.ClientUsageError):  # whose? each call
+            # alone: only the bad one fails
             await asyncio.gather(*(self._one(items, timeout, future)
                                    for items, future in group))
             return
