@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from wkr_serving.client.process import serve_until_signalled
 
-from .config import ConfigError, ServerConfig, load_config
+from .config import SECRET_FIELDS, ConfigError, ServerConfig, load_config
 from .supervisor import Supervisor
 from .worker import load_worker_class
 
@@ -19,7 +19,39 @@ def format_config(config: ServerConfig, worker_class: str) -> str:
     return "\n".join(f"{name:>22} = {value}" for name, value in rows)
 
 
+def redacted_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the value of every secret option (``-http_token T``,
+    ``-auth_token=T``...) replaced by ``<redacted>``."""
+    flags = {f"-{name}" for name in SECRET_FIELDS}
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("<redacted>")
+            hide_next = False
+        elif arg in flags:
+            out.append(arg)
+            hide_next = True
+        elif arg.partition("=")[0] in flags:
+            out.append(f"{arg.partition('=')[0]}=<redacted>")
+        else:
+            out.append(arg)
+    return out
+
+
+def hide_secrets_in_title(argv: Sequence[str]) -> None:
+    """Show the command line without its secrets in ``ps`` and /proc (a token given on
+    the command line would otherwise be readable by every user of the machine)."""
+    shown = redacted_argv(argv)
+    if list(shown) == list(argv):
+        return
+    import setproctitle
+
+    setproctitle.setproctitle(" ".join(["wkr-serving-start", *shown]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    hide_secrets_in_title(sys.argv[1:] if argv is None else argv)
     try:
         config, spec = load_config(argv)
     except ConfigError as exc:

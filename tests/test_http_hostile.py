@@ -823,7 +823,7 @@ def test_cors_alone_allows_any_origin_and_the_env_token_works(star_server):
 def test_token_with_cors_origins_preflight_and_secrecy(origin_server):
     check_preflight(origin_server, "https://good.example", "https://good.example")
     check_token(origin_server)
-    check_token_secret(origin_server, skip_top_cmdline=True)
+    check_token_secret(origin_server, skip_top_cmdline=False)  # hidden by setproctitle
 
 
 # -- 7. supervision -------------------------------------------------------------------------
@@ -897,3 +897,26 @@ def test_a_killed_bridge_is_restarted_on_the_same_port_while_zeromq_serves(quick
     assert now and not {p.pid for p in now} & {p.pid for p in victims}, \
         "no new bridge process listens on the same port"
     assert call(served, "POST", "/encode", {"data": 9}).json()["data"] == 9
+
+
+def test_a_bridge_that_keeps_dying_stops_the_server_with_the_reason(tmp_path):
+    """Supervision has a limit: more than 5 deaths of a bridge process in 60 s stop the
+    whole server (exit 1) with an error naming the bridge, instead of looping."""
+    served = start(tmp_path, "-http_workers", "1", name="dying")
+    try:
+        port = served.http_port
+        for kill in range(6):  # bounded: the sixth death is one too many
+            victims = top_bridges(served.cli, port)
+            assert victims, f"no bridge listens before kill {kill + 1}"
+            for victim in victims:
+                os.kill(victim.pid, signal.SIGKILL)
+            wait_until(lambda v=victims: all(gone(p.pid) for p in v), 10, "the bridge to die")
+            if kill < 5:
+                wait_until(lambda v=victims: bool(top_bridges(served.cli, port)) and not {
+                    p.pid for p in top_bridges(served.cli, port)} & {p.pid for p in v},
+                    START_LIMIT_S, f"the bridge to be restarted ({kill + 1})", 0.05)
+        code = served.cli.wait_exit(30)
+        assert code == 1, served.cli.stderr()[-3000:]
+        assert "http-0 died 6 times" in served.cli.stderr(), served.cli.stderr()[-3000:]
+    finally:
+        served.cli.close(5)
