@@ -34,7 +34,7 @@ COMMAND_LIMIT_S = 480
 #: The client's own dependencies: all that ``pip install ./client`` may bring.
 CLIENT_DEPENDENCIES = {"pyzmq", "numpy", "msgpack"}
 #: Server-side dependencies that a client-only install must not bring.
-SERVER_ONLY = {"flask", "flask-cors", "uvicorn", "httptools", "uvloop", "a2wsgi", "orjson",
+SERVER_ONLY = {"flask", "uvicorn", "httptools", "uvloop", "a2wsgi", "orjson", "setproctitle",
                "gputil", "psutil", "prometheus-client",
                "termcolor", "pyyaml", "threadpoolctl", "redis"}
 
