@@ -291,7 +291,7 @@ BAD_REQUESTS = {
     "negative_dim": (_infer_body(shape=[-1], data=[1]), "shape"),
     "empty_batch": (_infer_body(shape=[0, 2], data=[]), "empty"),
     "not_numbers": (_infer_body(data=["a", "b"]), "FP32"),
-    "ragged": (_infer_body(shape=[2, 2], data=[[1, 2], [3]]), "FP32"),
+    "ragged": (_infer_body(shape=[2, 2], data=[[1, 2], [3]]), "holds 4"),
     "uint8_overflow": (_infer_body(datatype="UINT8", data=[1, 300]), "UINT8"),
     "bytes_not_strings": (_infer_body(datatype="BYTES", data=[1, 2]), "strings"),
     "no_data": (_infer_body(data=None), "data"),

@@ -24,6 +24,13 @@ request asks for. The binary tensor extension (``Inference-Header-Content-Length
 and gzip or deflate request bodies are inflated. A request's ``parameters.timeout``
 (microseconds, as tritonclient sends it) becomes the call's deadline.
 
+Limits (the server's options, see :mod:`.v2codec`), all checked before any array or row
+is built: a batch over ``-max_request_items``, an input or a request decoding to more
+than ``-max_msg_size``, data whose length is not what the shape says, or strict JSON it
+is not (``NaN``, ``Infinity``, nesting deeper than 64 levels) is a 400; a compressed
+body inflating past ``-http_max_body`` a 413. Answers are written by :mod:`.jsonio`
+(non-finite output values in JSON become ``null``).
+
 Model metadata describes the tensors of the latest requests this bridge process has
 served (dims that differed between requests become ``-1``; the batch dim always is),
 falling back on what ``/encode`` saw; before any request it declares one input
@@ -38,8 +45,6 @@ key, including the bearer-token refusal and unknown routes.
 
 from __future__ import annotations
 
-import json
-import zlib
 from http import HTTPStatus
 from typing import Any
 
@@ -47,20 +52,23 @@ import numpy as np
 from flask import Flask, Response, g, request
 from wkr_serving.client.version import __version__
 
+from . import jsonio
 from .app import Backend, http_status, is_ready
 from .v2codec import (
     EXTENSIONS,
     HEADER_LENGTH,
-    MAX_INFLATED_BYTES,
     MODEL_VERSION,
     PLATFORM,
     SERVER_NAME,
+    Limits,
     Signature,
     V2Error,
+    decode_input,
     encode_output,
+    inflate,
     output_columns,
     parameters_of,
-    parse_input,
+    plan_inputs,
     requested_outputs,
     rows_of,
     split_body,
@@ -76,31 +84,22 @@ def model_name_of(backend: Backend) -> str:
     return backend.config.model_name or backend.worker_class.rsplit(".", 1)[-1] or "model"
 
 
-def read_body() -> bytes:
-    """The request body, inflated when it is sent with gzip or deflate."""
-    body = request.get_data(cache=False)
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise V2Error(415, f"Content-Encoding {encoding!r} is not supported "
-                           "(gzip, deflate or none)")
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        data = inflater.decompress(body, MAX_INFLATED_BYTES)
-    except zlib.error as exc:
-        raise V2Error(400, f"the {encoding} body does not inflate: {exc}") from None
-    if inflater.unconsumed_tail:
-        raise V2Error(413, f"the {encoding} body inflates to more than "
-                           f"{MAX_INFLATED_BYTES} bytes")
-    if not inflater.eof:
-        raise V2Error(400, f"the {encoding} body is truncated")
-    return data
+def limits_of(backend: Backend) -> Limits:
+    """The server's limits on one inference request."""
+    config = backend.config
+    return Limits(max_items=config.max_request_items, max_bytes=config.max_msg_size,
+                  max_body=config.http_max_body)
+
+
+def read_body(limits: Limits) -> bytes:
+    """The request body, inflated (to ``-http_max_body`` at most) when it is sent with
+    gzip or deflate."""
+    return inflate(request.get_data(cache=False), request.headers.get("Content-Encoding", ""),
+                   limits.max_body)
 
 
 def _json(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), status,
-                    mimetype="application/json")
+    return Response(jsonio.dumps(body), status, mimetype="application/json")
 
 
 def _error(status: int, message: str) -> Response:
@@ -111,6 +110,7 @@ def register(app: Flask, backend: Backend) -> None:
     """Serve the Open Inference Protocol REST routes on ``app``."""
     name = model_name_of(backend)
     signature = Signature()
+    limits = limits_of(backend)
 
     def check_model(model: str, version: str | None) -> None:
         if model != name:
@@ -142,7 +142,7 @@ def register(app: Flask, backend: Backend) -> None:
                 phrase = "error"
             message = f"{response.status_code} {phrase}: {request.method} {request.path}"
         fixed = {"error": message, **body} if isinstance(body, dict) else {"error": message}
-        response.set_data(json.dumps(fixed, separators=(",", ":")))
+        response.set_data(jsonio.dumps(fixed))
         response.mimetype = "application/json"
         return response
 
@@ -181,7 +181,7 @@ def register(app: Flask, backend: Backend) -> None:
     @app.post("/v2/models/<model>/versions/<version>/infer")
     def v2_infer(model: str, version: str | None = None) -> Response:
         check_model(model, version)
-        header, tail = split_body(read_body(), request.headers.get(HEADER_LENGTH))
+        header, tail = split_body(read_body(limits), request.headers.get(HEADER_LENGTH))
         specs = header.get("inputs")
         if not isinstance(specs, list) or not specs:
             raise V2Error(400, "the inference request needs a non-empty list of inputs")
@@ -189,28 +189,18 @@ def register(app: Flask, backend: Backend) -> None:
         timeout = timeout_ms_of(params.get("timeout"))
         requested, binary = requested_outputs(header.get("outputs"),
                                                bool(params.get("binary_data_output", False)))
-        tensors: list[tuple[str, str, np.ndarray]] = []
-        offset = 0
-        for spec in specs:
-            input_name, datatype, tensor, offset = parse_input(spec, tail, offset)
-            if any(input_name == t[0] for t in tensors):
-                raise V2Error(400, f"input {input_name!r} is given twice")
-            tensors.append((input_name, datatype, tensor))
-        if offset != len(tail):
-            raise V2Error(400, f"{len(tail) - offset} bytes of binary data belong to no input")
-        batch = tensors[0][2].shape[0]
-        if any(t.shape[0] != batch for _, _, t in tensors):
-            raise V2Error(400, "every input needs the same first (batch) dimension, not "
-                               f"{[list(t.shape) for _, _, t in tensors]}")
-        if batch == 0:
-            raise V2Error(400, "the batch (first dimension) is empty")
-        if backend.protocol == "numpy" and len(tensors) > 1:
+        plans = plan_inputs(specs, tail, limits)  # all checked before any is decoded
+        if backend.protocol == "numpy" and len(plans) > 1:
             raise V2Error(400, f"this server (-protocol numpy) takes one input tensor, not "
-                               f"{len(tensors)}")
+                               f"{len(plans)}")
+        tensors: list[tuple[str, str, np.ndarray]] = [
+            (p.name, p.datatype, decode_input(p)) for p in plans]
+        batch = tensors[0][2].shape[0]
         if len(tensors) == 1:
-            items = rows_of(tensors[0][2], backend.protocol)
+            items = rows_of(tensors[0][2], backend.protocol, limits.max_bytes)
         else:
-            columns = [(n, rows_of(t, backend.protocol)) for n, _, t in tensors]
+            columns = [(n, rows_of(t, backend.protocol, limits.max_bytes))
+                       for n, _, t in tensors]
             items = [{n: rows[i] for n, rows in columns} for i in range(batch)]
         try:
             results = backend.encode(items, timeout)
@@ -233,9 +223,9 @@ def register(app: Flask, backend: Backend) -> None:
                 raws.append(raw)
         signature.update([(n, d, tuple(t.shape[1:])) for n, d, t in tensors], described)
         request_id = header.get("id")
-        body = json.dumps({"model_name": name, "model_version": MODEL_VERSION,
-                           "id": request_id if isinstance(request_id, str) else g.request_id,
-                           "outputs": outputs}, separators=(",", ":")).encode()
+        body = jsonio.dumps({"model_name": name, "model_version": MODEL_VERSION,
+                             "id": request_id if isinstance(request_id, str)
+                             else g.request_id, "outputs": outputs})
         if not raws:
             return Response(body, 200, mimetype="application/json")
         response = Response(b"".join([body, *raws]), 200, mimetype="application/octet-stream")
