@@ -36,10 +36,10 @@ served (dims that differed between requests become ``-1``; the batch dim always 
 falling back on what ``/encode`` saw; before any request it declares one input
 ``INPUT0`` and one output ``OUTPUT0`` of shape ``[-1]`` (datatype ``FP32`` with
 ``-protocol numpy``, ``BYTES`` with ``obj``): a placeholder, the worker declares no
-signature. This state is per bridge process (each WSGI worker process learns its own).
+signature. This state is per bridge process (each process learns its own).
 
 Errors have the v2 body ``{"error": message}`` and the status of
-:func:`~.httpapp.http_status`; every error response under ``/v2`` gets an ``"error"``
+:func:`~.app.http_status`; every error response under ``/v2`` gets an ``"error"``
 key, including the bearer-token refusal and unknown routes.
 """
 
