@@ -25,13 +25,16 @@ from .base import (
     Reply,
     check_frame_sizes,
     check_hello,
+    check_item_count,
     command_frame,
     connect_timeout_error,
     handshake_dropped_error,
+    handshake_ping_frame,
     hello_frame,
     parse_replies,
     request_frames,
     request_options,
+    take_limits,
 )
 from .errors import ClientUsageError, ConnectionLost, ProtocolError, WKRTimeoutError
 
@@ -84,9 +87,10 @@ class AsyncWKRClient:
             self.server_info = check_hello(info.value, self.options, self.check_version)
             req_id = next(self._ids)
             step = "ping through port"
-            await self._exchange(req_id, self._sender,
-                                 [command_frame(req_id, self.options.connect_timeout, "ping")],
-                                 limit, step)
+            pong = await self._exchange(
+                req_id, self._sender,
+                [handshake_ping_frame(req_id, self.options.connect_timeout)], limit, step)
+            take_limits(self.server_info, pong.value)
         except ConnectionLost:
             await self.close()
             raise handshake_dropped_error(self.options, step) from None
@@ -109,6 +113,7 @@ class AsyncWKRClient:
         """Compute several inputs as one request; return their results in order."""
         if not items:
             raise ClientUsageError("encode_batch takes a non-empty sequence of inputs")
+        check_item_count(len(items), self.server_info)  # before copying the sequence
         return (await self._request(list(items), timeout,
                                     request_options(suppress_log_input, request_id))).value
 
@@ -165,7 +170,7 @@ class AsyncWKRClient:
         budget = self.options.timeout if timeout is None else timeout
         req_id = next(self._ids)
         frames = request_frames(req_id, budget, items, self.options.protocol,
-                                self.options.allow_pickle, options)
+                                self.options.allow_pickle, options, self.server_info)
         check_frame_sizes(frames, self.server_info)
         reply = await self._exchange(req_id, self._sender, frames,
                                      None if budget is None else budget / 1000.0, "result")

@@ -10,6 +10,7 @@ import zmq
 
 from . import protocol as P
 from .errors import (
+    BadInput,
     ClientUsageError,
     ConnectTimeout,
     ProtocolError,
@@ -21,8 +22,9 @@ from .errors import (
 from .keys import load_key_pair, load_public_key
 from .version import __version__
 
-__all__ = ["ClientOptions", "Reply", "Response", "check_hello", "parse_replies",
-           "request_frames", "request_options"]
+__all__ = ["ClientOptions", "Reply", "Response", "check_hello", "check_item_count",
+           "handshake_ping_frame", "parse_replies", "request_frames", "request_options",
+           "take_limits"]
 
 #: Longest the connection handshake may take when the call timeout is longer.
 CONNECT_TIMEOUT_MS = 10_000
@@ -116,8 +118,14 @@ def _host(ip: str) -> str:
 
 def request_frames(req_id: int, timeout_ms: int | None, items: Sequence[Any],
                    protocol: str, allow_pickle: bool = False,
-                   options: dict[str, Any] | None = None) -> list[Any]:
-    """Frames of a REQUEST carrying ``items`` (and its ``options`` map, when given)."""
+                   options: dict[str, Any] | None = None,
+                   info: dict[str, Any] | None = None) -> list[Any]:
+    """Frames of a REQUEST carrying ``items`` (and its ``options`` map, when given).
+    ``info``: what the server told in the handshake; a request over its
+    ``max_request_items`` is refused (:func:`check_item_count`) before any item is
+    encoded."""
+    if info:
+        check_item_count(len(items), info)
     metas = []
     frames: list[Any] = [b""]
     for item in items:
@@ -157,6 +165,37 @@ def command_frame(req_id: int, timeout_ms: int | None, name: str, args: Any = No
 
 def hello_frame(req_id: int) -> bytes:
     return P.pack([P.PROTOCOL_VERSION, P.HELLO, req_id])
+
+
+#: The ``ping`` arguments asking the ventilator for its request limits (answered with a
+#: map instead of ``"pong"``; a server that predates them answers ``"pong"``).
+LIMITS_ARGS = {"limits": True}
+
+
+def handshake_ping_frame(req_id: int, timeout_ms: int | None, limits: bool = True) -> bytes:
+    """The handshake's ``ping`` through the request port; with ``limits`` it asks the
+    server for its request limits too (:func:`take_limits` reads the answer)."""
+    return command_frame(req_id, timeout_ms, "ping", LIMITS_ARGS if limits else None)
+
+
+def take_limits(info: dict[str, Any], answer: Any) -> None:
+    """Keep the request limits of the ventilator's answer to the handshake ping in
+    ``info`` (the handshake's answer): ``max_request_items``, when the answer is a map
+    that has it (an older server answers ``"pong"``: then no client-side check)."""
+    if isinstance(answer, dict):
+        limit = answer.get("max_request_items")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            info["max_request_items"] = limit
+
+
+def check_item_count(count: int, info: dict[str, Any]) -> None:
+    """Refuse, before encoding or sending anything, a request of more items than the
+    server's ``-max_request_items`` (the server would refuse it from its header; a
+    client-side refusal spares building and sending every item first)."""
+    limit = info.get("max_request_items")
+    if isinstance(limit, int) and count > limit:
+        raise BadInput(f"request of {count} items is over the server's -max_request_items "
+                       f"{limit}: send it in smaller requests")
 
 
 def parse_replies(frames: list[Any], allow_pickle: bool = False) -> list[Reply]:

@@ -31,13 +31,16 @@ from .base import (
     Response,
     check_frame_sizes,
     check_hello,
+    check_item_count,
     command_frame,
     connect_timeout_error,
     handshake_dropped_error,
+    handshake_ping_frame,
     hello_frame,
     parse_replies,
     request_frames,
     request_options,
+    take_limits,
 )
 from .errors import (
     ClientUsageError,
@@ -74,7 +77,9 @@ class WKRClient:
         ``min(timeout, 10000)``).
     :param check_version: refuse a server of another version.
     :param ignore_all_checks: skip the handshake at construction (use when the server
-        may not be up yet); it then happens before the first request.
+        may not be up yet); it then happens before the first request. Such a client
+        does not learn the server's ``-max_request_items`` and sends a request over it,
+        which the server then refuses (``BadInput``) from its header.
     :param server_public_key: the server's CurveZMQ public key (its ``.key`` file or Z85
         text), for a server started with ``-curve_secret_key``.
     :param client_key: this client's ``.key_secret`` file, for a server that only admits
@@ -100,6 +105,7 @@ class WKRClient:
                                      connect_timeout, server_public_key, client_key,
                                      allow_pickle)
         self.check_version = check_version
+        self._learn_limits = not ignore_all_checks
         if busy_poll_us < 0:
             raise ClientUsageError("busy_poll_us must be >= 0")
         self.busy_poll_us = busy_poll_us
@@ -199,6 +205,8 @@ class WKRClient:
         may spread them over several batches and reassembles them in order.
         ``suppress_log_input`` and ``request_id`` as in :meth:`encode`."""
         if isinstance(items, np.ndarray):
+            # Refused before the array is split into items (and before anything is sent).
+            check_item_count(len(items) if items.ndim else 0, self._server_info)
             items = list(items)
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not items:
             raise ClientUsageError("encode_batch takes a non-empty sequence of inputs")
@@ -311,10 +319,12 @@ class WKRClient:
         req_id = next(self._ids)
         with self._lock:
             self._expected[req_id] = _VALUE
-            self._send_frames([command_frame(req_id, self.options.connect_timeout, "ping")])
+            self._send_frames([handshake_ping_frame(req_id, self.options.connect_timeout,
+                                                    self._learn_limits)])
         left_ms = max(0, int((deadline - time.monotonic()) * 1000))  # one budget for both
-        _raise_handshake_error(self._wait(req_id, left_ms, "ping through port"), self.options,
-                               "ping through port")
+        pong = self._wait(req_id, left_ms, "ping through port")
+        _raise_handshake_error(pong, self.options, "ping through port")
+        take_limits(self._server_info, pong.value)
         self._connected = True
 
     def _check_open(self) -> None:
@@ -328,7 +338,7 @@ class WKRClient:
         req_id = next(self._ids) if req_id is None else req_id
         budget = self.timeout if timeout is None else timeout
         frames = request_frames(req_id, budget, items, self.protocol, self.options.allow_pickle,
-                                options)
+                                options, self._server_info)
         check_frame_sizes(frames, self._server_info)
         with self._lock:
             self._check_open()

@@ -37,6 +37,14 @@ ERROR (``body``: ``[code, message, tb]``) or REPLY (``body``: a value).
 ``timeout_ms`` is the client's budget for the request (0 means none); the ventilator turns
 it into an absolute deadline on arrival, so client and server clocks never meet.
 
+The clients' handshake ends with COMMAND ``ping``, whose args ``{"limits": true}`` ask
+for the server's request limits: the REPLY value is then ``{"pong": true,
+"max_request_items": ..., "max_msg_size": ...}`` instead of ``"pong"``. A client refuses
+a request of more than ``max_request_items`` items before encoding any of them; the
+ventilator refuses one from its header (and reads a client's header with bounds, see
+:func:`unpack_header`), and refuses raw arrays whose metas declare more than
+``-max_msg_size`` bytes, each or together (:func:`check_metas`).
+
 REQUEST may carry a 4th field, ``options``: a map of per-request options (string keys;
 values ``nil``, booleans or strings of at most :data:`MAX_OPTION_CHARS` characters;
 at most :data:`MAX_OPTIONS` entries). Known keys: ``suppress_log_input`` (bool: keep
@@ -99,9 +107,11 @@ __all__ = [
     "REPLY",
     "REQUEST",
     "RESULT",
+    "HeaderLimitError",
     "brief",
     "check_metas",
     "check_raw",
+    "declared_request",
     "decode_item",
     "encode_item",
     "normalize_protocol",
@@ -176,16 +186,38 @@ def pack(header: Sequence[Any]) -> bytes:
     return msgpack.packb(header, use_bin_type=True, default=_ext_default)
 
 
-def unpack_header(buf: Any, expect: int | None = None) -> list[Any]:
+class HeaderLimitError(ProtocolError):
+    """A header over the reader's bounds (:func:`unpack_header`'s ``max_items``, or the
+    reader's cap on a header's size): refused before it was unpacked in full."""
+
+
+def unpack_header(buf: Any, expect: int | None = None, max_items: int | None = None,
+                  ) -> list[Any]:
     """Parse and check one header frame; raise :class:`ProtocolError` if it is not valid.
 
-    ``buf`` is bytes or a buffer; ``expect`` restricts the message kind.
+    ``buf`` is bytes or a buffer; ``expect`` restricts the message kind. ``max_items``
+    (for a header from an untrusted peer) bounds the unpacking itself: an array longer
+    than ``max_items`` (and :data:`MAX_NDIM`) or a map of more than :data:`MAX_OPTIONS`
+    entries is refused from its length, before anything is allocated for it
+    (:class:`HeaderLimitError`). Strings, bytes and extension values cost the reader
+    about their own size, at most the header's, which the reader caps: one byte of
+    msgpack can only grow into a large Python object as an (empty) container, so the
+    header's size bounds what unpacking it allocates.
     """
     try:
-        header = msgpack.unpackb(buf, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+        if max_items is None:
+            header = msgpack.unpackb(buf, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+        else:
+            header = msgpack.unpackb(
+                buf, raw=False, strict_map_key=False, ext_hook=_ext_hook,
+                max_array_len=max(max_items, MAX_NDIM), max_map_len=MAX_OPTIONS)
     except ProtocolError:
         raise
     except Exception as exc:
+        if max_items is not None and isinstance(exc, ValueError) and "exceeds max_" in str(exc):
+            raise HeaderLimitError(
+                f"header holds an array of more than {max(max_items, MAX_NDIM)} entries or "
+                f"a map of more than {MAX_OPTIONS} ({exc})") from None
         raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(header, list) or len(header) < 2:
         raise ProtocolError("header must be a msgpack array [version, kind, ...]")
@@ -206,6 +238,38 @@ def unpack_header(buf: Any, expect: int | None = None) -> list[Any]:
             f"message kind {kind} needs {fields} header fields"
             f"{' (or one more: options)' if kind == REQUEST else ''}, got {len(header) - 2}")
     return header
+
+
+#: Bytes of a REQUEST header read by :func:`declared_request`: enough for ``[version,
+#: kind, req_id, timeout_ms`` and the metas array's own header, whatever their encoding.
+_DECLARED_PREFIX = 64
+
+
+def declared_request(buf: Any) -> tuple[int, int] | None:
+    """``(req_id, number of items)`` as a REQUEST header declares them (the number is the
+    length of its metas array), read from the header's first bytes without decoding any
+    item or meta; None when they are not the start of a REQUEST header. For refusing a
+    request whose header was refused as a whole (too long, or an array over
+    :func:`unpack_header`'s ``max_items``) with the right id and reason."""
+    try:
+        prefix = bytes(memoryview(buf).cast("B")[:_DECLARED_PREFIX])
+        unpacker = msgpack.Unpacker(max_buffer_size=_DECLARED_PREFIX, max_str_len=16,
+                                    max_bin_len=16, max_array_len=16, max_map_len=16,
+                                    max_ext_len=16)
+        unpacker.feed(prefix)
+        if unpacker.read_array_header() < HEADER_FIELDS[REQUEST] + 2:
+            return None
+        version, kind = unpacker.unpack(), unpacker.unpack()
+        if not (_is_int(version) and version == PROTOCOL_VERSION and _is_int(kind)
+                and kind == REQUEST):
+            return None
+        req_id = unpacker.unpack()
+        if not _is_int(req_id):
+            return None
+        unpacker.skip()  # timeout_ms
+        return req_id, int(unpacker.read_array_header())
+    except Exception:  # not msgpack, not that shape, or cut short: nothing declared
+        return None
 
 
 # -- items -------------------------------------------------------------------------------
@@ -289,12 +353,18 @@ def check_raw(meta: Any, buf: Any) -> tuple[np.dtype, list[int]]:
     return dtype, shape
 
 
-def check_metas(metas: list[Any]) -> None:
+def check_metas(metas: list[Any], max_bytes: int | None = None) -> None:
     """Check the form of a request's item metas before the server queues them: each is
     ``0``, ``1`` or ``[dtype string, list of ints]`` (the values are checked against the
     item's buffer by :func:`check_raw` when the item is decoded). This bounds what a client
-    can make the server nest into its internal messages."""
-    for meta in metas:
+    can make the server nest into its internal messages.
+
+    With ``max_bytes`` (the server's ``-max_msg_size``) a raw array's dtype is checked
+    too, and the size it declares (itemsize times its shape's product) may be at most
+    ``max_bytes``, for each item and for the request's items together: refused from
+    the metas alone, before anything is allocated for them."""
+    total = 0
+    for n, meta in enumerate(metas):
         cls = meta.__class__
         if cls is int:
             if meta in (MSGPACK_ITEM, PICKLE_ITEM):
@@ -302,6 +372,21 @@ def check_metas(metas: list[Any]) -> None:
         elif (cls is list and len(meta) == 2 and meta[0].__class__ is str
               and meta[1].__class__ is list and len(meta[1]) <= MAX_NDIM
               and all(d.__class__ is int for d in meta[1])):
+            if max_bytes is None:
+                continue
+            shape = meta[1]
+            if min(shape, default=0) >= 0:  # else check_raw refuses it, allocating nothing
+                size = math.prod(shape) * parse_dtype(meta[0]).itemsize
+                if size > max_bytes:
+                    raise ProtocolError(
+                        f"item {n} declared as {meta[0]} {brief(shape)} would decode to "
+                        f"{size} bytes, over the server's -max_msg_size of {max_bytes} bytes")
+                total += size
+                if total > max_bytes:
+                    raise ProtocolError(
+                        f"the request's arrays would decode to more than {max_bytes} bytes "
+                        f"in all (the server's -max_msg_size, by item {n}): send them in "
+                        "smaller requests")
             continue
         raise ProtocolError(f"item meta must be 0, 1 or [dtype, shape], got {brief(meta)}")
 

@@ -3,6 +3,11 @@
 Dispatch is credit-based: a worker sends READY when it is idle, and only then gets a
 batch, so a busy worker never holds a queue. Replies the ventilator makes itself
 (status, errors) travel through the sink, the one place that writes to clients.
+
+A client message is read part by part: its header first, checked and unpacked with
+bounds (``-max_request_items``, the header's byte size, the sizes its metas declare)
+before any payload part is looked at. A refused message's remaining parts are dropped
+as they are read, a slice per turn of the loop, never kept.
 """
 
 from __future__ import annotations
@@ -38,6 +43,15 @@ MAX_DRAIN = 256
 CLIENT_RCVHWM = 10_000
 #: Poll interval (ms) when nothing is due; control messages wake the loop anyway.
 IDLE_POLL_MS = 1000
+#: Most parts of a refused message dropped in one turn of the loop, so that one of
+#: millions of parts does not hold batches back from the workers meanwhile.
+DISCARD_SLICE = 65_536
+#: Longest client header frame: this many bytes, plus HEADER_ITEM_BYTES per item of
+#: -max_request_items. A header needs far less (a meta is 1 byte, or about 10-30 for an
+#: array); the cap bounds what unpacking one can allocate (a byte of msgpack can become
+#: a Python object of ~64 bytes).
+HEADER_BASE_BYTES = 64 * 1024
+HEADER_ITEM_BYTES = 64
 
 
 @dataclass(slots=True)
@@ -136,6 +150,13 @@ class Ventilator(Role):
         self.bad_input_log = LogThrottle(self.logger)
         self.draining = False
         self.drained_reported = False
+        self.max_header_bytes = HEADER_BASE_BYTES + HEADER_ITEM_BYTES * \
+            self.config.max_request_items
+        # -max_msg_size (or None: no limit) also caps what a request's metas declare.
+        self.max_decoded = self.config.max_msg_size if self.config.max_msg_size > 0 else None
+        self.more = False  # parts of the client message being read are still unread
+        self.discarding = False  # ... and they belong to a refused message: drop them
+        self.discarded = 0  # parts dropped in all
         self.port = port
         self.logger.info("listening for clients on %s:%d", self.config.bind, port)
         return {"port": port}
@@ -155,7 +176,7 @@ class Ventilator(Role):
             if self.backend in events:
                 drain(self.backend, self._on_worker, MAX_DRAIN)
             if self.frontend in events:
-                drain(self.frontend, self._on_client, MAX_DRAIN)
+                self._read_clients(MAX_DRAIN)
             if self.control in events and self._on_control():
                 return
             now = time.monotonic()
@@ -172,32 +193,104 @@ class Ventilator(Role):
 
     # -- clients ------------------------------------------------------------------------
 
-    def _on_client(self, frames: list[zmq.Frame]) -> None:
-        client = frames[0].bytes
-        if len(frames) < 2:
+    def _read_clients(self, limit: int) -> None:
+        """Handle up to ``limit`` waiting client messages, part by part. A refused
+        message's remaining parts are dropped, at most DISCARD_SLICE of them per call:
+        the loop goes on with the workers and comes back for the rest."""
+        frontend = self.frontend
+        n = 0
+        while n < limit and frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
+            if self.discarding:
+                if not self._discard(DISCARD_SLICE):
+                    return
+            else:
+                self._on_client(self._next())
+                if self.more:  # the message was refused before all of it was read
+                    self.discarding = True
+            n += 1
+
+    def _next(self) -> zmq.Frame:
+        """The next part of the client message being read (one is there: libzmq delivers
+        a message's parts together)."""
+        frame = self.frontend.recv(copy=False)
+        self.more = frame.more
+        return frame
+
+    def _discard(self, limit: int) -> bool:
+        """Drop up to ``limit`` remaining parts of a refused message, without copying or
+        keeping them; True once none is left."""
+        recv = self.frontend.recv
+        dropped = 0
+        more = self.more
+        while more and dropped < limit:
+            more = recv(copy=False).more
+            dropped += 1
+        self.discarded += dropped
+        self.more = more
+        self.discarding = more
+        return not more
+
+    def _payload(self, count: int) -> list[zmq.Frame]:
+        """The rest of the message, as its payload frames, if there are at most ``count``;
+        else ``count + 1`` of them, and the rest is left unread (and then discarded)."""
+        frames: list[zmq.Frame] = []
+        recv = self.frontend.recv
+        more = self.more
+        while more and len(frames) <= count:
+            frame = recv(copy=False)
+            more = frame.more
+            frames.append(frame)
+        self.more = more
+        return frames
+
+    def _on_client(self, ident: zmq.Frame) -> None:
+        client = ident.bytes
+        if not self.more:
             self._reject(client, -1, E.BadInput("empty message: a header frame is required"))
             return
+        head = self._next()
+        size = len(head)
         try:
-            header = P.unpack_header(frames[1].buffer)
+            if size > self.max_header_bytes:
+                raise P.HeaderLimitError(
+                    f"header of {size} bytes is over the server's limit of "
+                    f"{self.max_header_bytes} bytes (it grows with -max_request_items)")
+            header = P.unpack_header(head.buffer, max_items=self.config.max_request_items)
         except E.ProtocolError as exc:
-            self._reject(client, -1, E.BadInput(str(exc)))
+            # A header over the bounds, not unpacked: a REQUEST's id and number of items
+            # are read from its first bytes, for the refusal.
+            declared = P.declared_request(head.buffer) if isinstance(
+                exc, P.HeaderLimitError) else None
+            if declared is None:
+                self._reject(client, -1, E.BadInput(str(exc)))
+            elif declared[1] > self.config.max_request_items:
+                self._reject(client, declared[0], self._too_many(declared[1]))
+            else:
+                self._reject(client, declared[0], E.BadInput(str(exc)))
             return
         kind, req_id = header[1], header[2]
         if not isinstance(req_id, int) or isinstance(req_id, bool):
             self._reject(client, -1, E.BadInput(
                 f"request id must be an integer, got {P.brief(req_id)}"))
         elif kind == P.REQUEST:
-            self._on_request(client, req_id, header, frames)
+            self._on_request(client, req_id, header)
         elif kind == P.COMMAND:
-            if len(frames) != 2:
+            if self.more:
                 self._reject(client, req_id, E.BadInput("a command is one header frame"))
             else:
-                self._on_command(client, req_id, header[4], header[5], frames[1])
+                self._on_command(client, req_id, header[4], header[5], head)
         else:
             self._reject(client, req_id, E.BadInput(f"message kind {kind} is not accepted here"))
 
-    def _on_request(self, client: bytes, req_id: int, header: list[Any],
-                    frames: list[zmq.Frame]) -> None:
+    def _too_many(self, count: int) -> E.BadInput:
+        limit, queue = self.config.max_request_items, self.config.max_queue_size
+        also = f" (and its -max_queue_size {queue})" if count > queue else ""
+        return E.BadInput(f"request of {count} items is over the server's -max_request_items "
+                          f"{limit}{also}: send it in smaller requests")
+
+    def _on_request(self, client: bytes, req_id: int, header: list[Any]) -> None:
+        """A REQUEST whose header was read: everything its header says is checked before
+        its payload parts are read."""
         timeout_ms, metas = header[3], header[4]
         options = None
         if len(header) > 5:  # the optional options map (the log's per-request settings)
@@ -205,25 +298,35 @@ class Ventilator(Role):
             if why is not None:
                 self._reject(client, req_id, E.BadInput(why))
                 return
-        if not isinstance(metas, list) or not metas or len(metas) != len(frames) - 2:
+        if not isinstance(metas, list) or not metas:
             self._reject(client, req_id, E.BadInput(
-                f"request declares {len(metas) if isinstance(metas, list) else P.brief(metas)}"
-                f" items but carries {len(frames) - 2} payload frames"))
+                f"request metas must be a non-empty list (one meta per item), got "
+                f"{P.brief(metas)}"))
+            return
+        n = len(metas)
+        if n > self.config.max_request_items:
+            self._reject(client, req_id, self._too_many(n))
             return
         if (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool)
                 or not 0 <= timeout_ms < 1e12):
             self._reject(client, req_id, E.BadInput(f"bad timeout_ms {P.brief(timeout_ms)}"))
             return
         limit = self.config.max_queue_size
-        if len(metas) > limit:  # before looking at each item
+        if n > limit:  # before looking at each item
             self._reject(client, req_id, E.BadInput(
-                f"request of {len(metas)} items is larger than the server's -max_queue_size "
+                f"request of {n} items is larger than the server's -max_queue_size "
                 f"{limit}: send it in smaller requests"))
             return
         try:
-            P.check_metas(metas)
+            P.check_metas(metas, self.max_decoded)
         except E.ProtocolError as exc:
             self._reject(client, req_id, E.BadInput(str(exc)))
+            return
+        frames = self._payload(n)
+        if len(frames) != n:
+            carried = f"more than {n}" if len(frames) > n else str(len(frames))
+            self._reject(client, req_id, E.BadInput(
+                f"request declares {n} items but carries {carried} payload frames"))
             return
         if self.draining:
             self._reject(client, req_id, E.ShuttingDown("server is shutting down"))
@@ -235,7 +338,6 @@ class Ventilator(Role):
                 "no new request from it until they are read").to_wire())
             return
         now = time.monotonic()
-        n = len(metas)
         if self.queue.items + n > limit:
             self._expire(now)
             if self.queue.items + n > limit:
@@ -246,10 +348,10 @@ class Ventilator(Role):
                 return
         deadline = now + timeout_ms / 1000.0 if timeout_ms else 0.0
         self.requests += 1
-        self.queue.push(Request(client, req_id, now, deadline, metas, frames[2:],
+        self.queue.push(Request(client, req_id, now, deadline, metas, frames,
                                 serial=self.requests,
                                 options=options if self.config.log_predictions else None))
-        self.items += len(metas)
+        self.items += n
 
     def _on_command(self, client: bytes, req_id: int, name: Any, args: Any,
                     frame: zmq.Frame) -> None:
@@ -258,8 +360,9 @@ class Ventilator(Role):
                 f"a command name is a string, got {P.brief(name)}"))
         elif name == "status":
             self._forward(client, req_id, "status", self._snapshot())
-        elif name == "ping":
-            self._forward(client, req_id, "reply", "pong")
+        elif name == "ping":  # the client handshake's ping asks for the request limits too
+            wants_limits = args.__class__ is dict and args.get("limits") is True
+            self._forward(client, req_id, "reply", self._limits() if wants_limits else "pong")
         elif name == "terminate":
             peer = peer_address(frame)
             refusal = self._authorize(args, peer)
@@ -275,6 +378,11 @@ class Ventilator(Role):
             self.event("terminate", {"peer": peer})
         else:
             self._reject(client, req_id, E.UnknownCommand(f"unknown command {P.brief(name)}"))
+
+    def _limits(self) -> dict[str, Any]:
+        """What a client checks before sending a request (the handshake ping's answer)."""
+        return {"pong": True, "max_request_items": self.config.max_request_items,
+                "max_msg_size": self.config.max_msg_size}
 
     def _authorize(self, args: Any, peer: str | None) -> str | None:
         """Why a command that stops or changes the server is refused (None: allowed)."""
@@ -476,9 +584,11 @@ class Ventilator(Role):
             "num_requests": self.requests,
             "num_items": self.items,
             "num_rejected": self.rejected,
+            "num_discarded_parts": self.discarded,
             "num_overloaded": self.overloaded,
             "num_expired_in_queue": self.expired,
             "max_queue_size": self.config.max_queue_size,
+            "max_request_items": self.config.max_request_items,
             "num_batches": self.batch_id,
             "batch_size": self.batch_sizes.snapshot(),
             "workers": self._worker_rows(),
