@@ -239,8 +239,10 @@ def sample_value(f: dataclasses.Field) -> list[str]:
     kind = f.metadata["kind"]
     if kind is bool:
         return []
-    if f.metadata.get("nargs"):
+    if f.metadata.get("nargs") == "+":
         return ["-1", "0"]
+    if f.metadata.get("nargs") == "?":  # an optional value (-cors [ORIGINS])
+        return ["https://a.example,http://b.example:8080"]
     if "choices" in f.metadata:
         return [f.metadata["choices"][-1]]
     if kind is int:

@@ -36,8 +36,9 @@ __all__ = ["Front"]
 
 Message = dict[str, Any]
 
-#: Longest ``X-Request-ID`` kept from a caller (a longer one is replaced by a new id).
-MAX_REQUEST_ID = 128
+#: Longest ``X-Request-ID`` kept from a caller (a longer one is replaced by a new id;
+#: the prediction log keeps its first ``MAX_OPTION_CHARS``).
+MAX_REQUEST_ID = 1024
 #: Threads running the Flask routes, at most (made on demand).
 MAX_ROUTE_THREADS = 128
 
