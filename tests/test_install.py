@@ -222,6 +222,6 @@ def test_three_distributions_share_version_scripts_and_dependencies():
     assert deps == CLIENT_DEPENDENCIES
     assert client["project"]["optional-dependencies"]["pool"] == ["redis>=5.0",
                                                                   "prometheus-client>=0.20"]
-    assert set(server["tool"]["setuptools"]["packages"]) == {"wkr_serving.server",
-                                                            "wkr_serving.client"}
+    assert set(server["tool"]["setuptools"]["packages"]) == {
+        "wkr_serving.server", "wkr_serving.server.http", "wkr_serving.client"}
     assert server["tool"]["setuptools"]["package-dir"]["wkr_serving.client"] == "../client"
