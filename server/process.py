@@ -7,6 +7,7 @@ indices); everything else (logger, ZeroMQ context, sockets, the model) is create
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -22,8 +23,8 @@ from wkr_serving.client.process import bind_public, die_with_parent
 from .config import ServerConfig
 from .logs import set_logger
 
-__all__ = ["EXIT_BOOT_FAILED", "BootError", "Endpoints", "Role", "bind_public", "drain",
-           "run_role"]
+__all__ = ["EXIT_BOOT_FAILED", "BootError", "Endpoints", "Role", "bind_port", "bind_public",
+           "drain", "run_role"]
 
 #: A role that cannot start (bad model, port in use) exits with this code; the
 #: supervisor stops the server instead of restarting it.
@@ -146,6 +147,16 @@ class Role:
 
     def shutdown(self) -> None:
         """Release what :meth:`boot` acquired (sockets close with the context)."""
+
+
+def bind_port(socket: zmq.Socket, host: str, port: int, flag: str) -> int:
+    """:func:`bind_public`, with a port that cannot be bound reported as a
+    :class:`BootError` naming ``flag`` (one line, no traceback)."""
+    try:
+        return bind_public(socket, host, port)
+    except zmq.ZMQError as exc:
+        why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc}"
+        raise BootError(f"port {port} on {host} ({flag} {port}) {why}") from None
 
 
 def drain(socket: zmq.Socket, handler: Any, limit: int) -> int:

@@ -23,7 +23,7 @@ from wkr_serving.client.version import __version__
 
 from .jobs import Reassembler
 from .logs import LogThrottle
-from .process import Role, bind_public, drain
+from .process import Role, bind_port, drain
 from .stats import RateMeter, Summary, Window
 
 __all__ = ["Sink"]
@@ -56,7 +56,8 @@ class Sink(Role):
         self.router.setsockopt(zmq.SNDHWM, self.config.max_queue_size)
         self.router.setsockopt(zmq.LINGER, 1000)
         self.secure_public(self.router)
-        port_out = bind_public(self.router, self.config.bind, self.config.port_out)
+        port_out = bind_port(self.router, self.config.bind, self.config.port_out,
+                             "-port_out")
 
         self.jobs = Reassembler()
         self.results = 0

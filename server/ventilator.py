@@ -31,7 +31,7 @@ from .batching import BatchQueue, Request, Segment, dispatch_wait, should_dispat
 from .config import ServerConfig
 from .devices import describe
 from .logs import LogThrottle
-from .process import LINGER_MS, Endpoints, Role, bind_public, drain
+from .process import LINGER_MS, Endpoints, Role, bind_port, drain
 from .stats import Histogram
 
 __all__ = ["Ventilator"]
@@ -123,7 +123,7 @@ class Ventilator(Role):
         # by TCP (its send then times out) instead of growing this process's memory.
         self.frontend.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
         self.secure_public(self.frontend)
-        port = bind_public(self.frontend, self.config.bind, self.config.port)
+        port = bind_port(self.frontend, self.config.bind, self.config.port, "-port")
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)

@@ -27,6 +27,7 @@ import re
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -38,7 +39,15 @@ from typing import Any
 import psutil
 import pytest
 import requests
-from helpers import START_LIMIT_S, CLIServer, gone, wait_until
+from helpers import (
+    START_LIMIT_S,
+    TESTS_DIR,
+    CLIServer,
+    free_port,
+    gone,
+    start_command,
+    wait_until,
+)
 
 WORKER = "workers.NonFiniteWorker"
 MODEL = "NonFiniteWorker"  # the v2 model name: the last part of the worker class
@@ -739,6 +748,25 @@ def test_a_taken_http_port_stops_the_boot_with_a_clear_message(tmp_path):
     assert re.search(r"already in use", stderr, re.IGNORECASE), stderr[-3000:]
     assert stderr.count("Traceback") <= 1, \
         f"{stderr.count('Traceback')} tracebacks:\n{stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("flag", ["-port", "-port_out"])
+def test_a_taken_zeromq_port_stops_the_boot_with_one_clear_line(tmp_path, flag):
+    """The same for the public ZeroMQ ports: the flag and the port named, no traceback."""
+    other = "-port_out" if flag == "-port" else "-port"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [*start_command(), WORKER, "-cpu", "-num_worker", "1", "-bind", "127.0.0.1",
+             flag, str(port), other, str(free_port()), "-model_dir", str(tmp_path),
+             "-startup_timeout", "20"],
+            cwd=TESTS_DIR, capture_output=True, text=True, timeout=60,
+            stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert f"({flag} {port}) is already in use" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-6000:]
 
 
 # -- 6. access: CORS and the token ----------------------------------------------------------
