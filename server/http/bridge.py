@@ -121,7 +121,7 @@ class HTTPBridge(Role):
         loop = asyncio.get_running_loop()
         backend.attach(loop)
         front = Front(backend, create_app(backend, blueprints=all_blueprints()), config)
-        server = _Server(uvicorn.Config(
+        server = _server_class()(uvicorn.Config(
             front, http=guarded_protocol(config), lifespan="off", log_config=None,
             access_log=False, server_header=False, date_header=False,
             timeout_keep_alive=max(1, round(config.http_keepalive)),
@@ -164,6 +164,7 @@ def _raise_fd_limit(wanted: int) -> None:
 
 
 def _server_class() -> type:
+    """uvicorn's server class, without its signal handlers."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -173,10 +174,6 @@ def _server_class() -> type:
             yield
 
     return Server
-
-
-def _Server(config: Any) -> Any:
-    return _server_class()(config)
 
 
 def error_bytes(status: int, reason: bytes, code: str, message: str) -> bytes:
