@@ -5,6 +5,9 @@ clean stop of the bridge's processes."""
 from __future__ import annotations
 
 import os
+import threading
+import time
+from typing import Any
 
 import psutil
 import pytest
@@ -158,3 +161,29 @@ def test_bridge_processes_stop_with_the_server(tmp_path):
         names = " ".join(" ".join(p.cmdline()) for p in bridge)
         assert len(bridge) >= 2 + 1 + 2  # ventilator, sink, worker, bridge + its workers
     wait_until(lambda: all(gone(p.pid) for p in bridge), 30, f"every process to end: {names}")
+
+
+def test_waiting_for_a_call_slot_counts_against_the_timeout(tmp_path):
+    """With -http_max_connect 1 and that one call blocked in the model, a second call
+    with a 300 ms timeout gets 504 once its timeout is spent waiting for the slot (not
+    after the first call ends), and the first still completes."""
+    args = server_args(tmp_path, "-http_port", "0", "-cpu", "-num_worker", "1",
+                       "-http_max_connect", "1")
+    gate = Gate(tmp_path, "slot")
+    with running_server(args, ControlledWorker) as server:
+        first: dict[str, Any] = {}
+        holder = threading.Thread(target=lambda: first.update(answer=http_call(
+            server, "/encode", {"data": gate.item("held")}, timeout=60)), daemon=True)
+        holder.start()
+        try:
+            gate.wait_started()
+            started = time.monotonic()
+            status, _, body = http_call(server, "/encode", {"data": 1, "timeout": 300})
+            waited = time.monotonic() - started
+            assert status == 504, body
+            assert "-http_max_connect" in body["error_message"], body
+            assert waited < 10, f"answered after {waited:.1f} s"
+        finally:
+            gate.open()
+            holder.join(30)
+        assert first["answer"][0] == 200 and first["answer"][2]["data"]["value"] == "held"

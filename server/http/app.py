@@ -136,20 +136,38 @@ class Backend:
         Calls made in the same turn of the event loop with the same timeout and no log
         options travel as one request to the server (see :class:`Coalescer`)."""
         assert self._slots is not None, "attach() the event loop first"
-        async with self._slots:
-            self.in_flight += 1
-            try:
-                if options or self._coalescer is None:
-                    client = await self.client()
-                    results: list[Any] = await client.encode_batch(items, timeout=timeout,
-                                                                   **options)
-                else:
-                    results = await self._coalescer.submit(items, timeout)
-            finally:
-                self.in_flight -= 1
+        await self._take_slot(timeout)
+        self.in_flight += 1
+        try:
+            if options or self._coalescer is None:
+                client = await self.client()
+                results: list[Any] = await client.encode_batch(items, timeout=timeout,
+                                                               **options)
+            else:
+                results = await self._coalescer.submit(items, timeout)
+        finally:
+            self.in_flight -= 1
+            self._slots.release()
         if self.seen["output"] is None:
             self._see(items[0], results[0] if results else None)
         return results
+
+    async def _take_slot(self, timeout: int | None) -> None:
+        """One of the ``-http_max_connect`` slots; the wait for it counts against the
+        call's timeout (``WKRTimeoutError``, a 504, when it runs out first)."""
+        assert self._slots is not None
+        if not self._slots.locked():  # the usual case: no wait, no timer
+            await self._slots.acquire()
+            return
+        budget = self.options["timeout"] if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self._slots.acquire(),
+                                   None if budget is None else budget / 1000.0)
+        except asyncio.TimeoutError:
+            raise E.WKRTimeoutError(
+                f"no free slot within {budget} ms: this bridge process already has "
+                f"{self.config.http_max_connect} calls in flight (-http_max_connect)"
+            ) from None
 
     async def astatus(self) -> dict[str, Any]:
         client = await self.client()
