@@ -262,18 +262,9 @@ class Supervisor(StoppableLoop):
         dying (then the server stops, with the reason)."""
         role = child.role
         assert isinstance(role, HTTPBridge)
-        now = time.monotonic()
-        recent = [t for t in child.restarts if now - t < RESTART_WINDOW] + [now]
-        reason = child.info.get("boot_error") or describe_exit(code)
-        if len(recent) > MAX_RESTARTS:
-            self.failure = (f"{role.identity} died {len(recent)} times in "
-                            f"{RESTART_WINDOW:.0f}s (last: {reason}); giving up")
-            return
-        self.logger.error("%s (pid %s) %s; restarting it (the ZeroMQ ports keep serving)",
-                          role.identity, child.process.pid, reason)
-        self._spawn(self._bridge(role.index, self.config.replace(http_port=self.http_port)),
-                    restarts=recent)
-        self.children[role.identity].total_restarts = child.total_restarts + 1
+        self._respawn(child, child.info.get("boot_error") or describe_exit(code),
+                      self._bridge(role.index, self.config.replace(http_port=self.http_port)),
+                      " (the ZeroMQ ports keep serving)")
 
     def _bridges(self) -> list[str]:
         return [n for n, c in self.children.items() if _is_bridge(c)]
@@ -349,23 +340,29 @@ class Supervisor(StoppableLoop):
     def _restart_worker(self, child: _Child, code: int) -> None:
         role = child.role
         assert isinstance(role, WorkerProcess)
-        now = time.monotonic()
-        recent = [t for t in child.restarts if now - t < RESTART_WINDOW] + [now]
         reason = (f"exceeded -worker_timeout {self.config.worker_timeout:g}s and was killed"
                   if child.hung else describe_exit(code))
         # First the ventilator answers what the dead worker held, restarted or not.
         self._send("ventilator", "worker_lost", {
             "index": role.index, "pid": child.process.pid, "reason": reason,
             "restarts": child.total_restarts + 1})
+        self._respawn(child, reason, WorkerProcess(self.config, self.endpoints, role.index,
+                                                   role.device_id, self.worker_class))
+
+    def _respawn(self, child: _Child, reason: str, replacement: Role, note: str = "") -> None:
+        """Start ``replacement`` for the dead ``child``, unless it died more than
+        MAX_RESTARTS times in RESTART_WINDOW seconds: then the server stops, saying why."""
+        name = child.role.identity
+        now = time.monotonic()
+        recent = [t for t in child.restarts if now - t < RESTART_WINDOW] + [now]
         if len(recent) > MAX_RESTARTS:
-            self.failure = (f"{role.identity} died {len(recent)} times in "
-                            f"{RESTART_WINDOW:.0f}s (last: {reason}); giving up")
+            self.failure = (f"{name} died {len(recent)} times in {RESTART_WINDOW:.0f}s "
+                            f"(last: {reason}); giving up")
             return
-        self.logger.error("%s (pid %s) %s; restarting it", role.identity, child.process.pid,
-                          reason)
-        self._spawn(WorkerProcess(self.config, self.endpoints, role.index, role.device_id,
-                                  self.worker_class), restarts=recent)
-        self.children[role.identity].total_restarts = child.total_restarts + 1
+        self.logger.error("%s (pid %s) %s; restarting it%s", name, child.process.pid, reason,
+                          note)
+        self._spawn(replacement, restarts=recent)
+        self.children[name].total_restarts = child.total_restarts + 1
 
     def _send(self, name: str, command: str, value: Any = None) -> bool:
         try:
