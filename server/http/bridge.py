@@ -256,12 +256,12 @@ def guarded_protocol(config: ServerConfig) -> type:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if not self._in_headers and not self._in_body:
-                self._header_bytes = 0  # a new request on a kept-alive connection
-            if self._in_headers or not self._in_body:
-                self._header_bytes += len(data)
-            elif self._in_body:
+            if self._in_body:
                 self._arm()  # the body moves: a new gap starts
+            else:
+                if not self._in_headers:
+                    self._header_bytes = 0  # a new request on a kept-alive connection
+                self._header_bytes += len(data)
             super().data_received(data)
             if self._in_headers and self._header_bytes > MAX_HEADER_BYTES \
                     and not self.transport.is_closing():
