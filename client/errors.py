@@ -17,6 +17,7 @@ __all__ = [
     "JobCancelled",
     "ModelError",
     "Overloaded",
+    "PoisonInput",
     "ProtocolError",
     "ProtocolMismatch",
     "ServerError",
@@ -134,6 +135,15 @@ class WorkerDied(ServerError):
     code = "worker_died"
 
 
+class PoisonInput(ServerError):
+    """An input of this request was in the batch of a worker that died, and died again
+    when it was computed alone: it is quarantined (answered with this error at once and
+    never given to a worker again while the server runs). The rest of the batch it
+    came in was retried without it."""
+
+    code = "poison_input"
+
+
 class ShuttingDown(ServerError):
     """The server is stopping and accepts no new work."""
 
@@ -167,6 +177,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
         DeadlineExceeded,
         Overloaded,
         WorkerDied,
+        PoisonInput,
         ShuttingDown,
         JobCancelled,
         DeadLettered,
