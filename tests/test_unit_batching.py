@@ -112,3 +112,39 @@ def test_dispatch_wait():
     assert dispatch_wait(0.1, 0.25) == pytest.approx(0.15)
     assert dispatch_wait(0.25, 0.25) == 0.0
     assert dispatch_wait(3.0, 0.25) == 0.0
+
+
+# -- BatchQueue.expire --------------------------------------------------------------------
+
+
+def deadline_request(req_id: int, n: int, deadline: float) -> Request:
+    """A request of ``n`` items due at ``deadline`` (0.0: none), for the expiry tests."""
+    return Request(b"c", req_id, 0.0, deadline, [0] * n, [b"x"] * n)
+
+
+def test_expire_removes_only_overdue_requests_at_the_front():
+    q = BatchQueue()
+    q.push(deadline_request(1, 2, deadline=5.0))
+    q.push(deadline_request(2, 3, deadline=6.0))
+    q.push(deadline_request(3, 1, deadline=0.0))  # no deadline
+    q.push(deadline_request(4, 1, deadline=5.5))  # overdue, but behind a live request
+    expired = q.expire(now=6.0)
+    assert [(r.req_id, off, n) for r, off, n in expired] == [(1, 0, 2), (2, 0, 3)]
+    assert len(q) == 2
+    assert [r.req_id for r, _, _ in q.take(10)] == [3, 4]
+
+
+def test_expire_returns_the_untaken_rest_of_a_split_request():
+    q = BatchQueue()
+    q.push(deadline_request(1, 5, deadline=1.0))
+    assert [(off, n) for _, off, n in q.take(2)] == [(0, 2)]
+    expired = q.expire(now=2.0)
+    assert [(r.req_id, off, n) for r, off, n in expired] == [(1, 2, 3)]
+    assert len(q) == 0 and q.take(5) == []
+
+
+def test_expire_keeps_requests_whose_deadline_is_ahead():
+    q = BatchQueue()
+    q.push(deadline_request(1, 1, deadline=10.0))
+    assert q.expire(now=9.999) == []
+    assert len(q) == 1

@@ -169,3 +169,40 @@ def test_config_is_frozen_and_replace_validates():
         config.replace(batch_size=0)
     assert config.as_dict()["batch_size"] == 4
     assert config.tmp_dir.endswith(config.tmp_folder)
+
+
+# -- limits and security settings (queue, message size, worker timeout, token, CURVE) ------
+
+
+def test_limit_and_security_defaults():
+    config = ServerConfig()
+    assert config.max_queue_size == 10_000
+    assert config.max_msg_size == 256 * 1024 * 1024
+    assert config.worker_timeout == 0.0
+    assert config.auth_token is None and config.allow_pickle is False
+    assert config.curve_secret_key is None and config.curve_client_keys is None
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"max_queue_size": 0}, "max_queue_size"),
+    ({"max_msg_size": 0}, "max_msg_size"),
+    ({"max_msg_size": -2}, "max_msg_size"),
+    ({"worker_timeout": -1.0}, "worker_timeout"),
+    ({"auth_token": ""}, "auth_token"),
+    ({"curve_client_keys": "/keys"}, "curve_secret_key"),
+])
+def test_limit_and_security_settings_are_validated(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig(**changes)
+
+
+def test_auth_token_from_environment_and_redacted():
+    config, _ = load_config(["w.W", "-max_msg_size", "-1", "-worker_timeout", "2.5"],
+                            environ={"WKR_AUTH_TOKEN": "s3cret"})
+    assert config.auth_token == "s3cret"
+    assert config.max_msg_size == -1 and config.worker_timeout == 2.5
+    shown = config.as_dict(redact=True)
+    assert shown["auth_token"] == "<redacted>"
+    assert "s3cret" not in repr(shown)
+    assert config.as_dict()["auth_token"] == "s3cret"
+    assert ServerConfig().as_dict(redact=True)["auth_token"] is None

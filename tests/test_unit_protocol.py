@@ -1,8 +1,10 @@
-"""Unit tests of the wire protocol (client/protocol.py) and error rebuilding."""
+"""Unit tests of the wire protocol (client/protocol.py), the client's frame-size check
+against the server's limit (client/base.py) and error rebuilding."""
 
 from __future__ import annotations
 
 import contextlib
+import fractions
 
 import msgpack
 import numpy as np
@@ -11,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wkr_serving.client import errors as E
 from wkr_serving.client import protocol as P
+from wkr_serving.client.base import check_frame_sizes, request_frames
 
 DTYPES = ["float32", "float64", "int8", "int64", "uint16", "bool", "complex64", "<M8[s]",
           "S5", "<U3"]
@@ -281,3 +284,44 @@ def test_exception_hierarchy():
     assert issubclass(E.WKRTimeoutError, TimeoutError)
     assert issubclass(E.UnknownCommand, E.BadInput)
     assert issubclass(E.ModelError, E.ServerError) and issubclass(E.ServerError, E.WKRError)
+
+
+# -- frame sizes (client/base.py), opt-in pickle, item metas --------------------------------
+
+
+def test_frame_size_check_refuses_items_over_the_servers_limit():
+    frames = request_frames(1, 1000, [np.zeros(100, np.uint8)], "numpy")
+    check_frame_sizes(frames, {"max_msg_size": 100})
+    check_frame_sizes(frames, {"max_msg_size": -1})
+    check_frame_sizes(frames, {})
+    with pytest.raises(E.ClientUsageError, match="max_msg_size of 99 bytes"):
+        check_frame_sizes(frames, {"max_msg_size": 99})
+
+
+def test_pickle_only_when_both_sides_opt_in():
+    value = fractions.Fraction(1, 3)
+    with pytest.raises(E.ProtocolError, match="cannot encode"):
+        P.encode_item(value, "obj")
+    meta, buf = P.encode_item(value, "obj", allow_pickle=True)
+    assert meta == P.PICKLE_ITEM
+    with pytest.raises(E.ProtocolError, match="pickled item refused"):
+        P.decode_item(meta, buf)
+    assert P.decode_item(meta, buf, allow_pickle=True) == value
+    # msgpack-able values never become pickles, even when allowed
+    assert P.encode_item({"a": 1}, "obj", allow_pickle=True)[0] == P.MSGPACK_ITEM
+
+
+def test_garbage_pickle_is_a_protocol_error():
+    with pytest.raises(E.ProtocolError, match="not a valid pickle"):
+        P.decode_item(P.PICKLE_ITEM, b"\x80\x05garbage", allow_pickle=True)
+    with pytest.raises(E.ProtocolError):
+        P.decode_item(True, b"\x00")  # a bool is not the pickle meta
+
+
+def test_check_metas_bounds_what_a_client_can_nest():
+    P.check_metas([0, 1, ["<f4", [2, 3]], ["|u1", []]])
+    P.check_metas([["<f4", [1] * P.MAX_NDIM]])
+    for bad in (["<f4", [1] * (P.MAX_NDIM + 1)], ["<f4", [[1]]], [b"<f4", [1]], 2, True,
+                ["<f4", (1,)], {"dtype": "<f4"}, ["<f4", [1], "extra"]):
+        with pytest.raises(E.ProtocolError, match="item meta"):
+            P.check_metas([0, bad])
