@@ -33,31 +33,51 @@ __all__ = [
 
 
 class WKRError(Exception):
-    """Base of every error this package raises on purpose."""
+    """Base of every error this package raises on purpose.
+
+    ``http_status`` is the status the HTTP bridge answers this error with. Each class
+    states its own, so the status is decided where the error is defined rather than in
+    a separate table: 4xx when the request itself is at fault, 5xx when the server
+    could not serve it.
+    """
+
+    http_status: int = 500
 
 
 class ClientUsageError(WKRError, ValueError):
     """The client was called in a way it cannot honour (bad argument, closed client)."""
 
+    http_status = 400
+
 
 class ProtocolError(WKRError, ValueError):
     """A message does not follow the wire protocol."""
+
+    http_status = 400
 
 
 class WKRTimeoutError(WKRError, TimeoutError):
     """No reply arrived before the call's deadline."""
 
+    http_status = 504
+
 
 class ConnectTimeout(WKRTimeoutError):
     """The server did not answer the connection handshake in time (down or unreachable)."""
+
+    http_status = 504
 
 
 class ProtocolMismatch(WKRError, AttributeError):
     """Client and server were configured with different ``protocol`` values."""
 
+    http_status = 500
+
 
 class VersionMismatch(WKRError, AttributeError):
     """Client and server versions differ and ``check_version`` was requested."""
+
+    http_status = 500
 
 
 class ServerError(WKRError):
@@ -68,6 +88,7 @@ class ServerError(WKRError):
     """
 
     code = "server_error"
+    http_status = 500
 
     def __init__(self, message: str, traceback: str = "", request_id: int | None = None):
         super().__init__(message)
@@ -88,18 +109,21 @@ class ModelError(ServerError):
     """The model's ``predict`` (or its pre/post-processing) raised for this request."""
 
     code = "model_error"
+    http_status = 500
 
 
 class BadInput(ServerError):
     """The request could not be decoded or validated."""
 
     code = "bad_input"
+    http_status = 400
 
 
 class UnknownCommand(BadInput):
     """The request named a control command the server does not know."""
 
     code = "unknown_command"
+    http_status = 400
 
 
 class Unauthorized(ServerError):
@@ -107,6 +131,7 @@ class Unauthorized(ServerError):
     when the server has no token, from another host)."""
 
     code = "unauthorized"
+    http_status = 403
 
 
 class ConnectionLost(ServerError):
@@ -115,24 +140,28 @@ class ConnectionLost(ServerError):
     ``-max_msg_size``); its result, if any, is lost."""
 
     code = "connection_lost"
+    http_status = 503
 
 
 class DeadlineExceeded(ServerError):
     """The request's deadline passed before it could be computed."""
 
     code = "deadline_exceeded"
+    http_status = 504
 
 
 class Overloaded(ServerError):
     """The server's queue is full; retry later."""
 
     code = "overloaded"
+    http_status = 429
 
 
 class WorkerDied(ServerError):
     """The worker process holding this request died."""
 
     code = "worker_died"
+    http_status = 500
 
 
 class PoisonInput(ServerError):
@@ -142,18 +171,23 @@ class PoisonInput(ServerError):
     came in was retried without it."""
 
     code = "poison_input"
+    #: 422 Unprocessable Content: the request is valid, but the model cannot compute this
+    #: input, and retrying it will not help (unlike a 500 or 503).
+    http_status = 422
 
 
 class ShuttingDown(ServerError):
     """The server is stopping and accepts no new work."""
 
     code = "shutting_down"
+    http_status = 503
 
 
 class JobCancelled(ServerError):
     """The queued job was cancelled (:meth:`JobQueue.cancel`) before a result existed."""
 
     code = "cancelled"
+    http_status = 500
 
 
 class DeadLettered(ServerError):
@@ -163,6 +197,7 @@ class DeadLettered(ServerError):
     message names the last error seen."""
 
     code = "dead_lettered"
+    http_status = 500
 
 
 _BY_CODE: dict[str, type[ServerError]] = {

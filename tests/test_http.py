@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 import pytest
 from helpers import Gate, connect, gone, http_call, running_server, serve, server_args, wait_until
+from wkr_serving.client import errors as E
 from wkr_serving.server import WKRServer
 from workers import ControlledWorker, EchoWorker, GateLoadWorker, touch
 
@@ -65,6 +66,8 @@ def test_numpy_protocol_takes_arrays_with_a_dtype(numpy_http):
 def test_errors_have_real_http_statuses(obj_http, body, status, kind):
     got, _, reply = http_call(obj_http, "/encode", body, AUTH)
     assert got == status, reply
+    # the status is the one the error's class states (client/errors.py)
+    assert type(E.error_from_wire([kind, "", ""])).http_status == status
     assert reply["error_code"] == status and reply["error_type"] == kind
     assert reply["data"] is None and reply["error_message"]
     if kind == "model_error":

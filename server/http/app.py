@@ -54,18 +54,9 @@ CALL_SLACK_S = 5.0
 
 
 def http_status(error: BaseException) -> int:
-    """The HTTP status that reports ``error`` (a client or server error)."""
-    if isinstance(error, (E.BadInput, E.ProtocolError, E.ClientUsageError)):
-        return 400
-    if isinstance(error, E.Unauthorized):
-        return 403
-    if isinstance(error, E.Overloaded):
-        return 429
-    if isinstance(error, (E.ShuttingDown, E.ConnectionLost)):
-        return 503
-    if isinstance(error, (E.DeadlineExceeded, E.WKRTimeoutError)):
-        return 504
-    return 500
+    """The HTTP status that reports ``error``: the ``http_status`` its class states
+    (client/errors.py); 500 for any other exception (a failure of the bridge itself)."""
+    return error.http_status if isinstance(error, E.WKRError) else 500
 
 
 def error_code(error: BaseException) -> str:
