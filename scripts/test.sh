@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs, then run it.
+# Install everything the test suite needs, lint, then run the tests.
 #
-#   bash scripts/test.sh            # from any directory
+#   bash scripts/test.sh            # from any directory: lint and the whole suite
 #   bash scripts/test.sh -k batching -x
 #
 # Extra arguments go to pytest; test paths in them are relative to the repository root,
 # where this script runs. Works on a fresh machine that has only Python 3.11 and pip, and
 # is safe to run again: each step skips what is already installed.
+#
+# Lint is `ruff check server client tests benchmarks` and `mypy server client` (versions
+# pinned in the test extra of pyproject.toml). It runs before pytest when the script has
+# no arguments (the whole suite, what CI runs) and is skipped when it has any (a subset,
+# where a developer wants only those tests). WKR_LINT=1 runs it in any case, WKR_LINT=0
+# never. A lint failure does not stop the tests: both run, and the script exits non-zero
+# if either failed.
 #
 # The interpreter is $PYTHON if set, else python3, else python. On a system whose
 # Python refuses pip installs (PEP 668, "externally managed"), create and activate a
@@ -67,11 +74,46 @@ install_python_packages() {
     fi
 }
 
-run_tests() {
-    log "$PYTHON -m pytest -q $*"
-    exec "$PYTHON" -m pytest -q "$@"
+# Whether to lint: WKR_LINT=1 or 0 decides; unset, only a run without arguments lints.
+want_lint() {
+    case "${WKR_LINT:-}" in
+        1) return 0 ;;
+        0) return 1 ;;
+        "") (( $# == 0 )) ;;
+        *) log "WKR_LINT must be 1, 0 or unset, not '${WKR_LINT}'"; exit 2 ;;
+    esac
 }
 
+# Run ruff and mypy (both, even when the first fails); fail if either found a problem.
+run_lint() {
+    local status=0
+    log "$PYTHON -m ruff check server client tests benchmarks"
+    "$PYTHON" -m ruff check server client tests benchmarks || status=1
+    log "$PYTHON -m mypy server client"
+    "$PYTHON" -m mypy server client || status=1
+    return "$status"
+}
+
+run_tests() {
+    log "$PYTHON -m pytest -q $*"
+    "$PYTHON" -m pytest -q "$@"
+}
+
+lint=0
+if want_lint "$@"; then  # decided first: a bad WKR_LINT stops before any install
+    lint=1
+fi
 install_apt_packages
 install_python_packages
-run_tests "$@"
+lint_status=0
+if (( lint )); then
+    run_lint || lint_status=$?
+fi
+test_status=0
+run_tests "$@" || test_status=$?
+if (( lint_status != 0 )); then
+    log "lint failed (ruff or mypy, see above)"
+fi
+# pytest's own exit code first (it says what went wrong), else the lint's
+(( test_status != 0 )) && exit "$test_status"
+exit "$lint_status"
