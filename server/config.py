@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,9 +41,13 @@ def _opt(default: Any, help: str, *aliases: str, kind: type = str, **extra: Any)
 class ServerConfig:
     """All server settings. Times are in the unit their name or help states."""
 
-    model_dir: str = _opt(".", "directory of the model files")
+    model_dir: str = _opt(".", "directory of the model files; must exist (the server "
+                          "itself writes nothing there)")
     model_name: str | None = _opt(None, "file name of the model inside model_dir")
-    tmp_folder: str = _opt("tmp_wkr", "scratch folder for workers, created inside model_dir")
+    tmp_folder: str = _opt(
+        "tmp_wkr", "the workers' scratch folder (their tmp_dir): a name is made inside a "
+        "directory of this server under the system temp dir, removed when it stops; an "
+        "absolute path is used as is (created if missing, never removed)")
     port: int = _opt(5555, "port receiving requests from clients (0: any free port)",
                      "-port_in", "-port_data", kind=int)
     port_out: int = _opt(5556, "port returning results to clients (0: any free port)",
@@ -179,10 +184,40 @@ class ServerConfig:
             raise ConfigError("-curve_client_keys needs -curve_secret_key")
         if self.startup_timeout <= 0 or self.graceful_timeout < 0:
             raise ConfigError("-startup_timeout must be > 0 and -graceful_timeout >= 0")
+        self._check_tmp_folder()
         if self.device_map is not None:
             if not self.device_map or any(d < -1 for d in self.device_map):
                 raise ConfigError("-device_map takes GPU ids >= 0, or -1 for CPU")
             object.__setattr__(self, "device_map", tuple(self.device_map))
+
+    def _check_tmp_folder(self) -> None:
+        """A relative -tmp_folder is made inside the server's own temporary directory,
+        which is removed at stop: it must stay inside it."""
+        if self.tmp_folder and os.path.isabs(self.tmp_folder):
+            return
+        normal = os.path.normpath(self.tmp_folder) if self.tmp_folder else ""
+        if normal in ("", ".") or normal.split(os.sep)[0] == "..":
+            raise ConfigError(f"-tmp_folder must be a folder name or an absolute path, "
+                              f"got {self.tmp_folder!r}")
+
+    def check_model_dir(self) -> None:
+        """Raise :class:`ConfigError` (naming the flag and the path) unless -model_dir is a
+        directory. Checked where a server starts, not in :meth:`__post_init__`: a config
+        is also built where the model is not (wkr-serving-make on another machine, a run
+        script's stop and status, tests)."""
+        if os.path.isdir(self.model_dir):
+            return
+        path = self.model_dir
+        shown = path if os.path.isabs(path) else f"{path} ({os.path.abspath(path)})"
+        why = "not a directory" if os.path.exists(path) else "no such directory"
+        raise ConfigError(f"-model_dir {shown}: {why}")
+
+    def prepare_worker_dirs(self) -> None:
+        """Run by a worker before the user's hooks: -model_dir must be a directory and the
+        scratch folder must exist (see :func:`.scratch.prepare_worker_dirs`)."""
+        from .scratch import prepare_worker_dirs  # it imports this module
+
+        prepare_worker_dirs(self)
 
     def cors_allowed(self) -> list[str]:
         """The origins CORS allows ([]: CORS is off); ``*`` allows any."""
@@ -203,7 +238,12 @@ class ServerConfig:
 
     @property
     def tmp_dir(self) -> str:
-        return os.path.join(self.model_dir, self.tmp_folder)
+        """The workers' scratch folder. A server hands its workers a config whose
+        -tmp_folder it made absolute (see :mod:`.scratch`); a relative one, in a config no
+        server resolved, is named under the system temp dir (not created)."""
+        if os.path.isabs(self.tmp_folder):
+            return self.tmp_folder
+        return os.path.join(tempfile.gettempdir(), self.tmp_folder)
 
     def as_dict(self, redact: bool = False) -> dict[str, Any]:
         """All settings; ``redact`` hides secrets (for status replies and logs)."""

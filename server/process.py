@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import signal
 import sys
 import traceback
@@ -23,8 +24,8 @@ from wkr_serving.client.process import bind_public, die_with_parent
 from .config import ServerConfig
 from .logs import set_logger
 
-__all__ = ["EXIT_BOOT_FAILED", "BootError", "Endpoints", "Role", "bind_port", "bind_public",
-           "drain", "run_role"]
+__all__ = ["ABSTRACT_IPC", "EXIT_BOOT_FAILED", "BootError", "Endpoints", "Role", "bind_internal",
+           "bind_port", "bind_public", "drain", "run_role"]
 
 #: A role that cannot start (bad model, port in use) exits with this code; the
 #: supervisor stops the server instead of restarting it.
@@ -40,6 +41,19 @@ class BootError(RuntimeError):
     reported without a traceback."""
 
 
+#: Linux has an abstract namespace for unix sockets (``ipc://@name``): names, not files,
+#: released by the kernel with the last socket, so a server killed by SIGKILL leaves
+#: nothing behind. Elsewhere the sockets are files in a directory (:meth:`Endpoints.in_dir`).
+ABSTRACT_IPC = sys.platform.startswith("linux")
+#: The internal sockets, in the order of :class:`Endpoints`' fields.
+ENDPOINT_NAMES = ("control", "workers", "sink")
+#: Longest abstract socket name: ``sun_path`` (108 bytes) less the leading NUL byte.
+ABSTRACT_NAME_MAX = 107
+#: Random bytes in each abstract name: others cannot guess (and take first) a name that
+#: is not bound yet, and two servers of one pid (a container's pid 1...) never share one.
+ABSTRACT_RANDOM_BYTES = 8
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Internal IPC addresses of one server instance."""
@@ -50,7 +64,34 @@ class Endpoints:
 
     @classmethod
     def in_dir(cls, path: str) -> Endpoints:
-        return cls(*(f"ipc://{os.path.join(path, n)}" for n in ("control", "workers", "sink")))
+        """Socket files in ``path`` (a private directory the caller removes at stop)."""
+        return cls(*(f"ipc://{os.path.join(path, n)}" for n in ENDPOINT_NAMES))
+
+    @classmethod
+    def abstract(cls, pid: int | None = None) -> Endpoints:
+        """New abstract-namespace endpoints (Linux): ``ipc://@wkr-<pid>-<random>-<name>``.
+
+        Each socket gets its own random part, so seeing one bound name (in
+        /proc/net/unix) tells nothing of the others, which are bound later."""
+        pid = os.getpid() if pid is None else pid
+        names = [f"wkr-{pid}-{secrets.token_hex(ABSTRACT_RANDOM_BYTES)}-{n}"
+                 for n in ENDPOINT_NAMES]
+        for name in names:
+            if len(name.encode()) > ABSTRACT_NAME_MAX:  # cannot happen with a real pid
+                raise ValueError(f"abstract socket name too long: {name}")
+        return cls(*(f"ipc://@{name}" for name in names))
+
+
+def bind_internal(socket: zmq.Socket, address: str) -> None:
+    """Bind an internal endpoint so that only processes of this user can connect.
+
+    A socket file lives in a directory of mode 0700; an abstract socket has no file and
+    no permissions at all (any local user can read its name in /proc/net/unix and
+    connect), so the kernel's peer credentials are checked instead (``IPC_FILTER_UID``):
+    another user's connection is closed before any message is read."""
+    if address.startswith("ipc://@"):
+        socket.setsockopt(zmq.IPC_FILTER_UID, os.getuid())
+    socket.bind(address)
 
 
 class Role:

@@ -12,10 +12,8 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +27,8 @@ from .devices import DeviceError, assign_devices, describe, discover_gpus
 from .http import state as http_state
 from .http.bridge import HTTPBridge
 from .logs import log_base, set_logger
-from .process import EXIT_BOOT_FAILED, Endpoints, Role, run_role
+from .process import EXIT_BOOT_FAILED, Role, run_role
+from .scratch import ServerDirs
 from .sink import Sink
 from .ventilator import Ventilator
 from .worker import WKRHardWorker, WorkerProcess
@@ -95,8 +94,8 @@ class Supervisor(StoppableLoop):
 
     def serve(self, on_ready: Any = None) -> int:
         """Start, wait until ready, supervise until stopped; return the exit code."""
-        self._tmp = tempfile.mkdtemp(prefix="wkr-")
-        self.endpoints = Endpoints.in_dir(self._tmp)
+        self._dirs = ServerDirs.create(self.config)  # sockets, scratch; stale ones removed
+        self.endpoints, self.config = self._dirs.endpoints, self._dirs.config
         self.context = zmq.Context()
         self.control = self.context.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -399,7 +398,7 @@ class Supervisor(StoppableLoop):
             self._stop_children(["sink"], STOP_GRACE)
         self.control.close(0)
         self.context.term()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._dirs.remove()
         http_state.remove(self.http_state)
         self.close_wake_pipe()
 

@@ -155,7 +155,7 @@ class WorkerProcess(Role):
         self.logger.info("using %s, %s BLAS/OpenMP thread(s); loading model %s from %s",
                          describe(self.device_id), threads or "default",
                          self.config.model_name, self.config.model_dir)
-        os.makedirs(self.config.tmp_dir, exist_ok=True)
+        self.config.prepare_worker_dirs()  # -model_dir must exist; makes tmp_dir
         started = time.perf_counter()
         envs = self.worker.get_env(self.device_id, self.config.tmp_dir)
         self.preprocess = self.worker.get_preprocess(envs)

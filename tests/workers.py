@@ -178,3 +178,21 @@ class GateLoadWorker(EchoWorker):
     def get_model(self, envs, model_dir, model_name, tmp_dir):
         wait_for_file(os.path.join(model_dir, "load-release"))
         return []
+
+
+class ScratchWorker(EchoWorker):
+    """Answers every input with where its scratch folder is, as each hook saw it:
+    ``{"tmp_dir": self.tmp_dir, "env": get_env's tmp_dir, "model": get_model's tmp_dir,
+    "exists": whether it is a directory now, "pid": the worker's pid}``."""
+
+    def get_env(self, device_id, tmp_dir):
+        self.env_tmp_dir = tmp_dir
+        return []
+
+    def get_model(self, envs, model_dir, model_name, tmp_dir):
+        self.model_tmp_dir = tmp_dir
+        return []
+
+    def predict(self, model, input):
+        return [{"tmp_dir": self.tmp_dir, "env": self.env_tmp_dir, "model": self.model_tmp_dir,
+                 "exists": os.path.isdir(self.tmp_dir), "pid": os.getpid()} for _ in input]
