@@ -5,17 +5,24 @@ Every role process of the server and every process of the decentralized pool cal
 runs where only the client is installed; colour (termcolor) is used when present.
 Files are opened in append mode and each record is one write, so the processes of one
 service can share them.
+
+Logging never stops a process: a log file that cannot be opened (or later written)
+sends its records to stderr, with one warning line naming the file and the error, and
+is tried again every :data:`REOPEN_RETRY_S`. The files follow rotation: when the file at
+the path is no longer the one open (logrotate renamed it), it is opened again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
 import sys
+import threading
 import time
 
-__all__ = ["DEFAULT_LOG_NAME", "LogThrottle", "log_base", "set_logger"]
+__all__ = ["DEFAULT_LOG_NAME", "FileOrStderrHandler", "LogThrottle", "log_base", "set_logger"]
 
 #: The base name of a server's log files when no ``log_name`` is given.
 DEFAULT_LOG_NAME = "WKRServer"
@@ -24,6 +31,18 @@ _FORMAT = "[%(asctime)s.%(msecs)03d]: %(levelname).1s:{context}: %(message)s"
 _VERBOSE_FORMAT = ("[%(asctime)s.%(msecs)03d]: %(levelname).1s:{context}:"
                    "[%(filename)s:%(lineno)d]: %(message)s")
 _DATEFMT = "%y-%m-%d %H:%M:%S"
+
+#: Seconds between attempts to open a log file again while its records go to stderr
+#: (one open() per attempt, only while it fails).
+REOPEN_RETRY_S = 10.0
+
+# The log files this process has warned about (a file shared by several loggers of one
+# process, as ``.log`` is, gets one warning per failure, not one per logger).
+_warned_lock = threading.Lock()
+_warned: set[str] = set()
+# Set on a record once it is on stderr: a logger whose two files both fail writes an
+# error record once, not once per handler.
+_ON_STDERR = "_wkr_on_stderr"
 
 
 def set_logger(context: str, log_dir: str | None = None, log_name: str | None = None,
@@ -41,14 +60,11 @@ def set_logger(context: str, log_dir: str | None = None, log_name: str | None = 
     formatter = logging.Formatter((_VERBOSE_FORMAT if verbose else _FORMAT).format(context=label),
                                   datefmt=_DATEFMT)
     if log_dir:
-        os.makedirs(log_dir, exist_ok=True)
+        with contextlib.suppress(OSError):  # opening the files fails too, and says so
+            os.makedirs(log_dir, exist_ok=True)
         base = log_base(log_dir, log_name)
-        targets = [(base + ".log", level), (base + ".err", logging.ERROR)]
-        for path, handler_level in targets:
-            file_handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
-            file_handler.setLevel(handler_level)
-            file_handler.setFormatter(formatter)
-            logger.addHandler(file_handler)
+        for path, handler_level in ((base + ".log", level), (base + ".err", logging.ERROR)):
+            logger.addHandler(FileOrStderrHandler(path, handler_level, formatter))
     else:
         stream = logging.StreamHandler(sys.stderr)
         stream.setLevel(level)
@@ -61,6 +77,106 @@ def log_base(log_dir: str, log_name: str | None) -> str:
     """``<log_dir>/<log_name>``, the path of the log files without their suffix
     (``.log``, ``.err``, ``.predictions.jsonl``)."""
     return os.path.join(log_dir, log_name or DEFAULT_LOG_NAME)
+
+
+class FileOrStderrHandler(logging.handlers.WatchedFileHandler):
+    """A log file that follows rotation (a :class:`~logging.handlers.WatchedFileHandler`:
+    a stat of the path per record, reopened when logrotate renamed the file) and never
+    raises into the code that logs: when the file cannot be opened or written, records
+    go to stderr, with one warning line naming the file and the error, until an attempt
+    to open it again (every :data:`REOPEN_RETRY_S`) succeeds.
+
+    A process whose log directory turned read-only, or whose disk is full, keeps
+    serving; its log lines are on stderr instead of lost."""
+
+    def __init__(self, path: str, level: int, formatter: logging.Formatter) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.setLevel(level)
+        self.setFormatter(formatter)
+        self._failing = False
+        self._recovering = False  # opened again after a failure; no record written yet
+        self._retry_at = 0.0
+        self._open_file()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._failing:
+            if time.monotonic() < self._retry_at or not self._open_file():
+                self._to_stderr(record)
+                return
+        else:
+            try:
+                self.reopenIfNeeded()
+                if self.stream is None:  # closed (at exit), or a reopen that failed
+                    self._open_stream()
+            except OSError as exc:
+                self._fall_back(exc)
+                self._to_stderr(record)
+                return
+        logging.StreamHandler.emit(self, record)  # a failed write calls handleError
+        if self._recovering and not self._failing:  # written: the file works again
+            self._recovering = False
+            with _warned_lock:
+                _warned.discard(self.baseFilename)
+            self._note(logging.INFO, "log file %s can be written again: logging there",
+                       self.baseFilename)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A write that failed (a full disk): stderr from now on. Anything else (a record
+        whose message cannot be formatted) is reported as logging does."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        self._fall_back(exc)
+        self._to_stderr(record)
+
+    def _open_stream(self) -> None:
+        self.stream = self._open()
+        self._statstream()
+
+    def _open_file(self) -> bool:
+        """Open the file; on failure fall back to stderr (or stay there) and say False."""
+        try:
+            self._open_stream()
+        except OSError as exc:
+            self._fall_back(exc)
+            return False
+        if self._failing:  # said once a record is written (a full disk opens, then fails)
+            self._failing, self._recovering = False, True
+        return True
+
+    def _fall_back(self, exc: OSError) -> None:
+        """Close the file and send records to stderr; warn once per file and process."""
+        self._failing, self._recovering = True, False
+        self._retry_at = time.monotonic() + REOPEN_RETRY_S
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with contextlib.suppress(OSError):  # it flushes: fails again on a full disk
+                stream.close()
+        with _warned_lock:
+            if self.baseFilename in _warned:
+                return
+            _warned.add(self.baseFilename)
+        self._note(logging.WARNING, "cannot use log file %s (%s: %s): logging to stderr "
+                   "instead", self.baseFilename, type(exc).__name__, exc)
+
+    def _note(self, level: int, message: str, *args: object) -> None:
+        """A line of this handler's own, on stderr, formatted as the records are."""
+        self._to_stderr(logging.LogRecord(self.name or "wkr_serving", level, __file__, 0,
+                                          message, args, None))
+
+    def _to_stderr(self, record: logging.LogRecord) -> None:
+        if getattr(record, _ON_STDERR, False):  # the logger's other file wrote it there
+            return
+        setattr(record, _ON_STDERR, True)
+        stream = sys.stderr
+        if stream is None:  # no stderr either: nowhere left to write
+            return
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # stderr closed or full: the record is lost, the process lives
+            pass
 
 
 def _colored(text: str, color: str) -> str:

@@ -12,6 +12,12 @@ workers never interleave (and the thread gives the GIL back between lines). When
 queue is full the entry is dropped and counted, never waited for: a request is never
 slowed down by its log line.
 
+The log never stops its worker: a file that cannot be opened or written loses its lines
+(counted, with one error line) and is tried again. It follows rotation: the writer
+reopens the path when :meth:`PredictionLog.reopen` asks (the worker's SIGHUP handler),
+and by itself when the file at the path is no longer the one it has open (looked at
+every :data:`CHECK_EVERY_S` or :data:`CHECK_EVERY_LINES` lines, not per line).
+
 One line is written per *part*: a request whose items were computed in one batch (every
 single-item request) has one line; a request split over several batches has one line
 per batch, with ``offset``/``count``/``total`` saying which items it covers.
@@ -25,6 +31,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import deque
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -53,6 +60,12 @@ ENTRY_OVERHEAD = 256
 #: one was queued: under load it runs in bursts instead of once per request.
 WAKE_LINES = 64
 WAKE_AFTER_S = 0.05
+#: The writer looks whether the file at its path is still the one it has open (renamed by
+#: logrotate? removed?), or tries to open it again after a failure, at most this often.
+CHECK_EVERY_S = 1.0
+CHECK_EVERY_LINES = 1000
+#: Flags of the log file: appends only, so the lines of several workers never interleave.
+_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
 def log_path(log_dir: str, log_name: str | None) -> str:
@@ -247,12 +260,16 @@ class PredictionLog:
 
     :meth:`put` never blocks: beyond ``max_lines`` entries or ``max_bytes`` captured bytes
     waiting, the entry is dropped and counted in :attr:`dropped`. Lines lost to a failed
-    write (a full disk) are counted in :attr:`failed`. ``start=False`` leaves the writer
-    stopped until :meth:`start` (for tests of the bounds).
+    write (a full disk) or to a file that cannot be opened are counted in :attr:`failed`;
+    neither raises. ``start=False`` leaves the writer stopped until :meth:`start` (for
+    tests of the bounds). ``check_s`` and ``check_lines``: how often the writer looks
+    whether the file was rotated.
     """
 
     def __init__(self, path: str, max_lines: int = MAX_LINES, max_bytes: int = MAX_BYTES,
-                 logger: logging.Logger | None = None, start: bool = True) -> None:
+                 logger: logging.Logger | None = None, start: bool = True,
+                 check_s: float = CHECK_EVERY_S,
+                 check_lines: int = CHECK_EVERY_LINES) -> None:
         self.path = path
         self.max_lines = max_lines
         self.max_bytes = max_bytes
@@ -269,13 +286,28 @@ class PredictionLog:
         self.written = 0
         self._reported = 0  # dropped + failed already taken by take_lost()
         self._error_log = LogThrottle(self.logger, logging.ERROR)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.check_s = check_s
+        self.check_lines = check_lines
+        # The writer thread's own state: the file, and when to look at the path again.
+        self._fd: int | None = None
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of _fd
+        self._check_at = time.monotonic() + check_s
+        self._lines_to_check = check_lines
+        self._failing_since: int | None = None  # self.failed when lines began to be lost
+        self._reopen_wanted = False  # set by reopen(), from any thread or signal handler
+        self._open()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         if start:
             self._thread.start()
 
     def start(self) -> None:
         self._thread.start()
+
+    def reopen(self) -> None:
+        """Make the writer close the file and open the path again before its next line
+        (after logrotate renamed the file). Only sets a flag: no lock, no I/O, so a
+        signal handler may call it (the worker's SIGHUP handler does)."""
+        self._reopen_wanted = True
 
     def put(self, entry: Entry, size: int | None = None) -> bool:
         """Queue an entry; False (and counted as dropped) when the queue is full."""
@@ -328,7 +360,9 @@ class PredictionLog:
                 self.dropped += len(self._queue)
                 self._queue.clear()
             return
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _run(self) -> None:
         while True:
@@ -357,13 +391,71 @@ class PredictionLog:
             self.failed += 1
             self._error_log.log("prediction log: cannot format an entry: %s", exc)
             return
+        self._check_file()
+        if self._fd is None:  # the path cannot be opened: said once, by _open()
+            self.failed += 1
+            return
         try:
             # One write per line on an O_APPEND file: lines of several processes never
             # interleave. A short write happens only when the disk is full.
             written = os.write(self._fd, line)
             if written != len(line):
                 raise OSError(f"short write ({written} of {len(line)} bytes)")
-            self.written += 1
         except OSError as exc:
+            self._lost("prediction log: cannot write to %s: %s: %s", exc)
             self.failed += 1
-            self._error_log.log("prediction log: cannot write to %s: %s", self.path, exc)
+            return
+        self.written += 1
+        if self._failing_since is not None:
+            self.logger.info("prediction log: writing to %s again (%d line(s) lost)",
+                             self.path, self.failed - self._failing_since)
+            self._failing_since = None
+
+    # -- the file (writer thread only, and __init__/close when the writer is not running) --
+
+    def _check_file(self) -> None:
+        """Before a line: reopen when asked to, or when the path no longer names the open
+        file (looked at every ``check_s`` seconds or ``check_lines`` lines)."""
+        if self._reopen_wanted:
+            self._reopen_wanted = False  # cleared first: a request made now is kept
+            self._reopen()
+            return
+        self._lines_to_check -= 1
+        if self._lines_to_check > 0 and time.monotonic() < self._check_at:
+            return
+        self._lines_to_check = self.check_lines
+        self._check_at = time.monotonic() + self.check_s
+        if self._fd is None or self._moved():
+            self._reopen()
+
+    def _moved(self) -> bool:
+        """Whether the file at the path is gone or another one than the file open."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._file_id
+
+    def _reopen(self) -> None:
+        old, self._fd = self._fd, None
+        if old is not None:
+            os.close(old)
+        self._open()
+
+    def _open(self) -> None:
+        """Open the path for appending; when it cannot be, lines are lost (counted) until
+        a later check opens it."""
+        try:
+            fd = os.open(self.path, _OPEN_FLAGS, 0o644)
+        except OSError as exc:
+            self._lost("prediction log: cannot open %s: %s: %s; its lines are counted as "
+                       "lost until it can be opened", exc)
+            return
+        st = os.fstat(fd)
+        self._fd, self._file_id = fd, (st.st_dev, st.st_ino)
+
+    def _lost(self, message: str, exc: OSError) -> None:
+        """Say once (until a line is written again) that lines are being lost."""
+        if self._failing_since is None:
+            self._failing_since = self.failed
+            self.logger.error(message, self.path, type(exc).__name__, exc)
