@@ -64,6 +64,8 @@ class StoppableLoop:
         self._wake = WakePipe()
         #: Why the loop was asked to stop (the first reason given), or None.
         self.stop_reason = None
+        #: SIGHUPs received (a loop that reopens files on SIGHUP compares it).
+        self.hangups = 0
 
     @property
     def wakeup_fd(self) -> int:
@@ -77,9 +79,16 @@ class StoppableLoop:
         self._wake.wake()
 
 
+    def request_hangup(self) -> None:
+        """Count a SIGHUP and wake the loop; safe from signal handlers."""
+        self.hangups += 1
+        self._wake.wake()
+
+
 def serve_until_signalled(loop: Any) -> int:
     """Run ``loop.serve()`` in the main thread with SIGTERM and SIGINT asking it to stop
-    (``loop.request_stop(name)``), woken through ``loop.wakeup_fd``; return its code."""
+    (``loop.request_stop(name)``) and SIGHUP counted (``loop.request_hangup()``: log
+    files are reopened), woken through ``loop.wakeup_fd``; return its code."""
 
     def on_signal(signum: int, _frame: object) -> None:
         loop.request_stop(signal.Signals(signum).name)
@@ -87,6 +96,7 @@ def serve_until_signalled(loop: Any) -> int:
     signal.set_wakeup_fd(loop.wakeup_fd, warn_on_full_buffer=False)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: loop.request_hangup())
     try:
         return int(loop.serve())
     finally:

@@ -23,9 +23,12 @@ Internal messages (loopback IPC between the roles of one server)::
 
     BATCH     ventilator -> worker       batch_id, segments                item frames
     READY     worker  -> ventilator      worker_index, pid, device_id      -
-    DONE      worker  -> sink            batch_id, worker_index, parts,    result frames
-                                         user_stats, busy_seconds
-    FORWARD   ventilator -> sink         client, req_id, kind, value       -
+    DONE      worker  -> sink            batch_id, worker_index, pid,      result frames
+                                         parts, user_stats, busy_seconds
+    FORWARD   ventilator -> sink         client, req_id, action, value     -
+    RETIRE    worker  -> ventilator      worker_index, pid                 -
+    RETIRED   ventilator -> worker       (none)                            -
+    FEEDBACK  sink    -> ventilator      name, value                       -
     EVENT     role    -> supervisor      name, value                       -
     CONTROL   supervisor -> role         name, value                       -
 
@@ -52,13 +55,9 @@ this request's inputs out of the prediction log) and ``request_id`` (str: the ca
 id for the request, written in the prediction log). Unknown keys are ignored. Clients
 send the field only when an option is set.
 
-A *segment* (in BATCH) is ``[client, req_id, offset, total, count, t_recv, deadline,
-metas, serial]``: ``count`` consecutive items, starting at ``offset``, of a request that
-has ``total`` items; ``serial`` numbers the requests the ventilator accepted, so the
-sink reassembles split requests by it. When the server logs predictions
-(``-log_predictions``) each segment has a 10th field, the request's known ``options``
-(a map, or ``nil`` when it sent none). A *part* (in DONE) is ``[client, req_id, offset,
-total, count, t_recv, metas, error, serial]`` with ``metas`` None when ``error`` is set.
+The fields of the internal messages (a BATCH *segment*, a DONE *part*, the events,
+commands and FORWARD actions) are defined once, as named types, in
+``wkr_serving.server.messages``.
 
 Items are encoded one frame each by :func:`encode_item`. An item's *meta* is ``0`` for a
 msgpack-encoded value, or ``[dtype, shape]`` for an ndarray carried as its raw buffer.
@@ -94,6 +93,7 @@ __all__ = [
     "ERROR",
     "EVENT",
     "EXT_NDARRAY",
+    "FEEDBACK",
     "FORWARD",
     "HELLO",
     "MSGPACK_ITEM",
@@ -107,6 +107,8 @@ __all__ = [
     "REPLY",
     "REQUEST",
     "RESULT",
+    "RETIRE",
+    "RETIRED",
     "HeaderLimitError",
     "brief",
     "check_metas",
@@ -131,6 +133,9 @@ BATCH = 10
 READY = 11
 DONE = 12
 FORWARD = 13
+RETIRE = 14
+RETIRED = 15
+FEEDBACK = 16
 EVENT = 20
 CONTROL = 21
 
@@ -150,8 +155,11 @@ HEADER_FIELDS = {
     REPLIES: 1,
     BATCH: 2,
     READY: 3,
-    DONE: 5,
+    DONE: 6,
     FORWARD: 4,
+    RETIRE: 2,
+    RETIRED: 0,
+    FEEDBACK: 2,
     EVENT: 2,
     CONTROL: 2,
 }

@@ -1,7 +1,9 @@
 """Pure batching core: the ventilator's queue and its dispatch policy (no sockets, no clock).
 
 Items from different clients share a batch. A request of several items may be split
-across batches; :meth:`BatchQueue.take` hands out ``(request, offset, count)`` segments.
+across batches; :meth:`BatchQueue.take` hands out ``(request, offset, count)`` slices.
+Items of a batch whose worker died are put back as *retries*: one item each, served
+before the queue and each alone in its batch (so a second death names its input).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BatchQueue", "Request", "Segment", "dispatch_wait", "should_dispatch"]
+__all__ = ["BatchQueue", "Request", "Slice", "dispatch_wait", "should_dispatch"]
 
 
 @dataclass(slots=True)
@@ -36,16 +38,17 @@ class Request:
 
 
 #: ``(request, offset, count)``: ``count`` items of ``request`` starting at ``offset``.
-Segment = tuple[Request, int, int]
+Slice = tuple[Request, int, int]
 
 
 class BatchQueue:
-    """FIFO of requests, measured in items."""
+    """FIFO of requests, measured in items, with a lane of retries served first."""
 
-    __slots__ = ("_requests", "items")
+    __slots__ = ("_requests", "_retries", "items")
 
     def __init__(self) -> None:
         self._requests: deque[Request] = deque()
+        self._retries: deque[Slice] = deque()
         self.items = 0
 
     def __len__(self) -> int:
@@ -57,13 +60,29 @@ class BatchQueue:
         self._requests.append(request)
         self.items += request.total - request.taken
 
+    def retry(self, item: Slice) -> None:
+        """Queue one item again, ahead of the queue, to be dispatched alone."""
+        self._retries.append(item)
+        self.items += item[2]
+
+    @property
+    def retries(self) -> int:
+        return len(self._retries)
+
     def oldest(self) -> float | None:
         """Arrival time of the oldest queued item, or None when empty."""
-        return self._requests[0].t_recv if self._requests else None
+        times = [self._requests[0].t_recv] if self._requests else []
+        if self._retries:
+            times.append(self._retries[0][0].t_recv)
+        return min(times) if times else None
 
-    def take(self, limit: int) -> list[Segment]:
-        """Remove up to ``limit`` items, oldest first, as segments."""
-        segments: list[Segment] = []
+    def take(self, limit: int) -> list[Slice]:
+        """Remove up to ``limit`` items, oldest first, as slices; a retry leaves alone."""
+        if self._retries:
+            item = self._retries.popleft()
+            self.items -= item[2]
+            return [item]
+        segments: list[Slice] = []
         room = limit
         while room and self._requests:
             req = self._requests[0]
@@ -76,12 +95,22 @@ class BatchQueue:
         self.items -= limit - room
         return segments
 
+    def take_all(self) -> list[Slice]:
+        """Remove everything queued, retries included (the server is stopping)."""
+        slices = list(self._retries)
+        self._retries.clear()
+        self.items -= sum(item[2] for item in slices)
+        return slices + self.take(self.items)
 
-    def expire(self, now: float) -> list[Segment]:
+    def expire(self, now: float) -> list[Slice]:
         """Remove the requests whose deadline passed before ``now`` from the front of the
         queue (it stops at the first live request: a request deep
         in the queue is dropped when it reaches the front). Returns them as segments."""
-        expired: list[Segment] = []
+        expired: list[Slice] = []
+        while self._retries and 0 < self._retries[0][0].deadline <= now:
+            item = self._retries.popleft()
+            self.items -= item[2]
+            expired.append(item)
         while self._requests:
             req = self._requests[0]
             if not req.deadline or req.deadline > now:

@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hide_secrets_in_title(sys.argv[1:] if argv is None else argv)
     try:
         config, spec = load_config(argv)
+        config.check_model_dir()  # here, not in the config: wkr-serving-make builds one too
     except ConfigError as exc:
         print(f"wkr-serving-start: error: {exc}", file=sys.stderr)
         return 2

@@ -93,6 +93,17 @@ class ServerConfig:
     worker_timeout: float = _opt(
         0.0, "seconds a batch may run in predict before its worker is killed and restarted "
         "and its requests get WorkerDied (0: no limit)", kind=float)
+    max_requests: int = _opt(
+        0, "recycle a worker after it answered about this many requests: a replacement "
+        "loads the model, then the old worker finishes its batch and leaves, so no "
+        "request fails (0: never; see -max_requests_jitter)", kind=int)
+    max_requests_jitter: int = _opt(
+        0, "add a random 0..N to each worker's -max_requests, so the workers are not all "
+        "recycled at once", kind=int)
+    max_worker_rss: int = _opt(
+        0, "recycle a worker, as with -max_requests, once its resident memory is over "
+        "this many MiB (checked between batches, at most once a second; 0: never)",
+        kind=int)
     auth_token: str | None = _opt(
         None, "token required by commands that stop or change the server (terminate); "
         "without one, only clients on this host may send them", secret=True)
@@ -176,6 +187,9 @@ class ServerConfig:
             raise ConfigError("-http_read_timeout and -http_keepalive must be > 0 seconds")
         if self.worker_timeout < 0:
             raise ConfigError("-worker_timeout must be >= 0 seconds (0: no limit)")
+        if min(self.max_requests, self.max_requests_jitter, self.max_worker_rss) < 0:
+            raise ConfigError("-max_requests, -max_requests_jitter and -max_worker_rss "
+                              "must be >= 0 (0: off)")
         if self.auth_token is not None and not self.auth_token:
             raise ConfigError("-auth_token must not be empty")
         if self.log_predictions and not self.log_dir:

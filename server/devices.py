@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
-__all__ = ["CPU", "DeviceError", "assign_devices", "describe", "discover_gpus"]
+__all__ = ["CPU", "DeviceError", "assign_devices", "describe", "discover_gpus", "pin_device"]
 
 CPU = -1
 
@@ -50,6 +51,13 @@ def assign_devices(num_worker: int, device_map: Sequence[int] | None, cpu: bool,
     else:
         pool = list(free_gpus) or [CPU]
     return [pool[i % len(pool)] for i in range(num_worker)]
+
+
+def pin_device(device_id: int) -> None:
+    """Make only GPU ``device_id`` visible to this process (``-1``: none, the CPU). It
+    must run before any framework initialises CUDA: the worker calls it before the
+    user's ``get_env``, and ``import_tf``/``import_torch`` before their import."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(device_id) if device_id >= 0 else str(CPU)
 
 
 def describe(device_id: int) -> str:

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from .config import build_parser
+from .devices import pin_device
 from .logs import set_logger
 from .worker import load_worker_class
 
@@ -27,10 +28,6 @@ def import_class_from_local(spec: str) -> type:
     return load_worker_class(spec)
 
 
-def _pin(device_id: int) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = "-1" if device_id < 0 else str(device_id)
-
-
 def import_tf(device_id: int = -1, verbose: bool = False, use_fp16: bool = False,
               gpu_memory_fraction: float | None = None) -> Any:
     """Pin ``device_id`` (``-1``: CPU), import TensorFlow quietly and return the module.
@@ -38,7 +35,7 @@ def import_tf(device_id: int = -1, verbose: bool = False, use_fp16: bool = False
     On a GPU, TensorFlow may use at most ``gpu_memory_fraction`` of the card's memory;
     without it, memory is taken on demand instead of all at once.
     """
-    _pin(device_id)
+    pin_device(device_id)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose else "3"
     os.environ["TF_FP16_MATMUL_USE_FP32_COMPUTE"] = "0" if use_fp16 else "1"
     os.environ["TF_FP16_CONV_USE_FP32_COMPUTE"] = "0" if use_fp16 else "1"
@@ -70,7 +67,7 @@ def _gpu_memory_mb(device_id: int) -> float | None:
 def import_torch(device_id: int = -1, verbose: bool = False, use_fp16: bool = False,
                  enable_benchmark: bool = True, reduce_thread: bool = False) -> Any:
     """Pin ``device_id`` (``-1``: CPU), import PyTorch and return the module."""
-    _pin(device_id)
+    pin_device(device_id)
     import torch
 
     if enable_benchmark and device_id >= 0:

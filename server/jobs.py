@@ -39,6 +39,13 @@ class Reassembler:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def forget_below(self, serial: int) -> int:
+        """Drop the requests numbered below ``serial``; return how many were dropped."""
+        old = [key for key in self._jobs if key[1] < serial]
+        for key in old:
+            del self._jobs[key]
+        return len(old)
+
     def add(self, client: bytes, request: int, offset: int, total: int, count: int,
             metas: list[Any] | None, frames: list[Any], error: Any = None) -> Completed | None:
         """Record one part; return the request's answer when it is decided, else None.

@@ -46,7 +46,7 @@ class BootError(RuntimeError):
 #: nothing behind. Elsewhere the sockets are files in a directory (:meth:`Endpoints.in_dir`).
 ABSTRACT_IPC = sys.platform.startswith("linux")
 #: The internal sockets, in the order of :class:`Endpoints`' fields.
-ENDPOINT_NAMES = ("control", "workers", "sink")
+ENDPOINT_NAMES = ("control", "workers", "sink", "feedback")
 #: Longest abstract socket name: ``sun_path`` (108 bytes) less the leading NUL byte.
 ABSTRACT_NAME_MAX = 107
 #: Random bytes in each abstract name: others cannot guess (and take first) a name that
@@ -61,6 +61,7 @@ class Endpoints:
     control: str  # supervisor ROUTER; every role connects a DEALER named after itself
     workers: str  # ventilator ROUTER; workers connect DEALERs
     sink: str  # sink PULL; workers and the ventilator connect PUSHes
+    feedback: str  # ventilator PULL; the sink connects a PUSH (congestion, dead batches)
 
     @classmethod
     def in_dir(cls, path: str) -> Endpoints:
@@ -198,6 +199,11 @@ def bind_port(socket: zmq.Socket, host: str, port: int, flag: str) -> int:
     except zmq.ZMQError as exc:
         why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc}"
         raise BootError(f"port {port} on {host} ({flag} {port}) {why}") from None
+
+
+#: Most messages a role reads from one socket before it looks at its others, so a
+#: flood on one cannot starve the rest.
+MAX_DRAIN = 256
 
 
 def drain(socket: zmq.Socket, handler: Any, limit: int) -> int:

@@ -21,14 +21,14 @@ from wkr_serving.client import errors as E
 from wkr_serving.client import protocol as P
 from wkr_serving.client.version import __version__
 
+from . import messages as M
 from .jobs import Reassembler
 from .logs import LogThrottle
-from .process import Role, bind_port, drain
+from .process import MAX_DRAIN, Role, bind_internal, bind_port, drain
 from .stats import RateMeter, Summary, Window
 
 __all__ = ["Sink"]
 
-MAX_DRAIN = 256
 V = P.PROTOCOL_VERSION
 #: How often (ms) replies held for a client that is not reading are offered again.
 BACKLOG_RETRY_MS = 10
@@ -48,7 +48,7 @@ class Sink(Role):
         assert self.context is not None
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, 0)
-        self.pull.bind(self.endpoints.sink)
+        bind_internal(self.pull, self.endpoints.sink)
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # Per client: once this many replies wait unread in libzmq, sends to that client
@@ -58,6 +58,10 @@ class Sink(Role):
         self.secure_public(self.router)
         port_out = bind_port(self.router, self.config.bind, self.config.port_out,
                              "-port_out")
+        self.feedback = self.context.socket(zmq.PUSH)  # to the ventilator, directly
+        self.feedback.setsockopt(zmq.SNDHWM, 0)
+        self.feedback.setsockopt(zmq.LINGER, 0)
+        self.feedback.connect(self.endpoints.feedback)
 
         self.jobs = Reassembler()
         self.results = 0
@@ -68,9 +72,20 @@ class Sink(Role):
         self.latency_sum = 0.0
         self.result_rate = RateMeter()
         self.worker_stats: dict[int, dict[str, float]] = {}
-        # worker index -> id of its last batch answered (DONE) or failed (worker died or
-        # hung): a batch is answered once, whichever of the two comes first.
-        self.settled: dict[int, int] = {}
+        # (worker index, pid) -> id of its last batch answered (DONE) or failed (worker
+        # died or hung): a batch is answered once, whichever of the two comes first.
+        self.settled: dict[tuple[int, int], int] = {}
+        # Parts of requests with a lower serial are dropped: a sink started after its
+        # predecessor died is told where the requests it can still answer begin.
+        self.forget_below = 0
+        self._forward_handlers: dict[str, Any] = {
+            M.Forward.REPLY: self._forward_reply,
+            M.Forward.STATUS: self._forward_status,
+            M.Forward.ERROR: self._forward_error,
+            M.Forward.PART_ERROR: self._forward_part_error,
+            M.Forward.FAILED: self._forward_failed,
+            M.Forward.FORGET: self._forward_forget,
+        }
         # Replies held for clients that stopped reading (their libzmq queue is full),
         # oldest first. Such a client is "congested": the ventilator refuses its new
         # requests (Overloaded) until this is delivered, so the backlog stays bounded by
@@ -161,12 +176,11 @@ class Sink(Role):
             self._gone(client, len(backlog))
 
     def _congested(self, client: bytes, on: bool) -> None:
-        """Tell the ventilator (through the supervisor) to refuse, or again accept, new
-        requests from ``client``."""
+        """Tell the ventilator to refuse, or again accept, new requests from ``client``."""
         self.congestion_log.log("client %r %s", client, "stopped reading: holding its "
                                 "replies, refusing its new requests" if on else
                                 "reads again: backlog delivered")
-        self.event("congested", {"client": client, "on": on})
+        self.feedback.send(M.feedback(M.Feedback.CONGESTED, {"client": client, "on": on}))
 
     def _send_error(self, client: bytes, req_id: int, error: list[Any]) -> None:
         self._count_error(error)
@@ -208,59 +222,90 @@ class Sink(Role):
     def _on_internal(self, frames: list[zmq.Frame]) -> None:
         header = P.unpack_header(frames[0].buffer)
         if header[1] == P.DONE:
-            self._on_done(header, frames)
+            self._on_done(M.parse_done(header), frames)
         elif header[1] == P.FORWARD:
-            _, _, client, req_id, action, value = header
-            if action == "error":
-                self._send_error(client, req_id, value)
-            elif action == "failed":  # a batch whose worker died or hung
-                worker, batch_id, parts, error = value
-                if self.settled.get(worker, 0) < batch_id:
-                    self.settled[worker] = batch_id
-                    for p_client, p_req_id, offset, total, count, t_recv, serial in parts:
-                        self._fail_part(p_client, p_req_id, serial, offset, total, count,
-                                        t_recv, error)
-            elif action == "part_error":  # items that never reached a worker
-                offset, total, count, t_recv, error, serial = value
-                self._fail_part(client, req_id, serial, offset, total, count, t_recv, error)
-            elif action == "status":
-                self._send_replies(client, [(req_id, P.REPLY, self._status(value), [])])
-            else:
-                self._send_replies(client, [(req_id, P.REPLY, value, [])])
+            client, req_id, action, value = M.parse_forward(header)
+            self._forward_handlers[action](client, req_id, value)
+
+    def _forward_reply(self, client: bytes, req_id: int, value: Any) -> None:
+        self._send_replies(client, [(req_id, P.REPLY, value, [])])
+
+    def _forward_status(self, client: bytes, req_id: int, value: Any) -> None:
+        self._send_replies(client, [(req_id, P.REPLY, self._status(value), [])])
+
+    def _forward_error(self, client: bytes, req_id: int, value: Any) -> None:
+        self._send_error(client, req_id, value)
+
+    def _forward_part_error(self, client: bytes, req_id: int, value: Any) -> None:
+        """Items that never reached a worker (or will not again)."""
+        part = M.PartError._make(value)
+        self._fail_part(client, req_id, part.serial, part.offset, part.total, part.n_items,
+                        part.t_recv, part.error)
+
+    def _forward_failed(self, client: bytes, req_id: int, value: Any) -> None:
+        """A batch whose worker died or hung, unless its DONE came first. With an error,
+        its requests get it; without, the ventilator is told to retry the batch."""
+        failed = M.parse_failed(value)
+        key = (failed.worker, failed.pid)
+        fresh = self.settled.get(key, 0) < failed.batch_id
+        if fresh:
+            self.settled[key] = failed.batch_id
+        if failed.error is None:
+            self.feedback.send(M.feedback(M.Feedback.DEAD_BATCH, {
+                "worker": failed.worker, "pid": failed.pid, "batch_id": failed.batch_id,
+                "retry": fresh}))
+            return
+        if fresh:
+            for p in failed.parts:
+                self._fail_part(p.client, p.req_id, p.serial, p.offset, p.total, p.n_items,
+                                p.t_recv, failed.error)
+
+    def _forward_forget(self, client: bytes, req_id: int, value: Any) -> None:
+        """This sink replaced one that died: the requests below serial ``value`` were
+        failed by their clients when the old sink's connection dropped."""
+        self.forget_below = max(self.forget_below, int(value))
+        dropped = self.jobs.forget_below(self.forget_below)
+        self.logger.info("new sink: parts of requests before serial %d are dropped (%d "
+                         "partly answered forgotten)", self.forget_below, dropped)
 
     def _fail_part(self, client: bytes, req_id: int, serial: int, offset: int, total: int,
                    count: int, t_recv: float, error: Any) -> None:
+        if serial < self.forget_below:
+            return
         reply = self._finish(client, serial, offset, total, count, t_recv, None, [], error,
                              time.monotonic())
         if reply is not None:
             self._send_replies(client, [(req_id, *reply)])
 
-    def _on_done(self, header: list[Any], frames: list[zmq.Frame]) -> None:
-        _, _, batch_id, worker, parts, user_stats, busy = header
-        if self.settled.get(worker, 0) >= batch_id:
+    def _on_done(self, done: M.Done, frames: list[zmq.Frame]) -> None:
+        key = (done.worker, done.pid)
+        if self.settled.get(key, 0) >= done.batch_id:
             return  # already failed: the worker was given up on (hung) before it answered
-        self.settled[worker] = batch_id
+        self.settled[key] = done.batch_id
         now = time.monotonic()
         pos = 1
         outbox: dict[bytes, list[tuple[int, int, Any, list[Any]]]] = {}
-        for client, req_id, offset, total, count, t_recv, metas, error, serial in parts:
+        for part in done.parts:
             part_frames = []
-            if error is None:
-                part_frames = frames[pos:pos + count]
-                pos += count
-            reply = self._finish(client, serial, offset, total, count, t_recv, metas,
-                                 part_frames, error, now)
+            if part.error is None:
+                part_frames = frames[pos:pos + part.n_items]
+                pos += part.n_items
+            if part.serial < self.forget_below:
+                continue
+            reply = self._finish(part.client, part.serial, part.offset, part.total,
+                                 part.n_items, part.t_recv, part.metas, part_frames,
+                                 part.error, now)
             if reply is not None:
-                outbox.setdefault(client, []).append((req_id, *reply))
+                outbox.setdefault(part.client, []).append((part.req_id, *reply))
         for client, replies in outbox.items():
             self._send_replies(client, replies)
-        stats = self.worker_stats.setdefault(worker, {"batches_done": 0, "busy_s": 0.0})
+        stats = self.worker_stats.setdefault(done.worker, {"batches_done": 0, "busy_s": 0.0})
         stats["batches_done"] += 1
-        stats["busy_s"] += busy
-        for key, values in user_stats.items():
-            summary = self.statistic.get(key)
+        stats["busy_s"] += done.busy
+        for key_, values in done.user_stats.items():
+            summary = self.statistic.get(key_)
             if summary is None:
-                summary = self.statistic[key] = Summary()
+                summary = self.statistic[key_] = Summary()
             for value in values:
                 summary.add(value)
 

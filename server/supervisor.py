@@ -15,19 +15,21 @@ import os
 import signal
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-from wkr_serving.client import protocol as P
 from wkr_serving.client.process import StoppableLoop
 
+from . import messages as M
 from .config import ServerConfig
 from .devices import DeviceError, assign_devices, describe, discover_gpus
 from .http import state as http_state
 from .http.bridge import HTTPBridge
 from .logs import log_base, set_logger
-from .process import EXIT_BOOT_FAILED, Role, run_role
+from .process import EXIT_BOOT_FAILED, Role, bind_internal, run_role
 from .scratch import ServerDirs
 from .sink import Sink
 from .ventilator import Ventilator
@@ -41,9 +43,15 @@ STOP_GRACE = 5.0
 #: Least time a role is given to stop before it is killed, even when the graceful
 #: timeout is spent: enough for one that is not busy to flush its sockets and exit.
 MIN_STOP_GRACE = 0.25
-#: A worker that dies more often than this within RESTART_WINDOW seconds halts the server.
+#: A role (the ventilator, the sink, a bridge) that dies more often than this within
+#: RESTART_WINDOW seconds halts the server; so do workers dying that often with no
+#: request in hand (a worker dying *with* requests is their doing: see the ventilator's
+#: quarantine).
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+#: A worker slot whose restarted process fails to boot this many times in a row halts
+#: the server (a first start that fails halts it at once).
+MAX_BOOT_FAILURES = 3
 #: Seconds to wait for the boot_failed event of a role seen exiting with
 #: EXIT_BOOT_FAILED (the event is sent before the exit, so it is already under way).
 BOOT_EVENT_WAIT = 2.0
@@ -63,6 +71,13 @@ class _Child:
     restarts: list[float] = field(default_factory=list)  # recent restart times
     total_restarts: int = 0
     hung: bool = False  # killed by us after -worker_timeout
+    boot_failures: int = 0  # restarts in a row that failed to boot
+    replaces: str | None = None  # a recycled worker's replacement: the one it replaces
+    replaced_by: str | None = None  # a recycled worker: its replacement
+
+    def retiring_done(self, code: int) -> bool:
+        """Whether this exit is a recycled worker leaving as told, not a crash."""
+        return self.replaced_by is not None and code == 0
 
 
 class Supervisor(StoppableLoop):
@@ -88,6 +103,21 @@ class Supervisor(StoppableLoop):
         self.http_port: int | None = None
         self.http_state: str | None = None  # the bridge processes' shared directory
         self.started_at = time.time()
+        self.ventilator_generation = 0  # ventilators started after the first
+        self.generations: dict[int, int] = {}  # worker slot -> its latest generation
+        self.idle_deaths: list[float] = []  # when workers died with nothing in hand
+        self.recycle_queue: deque[str] = deque()  # workers waiting to be recycled
+        self._hangups_seen = 0
+        self._event_handlers: dict[str, Callable[[str, _Child, Any], None]] = {
+            M.Event.READY: self._event_ready,
+            M.Event.BOOT_FAILED: self._event_boot_failed,
+            M.Event.DRAINED: self._event_drained,
+            M.Event.WORKERS: self._event_workers,
+            M.Event.TERMINATE: self._event_terminate,
+            M.Event.WORKER_HUNG: self._event_worker_hung,
+            M.Event.WORKER_LOST: self._event_worker_lost,
+            M.Event.RECYCLE: self._event_recycle,
+        }
 
     # -- public -------------------------------------------------------------------------
 
@@ -101,7 +131,7 @@ class Supervisor(StoppableLoop):
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.control.bind(self.endpoints.control)
+        bind_internal(self.control, self.endpoints.control)
         try:
             self._start_roles()
             self._wait_ready()
@@ -134,7 +164,7 @@ class Supervisor(StoppableLoop):
         devices = assign_devices(self.config.num_worker, self.config.device_map,
                                  self.config.cpu, existing, free)
         self.logger.info("device assignment: %s", ", ".join(
-            f"worker-{i}={describe(d)}" for i, d in enumerate(devices)))
+            f"{M.worker_identity(i)}={describe(d)}" for i, d in enumerate(devices)))
         self._spawn(Sink(self.config, self.endpoints))
         self._spawn(Ventilator(self.config, self.endpoints, self.started_at))
         for index, device_id in enumerate(devices):
@@ -191,49 +221,115 @@ class Supervisor(StoppableLoop):
             self._on_exit(name)
 
     def _read_wakeups(self) -> None:
+        """A signal or another thread woke the loop: to stop (``stop_reason`` is set),
+        or, for SIGHUP, to have the workers reopen their prediction logs."""
         self._wake.drain()
-        if self.stop_reason is None:
-            self.stop_reason = "signal"
+        if self.hangups != self._hangups_seen:
+            self._hangups_seen = self.hangups
+            self.logger.info("SIGHUP: the workers reopen their prediction logs")
+            for name, child in self.children.items():
+                if isinstance(child.role, WorkerProcess) and not child.handled:
+                    self._send(name, M.Control.HANGUP)
 
     def _on_event(self, frames: list[bytes]) -> None:
         name = frames[0].decode(errors="replace")
-        _, _, event, value = P.unpack_header(frames[1], expect=P.EVENT)
+        event, value = M.parse_event(frames[1])
         child = self.children.get(name)
-        if child is None:
+        handler = self._event_handlers.get(event)
+        if child is not None and handler is not None:
+            handler(name, child, value or {})
+
+    def _event_ready(self, name: str, child: _Child, value: Any) -> None:
+        child.ready = True
+        child.boot_failures = 0
+        child.info = value
+        self.port = child.info.get("port", self.port)
+        self.port_out = child.info.get("port_out", self.port_out)
+        self.http_port = child.info.get("http_port", self.http_port)
+        self._maybe_start_bridge()
+        if name == "http-0":
+            self._start_more_bridges()
+        if child.total_restarts and isinstance(child.role, Ventilator):
+            self._tell_workers(M.Control.REANNOUNCE)  # it knows no idle worker yet
+        elif child.total_restarts and isinstance(child.role, Sink):
+            self._send("ventilator", M.Control.SINK_RESTARTED)
+        elif isinstance(child.role, WorkerProcess) and child.replaces:
+            self._send(child.replaces, M.Control.RETIRE)  # the recycled one may go now
+
+    def _event_boot_failed(self, name: str, child: _Child, value: Any) -> None:
+        error = str(value.get("error") or "unknown error")
+        if child.total_restarts:
+            # A restarted role that cannot start again: its exit is one more restart
+            # (repeated failure stops the server, with this error).
+            child.info = {"boot_error": error}
             return
-        if event == "ready":
-            child.ready = True
-            child.info = value or {}
-            self.port = child.info.get("port", self.port)
-            self.port_out = child.info.get("port_out", self.port_out)
-            self.http_port = child.info.get("http_port", self.http_port)
-            self._maybe_start_bridge()
-            if name == "http-0":
-                self._start_more_bridges()
-        elif event == "boot_failed" and _is_bridge(child) and child.total_restarts:
-            # A restarted bridge that cannot start again: its exit is counted as one
-            # more restart (repeated failure stops the server, with this error).
-            child.info = {"boot_error": str((value or {}).get("error"))}
-        elif event == "boot_failed":
-            value = value or {}
-            again = (f" (after {child.total_restarts} restart(s))" if child.total_restarts
-                     else "")
-            error = str(value.get("error") or "unknown error")
-            self.boot_error = self.boot_error or f"{name} failed to start{again}: {error}"
-            trace = value.get("traceback")
-            self.failure = self.failure or (f"{self.boot_error}\n{trace}" if trace
-                                            else self.boot_error)
-        elif event == "drained":
-            self.drained = True
-        elif event == "workers":
-            self.registered = list(value)
-        elif event == "terminate" and name == "ventilator":
-            self.logger.warning("terminate command received from %s", (value or {}).get("peer"))
+        self.boot_error = self.boot_error or f"{name} failed to start: {error}"
+        trace = value.get("traceback")
+        self.failure = self.failure or (f"{self.boot_error}\n{trace}" if trace
+                                        else self.boot_error)
+
+    def _event_drained(self, name: str, child: _Child, value: Any) -> None:
+        self.drained = True
+
+    def _event_workers(self, name: str, child: _Child, value: Any) -> None:
+        self.registered = list(value)
+
+    def _event_terminate(self, name: str, child: _Child, value: Any) -> None:
+        if name == "ventilator":
+            self.logger.warning("terminate command received from %s", value.get("peer"))
             self.request_stop("terminate command")
-        elif event == "congested" and name == "sink":
-            self._send("ventilator", "congested", value)
-        elif event == "worker_hung" and name == "ventilator":
+
+    def _event_worker_hung(self, name: str, child: _Child, value: Any) -> None:
+        if name == "ventilator":
             self._kill_hung(value["index"], value["pid"])
+
+    def _event_worker_lost(self, name: str, child: _Child, value: Any) -> None:
+        """The ventilator says what a dead worker held. Dying with work in hand is the
+        input's doing (the ventilator retries or quarantines it); dying idle, again and
+        again, is a broken environment: then the server stops."""
+        if name != "ventilator" or value.get("held"):
+            return
+        now = time.monotonic()
+        self.idle_deaths = [t for t in self.idle_deaths if now - t < RESTART_WINDOW] + [now]
+        if len(self.idle_deaths) > MAX_RESTARTS:
+            self.failure = self.failure or (
+                f"workers died {len(self.idle_deaths)} times in {RESTART_WINDOW:.0f}s with "
+                f"no request in hand (last: {M.worker_identity(value['index'])}, pid "
+                f"{value['pid']}); giving up")
+
+    def _event_recycle(self, name: str, child: _Child, value: Any) -> None:
+        """A worker reached -max_requests or -max_worker_rss: start its replacement; it
+        serves on until the replacement is ready (then it is told to retire). One worker
+        is recycled at a time, so the server holds at most one extra worker process."""
+        if not isinstance(child.role, WorkerProcess) or child.replaced_by or child.handled:
+            return
+        if name not in self.recycle_queue:
+            self.logger.info("%s (pid %s) asks to be recycled: %s", name, child.process.pid,
+                             value.get("reason"))
+            self.recycle_queue.append(name)
+        self._next_recycle()
+
+    def _next_recycle(self) -> None:
+        """Start the replacement of the next worker waiting to be recycled, unless one
+        is being recycled now."""
+        if any(c.replaced_by for c in self.children.values() if not c.handled):
+            return
+        while self.recycle_queue:
+            name = self.recycle_queue.popleft()
+            child = self.children.get(name)
+            if child is None or child.handled or not isinstance(child.role, WorkerProcess):
+                continue
+            role = child.role
+            generation = self.generations.get(role.index, 0) + 1
+            self.generations[role.index] = generation
+            replacement = WorkerProcess(self.config, self.endpoints, role.index,
+                                        role.device_id, self.worker_class, generation)
+            self.logger.info("recycling %s (pid %s): starting %s", name, child.process.pid,
+                             replacement.identity)
+            self._spawn(replacement)
+            self.children[replacement.identity].replaces = name
+            child.replaced_by = replacement.identity
+            return
 
     def _maybe_start_bridge(self) -> None:
         """Start the first HTTP bridge process once the ports it connects to are bound
@@ -256,26 +352,23 @@ class Supervisor(StoppableLoop):
         return HTTPBridge(config, self.endpoints, self.port, self.port_out,
                           f"{cls.__module__}.{cls.__qualname__}", index, self.http_state)
 
-    def _restart_bridge(self, child: _Child, code: int) -> None:
-        """A bridge process died: start another on the same port, unless bridges keep
-        dying (then the server stops, with the reason)."""
-        role = child.role
-        assert isinstance(role, HTTPBridge)
-        self._respawn(child, child.info.get("boot_error") or describe_exit(code),
-                      self._bridge(role.index, self.config.replace(http_port=self.http_port)),
-                      " (the ZeroMQ ports keep serving)")
-
     def _bridges(self) -> list[str]:
         return [n for n, c in self.children.items() if _is_bridge(c)]
 
+    def _tell_workers(self, command: M.Control) -> None:
+        for name, child in self.children.items():
+            if isinstance(child.role, WorkerProcess) and not child.handled:
+                self._send(name, command)
+
     def _kill_hung(self, index: int, pid: int) -> None:
-        child = self.children.get(f"worker-{index}")
-        if child is None or child.process.pid != pid or child.handled:
-            return
-        child.hung = True
-        self.logger.error("killing worker-%d (pid %d): it exceeded -worker_timeout %gs",
-                          index, pid, self.config.worker_timeout)
-        child.process.kill()
+        for child in self.children.values():
+            role = child.role
+            if (isinstance(role, WorkerProcess) and role.index == index
+                    and child.process.pid == pid and not child.handled):
+                child.hung = True
+                self.logger.error("killing %s (pid %d): it exceeded -worker_timeout %gs",
+                                  role.identity, pid, self.config.worker_timeout)
+                child.process.kill()
 
     def _on_exit(self, name: str) -> None:
         child = self.children.get(name)
@@ -288,21 +381,45 @@ class Supervisor(StoppableLoop):
         child.handled = True
         if self.stop_reason is not None or self.failure is not None:
             return
-        if _is_bridge(child) and (child.ready or child.total_restarts):
-            self._read_events()  # its boot_failed event, if it sent one
-            self._restart_bridge(child, code)
-            return
-        if code == EXIT_BOOT_FAILED and self.boot_error is None:
-            self._await_boot_error(name)  # it was sent before the exit: let it arrive
-            if self.failure is not None:
-                return
-        if code == EXIT_BOOT_FAILED or not child.ready or not isinstance(child.role,
-                                                                          WorkerProcess):
-            # Without its ventilator or sink the server cannot answer anyone: stop the
-            # whole tree (clients see their connection drop and fail what they wait for).
+        self._read_events()  # what it said before it went (boot_failed, ready...)
+        if not child.ready and not child.total_restarts and not child.replaces:
+            # A role of the first start (or a first bridge) that could not boot: the
+            # server cannot start as configured.
+            if code == EXIT_BOOT_FAILED and self.boot_error is None:
+                self._await_boot_error(name)  # it was sent before the exit: let it arrive
             self.failure = self.failure or f"{name} {describe_exit(code)}"
             return
-        self._restart_worker(child, code)
+        if child.retiring_done(code):
+            self.logger.info("%s (pid %s) retired (recycled)", name, child.process.pid)
+            del self.children[name]
+            self._next_recycle()
+            return
+        self._restart(child, code)
+
+    def _restart(self, child: _Child, code: int) -> None:
+        """Start another process for a role that died after it started, on the same
+        ports; only repeated failure stops the server."""
+        role = child.role
+        reason = (f"exceeded -worker_timeout {self.config.worker_timeout:g}s and was killed"
+                  if child.hung else child.info.get("boot_error") or describe_exit(code))
+        if isinstance(role, WorkerProcess):
+            self._restart_worker(child, reason)
+        elif isinstance(role, HTTPBridge):
+            self._respawn(child, reason, self._bridge(
+                role.index, self.config.replace(http_port=self.http_port)),
+                " (the ZeroMQ ports keep serving)")
+        elif isinstance(role, Ventilator):
+            self.ventilator_generation += 1
+            self._respawn(child, reason, Ventilator(
+                self._public_config(), self.endpoints, self.started_at,
+                self.ventilator_generation), " on the same port (workers stay loaded)")
+        elif isinstance(role, Sink):
+            self._respawn(child, reason, Sink(self._public_config(), self.endpoints),
+                          " on the same port (workers stay loaded)")
+
+    def _public_config(self) -> ServerConfig:
+        """The config with the ports the first roles bound (a restart takes them again)."""
+        return self.config.replace(port=self.port, port_out=self.port_out)
 
     def _await_boot_error(self, name: str, limit: float = BOOT_EVENT_WAIT) -> None:
         """Read events (bounded) until ``name``'s boot_failed event has come: a role
@@ -336,17 +453,38 @@ class Supervisor(StoppableLoop):
                   f"wkr-serving: the traceback is in {err_file}",
                   file=sys.stderr, flush=True)
 
-    def _restart_worker(self, child: _Child, code: int) -> None:
+    def _restart_worker(self, child: _Child, reason: str) -> None:
+        """A worker died after it started: the ventilator retries or fails what it held,
+        and a new process takes its slot. Only a slot whose new processes keep failing
+        to boot, or workers dying with nothing in hand (see :meth:`_event_worker_lost`),
+        stop the server."""
         role = child.role
         assert isinstance(role, WorkerProcess)
-        reason = (f"exceeded -worker_timeout {self.config.worker_timeout:g}s and was killed"
-                  if child.hung else describe_exit(code))
-        # First the ventilator answers what the dead worker held, restarted or not.
-        self._send("ventilator", "worker_lost", {
-            "index": role.index, "pid": child.process.pid, "reason": reason,
-            "restarts": child.total_restarts + 1})
-        self._respawn(child, reason, WorkerProcess(self.config, self.endpoints, role.index,
-                                                   role.device_id, self.worker_class))
+        name = role.identity
+        if child.ready:
+            self._send("ventilator", M.Control.WORKER_LOST, {
+                "index": role.index, "pid": child.process.pid, "reason": reason,
+                "restarts": child.total_restarts + 1})
+        boot_failures = child.boot_failures + (not child.ready)
+        if boot_failures >= MAX_BOOT_FAILURES:
+            self.failure = (f"{name} failed to start {boot_failures} times in a row after a "
+                            f"restart (last: {reason}); giving up")
+            self.boot_error = self.boot_error or self.failure
+            return
+        if child.replaced_by:  # it was being recycled: its replacement takes the slot
+            self.children[child.replaced_by].replaces = None
+            self.logger.error("%s (pid %s) %s while being recycled", name, child.process.pid,
+                              reason)
+            del self.children[name]
+            self._next_recycle()
+            return
+        self.logger.error("%s (pid %s) %s; restarting it", name, child.process.pid, reason)
+        self._spawn(WorkerProcess(self.config, self.endpoints, role.index, role.device_id,
+                                  self.worker_class, role.generation))
+        replacement = self.children[name]
+        replacement.total_restarts = child.total_restarts + 1
+        replacement.boot_failures = boot_failures
+        replacement.replaces = child.replaces if child.replaces in self.children else None
 
     def _respawn(self, child: _Child, reason: str, replacement: Role, note: str = "") -> None:
         """Start ``replacement`` for the dead ``child``, unless it died more than
@@ -363,11 +501,10 @@ class Supervisor(StoppableLoop):
         self._spawn(replacement, restarts=recent)
         self.children[name].total_restarts = child.total_restarts + 1
 
-    def _send(self, name: str, command: str, value: Any = None) -> bool:
+    def _send(self, name: str, command: M.Control, value: Any = None) -> bool:
         try:
-            self.control.send_multipart(
-                [name.encode(), P.pack([P.PROTOCOL_VERSION, P.CONTROL, command, value])],
-                zmq.NOBLOCK)
+            self.control.send_multipart([name.encode(), M.control(command, value)],
+                                        zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False
@@ -381,7 +518,7 @@ class Supervisor(StoppableLoop):
         upstream = [n for n in self.children if n != "sink"]
         vent = self.children.get("ventilator")
         if self.failure is None and vent is not None and vent.ready and self._send(
-                "ventilator", "drain"):
+                "ventilator", M.Control.DRAIN):
             timeout = self.config.graceful_timeout
             end = time.monotonic() + timeout
             reserve = min(STOP_GRACE, max(MIN_STOP_GRACE * 2, 0.2 * timeout))
@@ -416,7 +553,8 @@ class Supervisor(StoppableLoop):
         while time.monotonic() < deadline:
             for child in live:
                 name = child.role.identity
-                if name not in told and child.process.is_alive() and self._send(name, "stop"):
+                if (name not in told and child.process.is_alive()
+                        and self._send(name, M.Control.STOP)):
                     told.add(name)
             running = [c.process.sentinel for c in live if c.process.is_alive()]
             if not running:

@@ -12,10 +12,13 @@ as they are read, a slice per turn of the loop, never kept.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import platform
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,18 +30,16 @@ from wkr_serving.client import protocol as P
 from wkr_serving.client.access import authorize, peer_address
 from wkr_serving.client.version import __version__
 
-from .batching import BatchQueue, Request, Segment, dispatch_wait, should_dispatch
+from . import messages as M
+from .batching import BatchQueue, Request, Slice, dispatch_wait, should_dispatch
 from .config import ServerConfig
 from .devices import describe
 from .logs import LogThrottle
-from .process import LINGER_MS, Endpoints, Role, bind_port, drain
+from .process import LINGER_MS, MAX_DRAIN, Endpoints, Role, bind_internal, bind_port, drain
 from .stats import Histogram
 
 __all__ = ["Ventilator"]
 
-#: Most messages read from one socket before dispatching, so a flood on one side
-#: cannot starve the other.
-MAX_DRAIN = 256
 #: Messages libzmq buffers per client connection before it stops reading from it.
 CLIENT_RCVHWM = 10_000
 #: Poll interval (ms) when nothing is due; control messages wake the loop anyway.
@@ -52,15 +53,24 @@ DISCARD_SLICE = 65_536
 #: a Python object of ~64 bytes).
 HEADER_BASE_BYTES = 64 * 1024
 HEADER_ITEM_BYTES = 64
+#: Inputs remembered as present at one worker death (most recent kept), and inputs
+#: quarantined after a second one (oldest forgotten beyond this many).
+SUSPECTS_MAX = 100_000
+QUARANTINE_MAX = 10_000
+#: Bits of a serial number or batch id below the ventilator's generation: a restarted
+#: ventilator numbers on from where no earlier one can have reached.
+GENERATION_SHIFT = 40
 
 
 @dataclass(slots=True)
 class _WorkerState:
-    index: int
+    ident: bytes  # its ZeroMQ identity (worker-<index>[.<generation>])
+    index: int  # its slot
     pid: int
     device_id: int
     busy: bool = False
-    batch: list[Segment] | None = None
+    retiring: bool = False  # being recycled: no more work once its batch is done
+    batch: list[Slice] | None = None
     batch_id: int = 0
     since: float = 0.0  # when the current batch was sent
     batches: int = 0
@@ -101,17 +111,76 @@ def _request_options(value: Any) -> tuple[dict[str, Any] | None, str | None]:
     return known or None, None
 
 
-def _worker_identity(index: int) -> bytes:
-    return f"worker-{index}".encode()
+def _fingerprint(meta: Any, frame: zmq.Frame) -> bytes:
+    """What identifies an input across requests: its meta and its bytes."""
+    digest = hashlib.blake2b(repr(meta).encode(), digest_size=16)
+    digest.update(frame.buffer)
+    return digest.digest()
+
+
+def _bounded_add(store: OrderedDict[bytes, bool], key: bytes, limit: int) -> None:
+    """Add ``key`` as the newest entry of ``store``, forgetting the oldest over ``limit``."""
+    store[key] = True
+    store.move_to_end(key)
+    if len(store) > limit:
+        store.popitem(last=False)
 
 
 class Ventilator(Role):
     name = "ventilator"
     color = "magenta"
 
-    def __init__(self, config: ServerConfig, endpoints: Endpoints, started_at: float) -> None:
+    def __init__(self, config: ServerConfig, endpoints: Endpoints, started_at: float,
+                 generation: int = 0) -> None:
         super().__init__(config, endpoints)
         self.started_at = started_at
+        #: How many ventilators of this server came before this one (restarts): its
+        #: serial numbers and batch ids start above any an earlier one used.
+        self.generation = generation
+        self.serial_base = generation << GENERATION_SHIFT
+        self.port: int | None = None
+        self.queue = BatchQueue()
+        self.idle: deque[bytes] = deque()  # identities of idle workers, in READY order
+        self.workers: dict[bytes, _WorkerState] = {}
+        self.busy = 0
+        self.batch_id = self.serial_base
+        self.requests = 0
+        self.items = 0
+        self.rejected = 0
+        self.expired = 0
+        self.overloaded = 0
+        self.retried = 0  # items retried after their worker died
+        self.poisoned = 0  # requests answered PoisonInput
+        self.batch_sizes = Histogram()
+        self.history: dict[int, dict[str, Any]] = {}  # worker index -> restarts, last error
+        self.congested: set[bytes] = set()  # clients whose results wait unread in the sink
+        #: Batches of dead workers, until the sink says whether to retry them:
+        #: (worker index, pid, batch id) -> (their slices, the error of the death).
+        self.dead: dict[tuple[int, int, int], tuple[list[Slice], E.ServerError | None]] = {}
+        self.suspects: OrderedDict[bytes, bool] = OrderedDict()  # inputs at one death
+        self.quarantine: OrderedDict[bytes, bool] = OrderedDict()  # ... at two
+        self.retry_prints: dict[tuple[int, int], bytes] = {}  # (serial, item) of retries
+        self.draining = False
+        self.drained_reported = False
+        self.max_header_bytes = HEADER_BASE_BYTES + HEADER_ITEM_BYTES * \
+            self.config.max_request_items
+        # -max_msg_size (or None: no limit) also caps what a request's metas declare.
+        self.max_decoded = self.config.max_msg_size if self.config.max_msg_size > 0 else None
+        self.more = False  # parts of the client message being read are still unread
+        self.discarding = False  # ... and they belong to a refused message: drop them
+        self.discarded = 0  # parts dropped in all
+        self._control_handlers: dict[str, Callable[[Any], Any]] = {
+            M.Control.WORKER_LOST: self._on_worker_lost,
+            M.Control.DRAIN: self._on_drain,
+            M.Control.SINK_RESTARTED: self._on_sink_restarted,
+            M.Control.STOP: self._on_stop,
+        }
+        #: The client commands, by name.
+        self._commands: dict[str, Callable[[bytes, int, Any, Any], None]] = {
+            "status": self._command_status,
+            "ping": self._command_ping,
+            "terminate": self._command_terminate,
+        }
 
     # -- boot ---------------------------------------------------------------------------
 
@@ -123,43 +192,22 @@ class Ventilator(Role):
         # by TCP (its send then times out) instead of growing this process's memory.
         self.frontend.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
         self.secure_public(self.frontend)
-        port = bind_port(self.frontend, self.config.bind, self.config.port, "-port")
+        self.port = bind_port(self.frontend, self.config.bind, self.config.port, "-port")
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its name
-        self.backend.bind(self.endpoints.workers)
+        bind_internal(self.backend, self.endpoints.workers)
         self.sink = self.context.socket(zmq.PUSH)
         self.sink.setsockopt(zmq.SNDHWM, 0)
         self.sink.setsockopt(zmq.LINGER, LINGER_MS)
         self.sink.connect(self.endpoints.sink)
-
-        self.queue = BatchQueue()
-        self.idle: deque[int] = deque()
-        self.workers: dict[int, _WorkerState] = {}
-        self.busy = 0
-        self.batch_id = 0
-        self.requests = 0
-        self.items = 0
-        self.rejected = 0
-        self.expired = 0
-        self.overloaded = 0
-        self.batch_sizes = Histogram()
-        self.history: dict[int, dict[str, Any]] = {}  # worker index -> restarts, last error
-        self.congested: set[bytes] = set()  # clients whose results wait unread in the sink
+        self.feedback = self.context.socket(zmq.PULL)  # from the sink, directly
+        self.feedback.setsockopt(zmq.LINGER, 0)
+        bind_internal(self.feedback, self.endpoints.feedback)
         self.bad_input_log = LogThrottle(self.logger)
-        self.draining = False
-        self.drained_reported = False
-        self.max_header_bytes = HEADER_BASE_BYTES + HEADER_ITEM_BYTES * \
-            self.config.max_request_items
-        # -max_msg_size (or None: no limit) also caps what a request's metas declare.
-        self.max_decoded = self.config.max_msg_size if self.config.max_msg_size > 0 else None
-        self.more = False  # parts of the client message being read are still unread
-        self.discarding = False  # ... and they belong to a refused message: drop them
-        self.discarded = 0  # parts dropped in all
-        self.port = port
-        self.logger.info("listening for clients on %s:%d", self.config.bind, port)
-        return {"port": port}
+        self.logger.info("listening for clients on %s:%d", self.config.bind, self.port)
+        return {"port": self.port}
 
     # -- loop ---------------------------------------------------------------------------
 
@@ -168,6 +216,7 @@ class Ventilator(Role):
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
+        poller.register(self.feedback, zmq.POLLIN)
         timeout: float | None = None
         group_timeout = self.config.batch_group_timeout / 1000.0
         while True:
@@ -177,6 +226,8 @@ class Ventilator(Role):
                 drain(self.backend, self._on_worker, MAX_DRAIN)
             if self.frontend in events:
                 self._read_clients(MAX_DRAIN)
+            if self.feedback in events:
+                drain(self.feedback, self._on_feedback, MAX_DRAIN)
             if self.control in events and self._on_control():
                 return
             now = time.monotonic()
@@ -186,7 +237,7 @@ class Ventilator(Role):
                 timeout = hung_in if timeout is None else min(timeout, hung_in)
             if self.draining and not self.drained_reported and self._idle_now():
                 self.drained_reported = True
-                self.event("drained", {"requests": self.requests})
+                self.event(M.Event.DRAINED, {"requests": self.requests})
 
     def _idle_now(self) -> bool:
         return not self.queue.items and self.busy == 0
@@ -333,7 +384,7 @@ class Ventilator(Role):
             return
         if client in self.congested:
             self.overloaded += 1
-            self._forward(client, req_id, "error", E.Overloaded(
+            self._forward(client, req_id, M.Forward.ERROR, E.Overloaded(
                 "this client is not reading its results: the server holds them and accepts "
                 "no new request from it until they are read").to_wire())
             return
@@ -342,42 +393,59 @@ class Ventilator(Role):
             self._expire(now)
             if self.queue.items + n > limit:
                 self.overloaded += 1
-                self._forward(client, req_id, "error", E.Overloaded(
+                self._forward(client, req_id, M.Forward.ERROR, E.Overloaded(
                     f"server overloaded: {self.queue.items} items queued (-max_queue_size "
                     f"{limit}); retry later").to_wire())
+                return
+        if self.quarantine:
+            bad = self._quarantined_item(metas, frames)
+            if bad is not None:
+                self.poisoned += 1
+                self._forward(client, req_id, M.Forward.ERROR, E.PoisonInput(
+                    f"item {bad} of this request is quarantined: it was in the batches of "
+                    "two workers that died, and is not computed again").to_wire())
                 return
         deadline = now + timeout_ms / 1000.0 if timeout_ms else 0.0
         self.requests += 1
         self.queue.push(Request(client, req_id, now, deadline, metas, frames,
-                                serial=self.requests,
+                                serial=self.serial_base + self.requests,
                                 options=options if self.config.log_predictions else None))
         self.items += n
 
     def _on_command(self, client: bytes, req_id: int, name: Any, args: Any,
                     frame: zmq.Frame) -> None:
-        if not isinstance(name, str):  # compare only strings: an ndarray compares per element
+        # Look up only strings: an ndarray (or other unhashable value) is no name.
+        handler = self._commands.get(name) if isinstance(name, str) else None
+        if handler is not None:
+            handler(client, req_id, args, frame)
+        elif not isinstance(name, str):
             self._reject(client, req_id, E.UnknownCommand(
                 f"a command name is a string, got {P.brief(name)}"))
-        elif name == "status":
-            self._forward(client, req_id, "status", self._snapshot())
-        elif name == "ping":  # the client handshake's ping asks for the request limits too
-            wants_limits = args.__class__ is dict and args.get("limits") is True
-            self._forward(client, req_id, "reply", self._limits() if wants_limits else "pong")
-        elif name == "terminate":
-            peer = peer_address(frame)
-            refusal = self._authorize(args, peer)
-            if refusal is not None:
-                self.logger.warning("refused terminate from %s (client %r): %s", peer,
-                                    client, refusal)
-                self._forward(client, req_id, "error", E.Unauthorized(refusal).to_wire())
-                return
-            self.logger.warning("terminate command from %s (client %r): stopping", peer,
-                                client)
-            self._forward(client, req_id, "reply", {"stopping": True,
-                                                    "supervisor_pid": os.getppid()})
-            self.event("terminate", {"peer": peer})
         else:
             self._reject(client, req_id, E.UnknownCommand(f"unknown command {P.brief(name)}"))
+
+    def _command_status(self, client: bytes, req_id: int, args: Any, frame: Any) -> None:
+        self._forward(client, req_id, M.Forward.STATUS, self._snapshot())
+
+    def _command_ping(self, client: bytes, req_id: int, args: Any, frame: Any) -> None:
+        """The client handshake's ping, which asks for the request limits too."""
+        wants_limits = args.__class__ is dict and args.get("limits") is True
+        self._forward(client, req_id, M.Forward.REPLY,
+                      self._limits() if wants_limits else "pong")
+
+    def _command_terminate(self, client: bytes, req_id: int, args: Any,
+                           frame: zmq.Frame) -> None:
+        peer = peer_address(frame)
+        refusal = self._authorize(args, peer)
+        if refusal is not None:
+            self.logger.warning("refused terminate from %s (client %r): %s", peer,
+                                client, refusal)
+            self._forward(client, req_id, M.Forward.ERROR, E.Unauthorized(refusal).to_wire())
+            return
+        self.logger.warning("terminate command from %s (client %r): stopping", peer, client)
+        self._forward(client, req_id, M.Forward.REPLY, {"stopping": True,
+                                                        "supervisor_pid": os.getppid()})
+        self.event(M.Event.TERMINATE, {"peer": peer})
 
     def _limits(self) -> dict[str, Any]:
         """What a client checks before sending a request (the handshake ping's answer)."""
@@ -392,7 +460,7 @@ class Ventilator(Role):
         self.rejected += 1
         self.bad_input_log.log("rejected message %r from client %r: %s", req_id, client,
                                error.message)
-        self._forward(client, req_id, "error", error.to_wire())
+        self._forward(client, req_id, M.Forward.ERROR, error.to_wire())
 
     def _expire(self, now: float) -> None:
         """Answer the queued requests whose deadline passed, without computing them."""
@@ -402,47 +470,91 @@ class Ventilator(Role):
             self._fail_parts(expired, E.DeadlineExceeded(
                 "deadline passed while the request waited in the queue"))
 
-    def _fail_parts(self, segments: list[Segment], error: E.ServerError) -> None:
-        """Fail segments that never reached a worker."""
+    def _fail_parts(self, slices: list[Slice], error: E.ServerError) -> None:
+        """Fail items that never reached a worker (or go to none again)."""
         wire = error.to_wire()
-        for req, offset, count in segments:
-            self._forward(req.client, req.req_id, "part_error",
-                          [offset, req.total, count, req.t_recv, wire, req.serial])
+        for req, offset, count in slices:
+            self._forward(req.client, req.req_id, M.Forward.PART_ERROR, M.PartError(
+                offset, req.total, count, req.t_recv, wire, req.serial))
 
-    def _forward(self, client: bytes, req_id: int, action: str, value: Any) -> None:
-        self.sink.send(P.pack([P.PROTOCOL_VERSION, P.FORWARD, client, req_id, action, value]))
+    def _forward(self, client: bytes, req_id: int, action: M.Forward, value: Any) -> None:
+        self.sink.send(M.forward(client, req_id, action, value))
 
     # -- workers ------------------------------------------------------------------------
 
     def _on_worker(self, frames: list[zmq.Frame]) -> None:
-        header = P.unpack_header(frames[1].buffer, expect=P.READY)
-        index, pid, device_id = header[2], header[3], header[4]
-        worker = self.workers.get(index)
-        if worker is not None and worker.pid != pid:
-            self._lose_worker(index, "was replaced")  # a restarted worker took its slot
+        ident = frames[0].bytes
+        message = M.parse_ready(frames[1].buffer)
+        if not isinstance(message, M.Ready):
+            self._on_retire(ident)
+            return
+        worker = self.workers.get(ident)
+        if worker is not None and worker.pid != message.pid:
+            self._lose_worker(ident, "was replaced")  # a restarted worker took its name
             worker = None
         if worker is None:
-            worker = self.workers[index] = _WorkerState(index, pid, device_id)
-            self.logger.info("worker %d (pid %d, %s) is ready", index, pid, describe(device_id))
-            self.event("workers", sorted(self.workers))
-        elif worker.busy:
+            worker = self.workers[ident] = _WorkerState(ident, message.worker, message.pid,
+                                                        message.device_id)
+            self.logger.info("%s (pid %d, %s) is ready", ident.decode(), message.pid,
+                             describe(message.device_id))
+            self._report_workers()
+        elif worker.busy:  # its batch is done: it did not die of it
+            self._batch_survived(worker)
             worker.busy = False
             worker.batch = None
             self.busy -= 1
-        self.idle.append(index)
+            if worker.retiring:
+                self._retired(worker)
+                return
+        else:
+            return  # already idle: a second READY (after a REANNOUNCE) adds no credit
+        self.idle.append(ident)
 
-    def _lose_worker(self, index: int, why: str) -> None:
-        """Forget a dead worker and fail the items it held, at once."""
-        worker = self.workers.pop(index, None)
+    def _on_retire(self, ident: bytes) -> None:
+        """A worker being recycled asks for nothing more: it leaves at once if idle, or
+        after the batch already on its way (its next READY)."""
+        worker = self.workers.get(ident)
         if worker is None:
-            return
-        if index in self.idle:
-            self.idle.remove(index)
-        if worker.busy:
-            self.busy -= 1
-            self._fail_segments(worker, worker.batch or [], E.WorkerDied(
-                f"worker {index} (pid {worker.pid}) died while computing this request: it "
-                f"{why}"))
+            self.backend.send_multipart([ident, M.retired()])
+        elif worker.busy:
+            worker.retiring = True
+        else:
+            self._retired(worker)
+
+    def _retired(self, worker: _WorkerState) -> None:
+        del self.workers[worker.ident]
+        if worker.ident in self.idle:
+            self.idle.remove(worker.ident)
+        self.logger.info("%s (pid %d) retired", worker.ident.decode(), worker.pid)
+        with contextlib.suppress(zmq.ZMQError):  # gone already: it was leaving anyway
+            self.backend.send_multipart([worker.ident, M.retired()])
+        self._report_workers()
+
+    def _report_workers(self) -> None:
+        """Tell the supervisor which worker slots can take work."""
+        self.event(M.Event.WORKERS, sorted({w.index for w in self.workers.values()}))
+
+    def _lose_worker(self, ident: bytes, why: str, hung: bool = False) -> int:
+        """Forget a dead worker; return how many items it held. A hung worker's batch
+        fails at once (WorkerDied); a dead one's is retried, unless the sink already had
+        its answer (it asks the sink, see :meth:`_on_dead_batch`)."""
+        worker = self.workers.pop(ident, None)
+        if worker is None:
+            return 0
+        if ident in self.idle:
+            self.idle.remove(ident)
+        if not worker.busy:
+            return 0
+        self.busy -= 1
+        slices = worker.batch or []
+        error = E.WorkerDied(f"worker {worker.index} (pid {worker.pid}) died while computing "
+                             f"this request: it {why}")
+        if hung:
+            self._fail_batch(worker, slices, error)
+        else:
+            self.dead[(worker.index, worker.pid, worker.batch_id)] = (slices, error)
+            self._fail_batch(worker, slices, None)
+        return sum(count for _, _, count in slices)
 
     def _check_hung(self, now: float) -> float:
         """Give up on batches running longer than ``-worker_timeout``: fail their requests
@@ -456,19 +568,78 @@ class Ventilator(Role):
                 continue
             self.logger.error("worker %d (pid %d) exceeded -worker_timeout %.1fs; killing it",
                               worker.index, worker.pid, limit)
-            self._lose_worker(worker.index,
-                              f"exceeded -worker_timeout {limit:g}s and is being killed")
-            self.event("worker_hung", {"index": worker.index, "pid": worker.pid})
+            self._lose_worker(worker.ident,
+                              f"exceeded -worker_timeout {limit:g}s and is being killed",
+                              hung=True)
+            self.event(M.Event.WORKER_HUNG, {"index": worker.index, "pid": worker.pid})
         return next_in
 
-    def _fail_segments(self, worker: _WorkerState, segments: list[Segment],
-                       error: E.ServerError) -> None:
-        """Fail a worker's batch through the sink, in one message, which the sink skips if
-        the worker's DONE for that batch already arrived (it died after answering)."""
-        parts = [[req.client, req.req_id, offset, req.total, count, req.t_recv, req.serial]
-                 for req, offset, count in segments]
-        self.sink.send(P.pack([P.PROTOCOL_VERSION, P.FORWARD, b"", 0, "failed",
-                               [worker.index, worker.batch_id, parts, error.to_wire()]]))
+    def _fail_batch(self, worker: _WorkerState, slices: list[Slice],
+                    error: E.ServerError | None) -> None:
+        """Tell the sink a worker's batch failed, in one message; it skips it if the
+        worker's DONE for that batch already came (it died after answering). Without an
+        error, the sink answers whether the batch is to be retried."""
+        parts = [M.FailedPart(req.client, req.req_id, offset, req.total, count, req.t_recv,
+                              req.serial) for req, offset, count in slices]
+        self.sink.send(M.forward(b"", 0, M.Forward.FAILED, M.Failed(
+            worker.index, worker.pid, worker.batch_id, parts,
+            error.to_wire() if error is not None else None)))
+
+    # -- inputs that kill workers -------------------------------------------------------
+
+    def _on_dead_batch(self, value: Any) -> None:
+        """The sink's answer about a dead worker's batch: retry its items, each alone,
+        unless the worker answered it before it died. An item present at two deaths is
+        quarantined: its request gets PoisonInput, now and whenever it comes again."""
+        slices, error = self.dead.pop((value["worker"], value["pid"], value["batch_id"]),
+                                      ([], None))
+        if not value["retry"]:
+            return
+        items = [(req, k, self.retry_prints.pop((req.serial, k), b"")
+                  or _fingerprint(req.metas[k], req.frames[k]))
+                 for req, offset, count in slices for k in range(offset, offset + count)]
+        poisoned: dict[int, E.PoisonInput] = {}  # serial -> the error its request gets
+        for req, k, fp in items:
+            if self.suspects.pop(fp, False):
+                self._quarantine(fp)
+                poisoned.setdefault(req.serial, E.PoisonInput(
+                    f"item {k} of this request was in the batches of two workers that died "
+                    f"({error.message if error else 'worker died'}): it is quarantined and "
+                    "will not be computed again"))
+        for req, k, fp in items:
+            if req.serial in poisoned:  # the first part answers; the sink drops the rest
+                self._fail_parts([(req, k, 1)], poisoned[req.serial])
+                continue
+            _bounded_add(self.suspects, fp, SUSPECTS_MAX)
+            self.retry_prints[(req.serial, k)] = fp
+            self.queue.retry((req, k, 1))
+            self.retried += 1
+        self.poisoned += len(poisoned)
+
+    def _batch_survived(self, worker: _WorkerState) -> None:
+        """A retried item was computed without killing its worker: no longer a suspect."""
+        if not self.retry_prints or not worker.batch:
+            return
+        for req, offset, count in worker.batch:
+            for k in range(offset, offset + count):
+                fp = self.retry_prints.pop((req.serial, k), b"")
+                if fp is not None:
+                    self.suspects.pop(fp, False)
+
+    def _quarantine(self, fp: bytes) -> None:
+        if fp not in self.quarantine:
+            self.logger.error("an input was in the batches of two workers that died: "
+                              "quarantined (%d quarantined inputs)", len(self.quarantine) + 1)
+        _bounded_add(self.quarantine, fp, QUARANTINE_MAX)
+
+    def _quarantined_item(self, metas: list[Any], frames: list[zmq.Frame]) -> int | None:
+        """The index of the first quarantined item of a request, or None."""
+        for k, (meta, frame) in enumerate(zip(metas, frames, strict=True)):
+            if _fingerprint(meta, frame) in self.quarantine:
+                return k
+        return None
+
+    # -- dispatch -----------------------------------------------------------------------
 
     def _dispatch(self, now: float, group_timeout: float) -> float | None:
         """Send batches while workers are idle; return seconds until a wait expires."""
@@ -478,42 +649,42 @@ class Ventilator(Role):
         while self.idle and self.queue.items:
             oldest = self.queue.oldest()
             waited = now - oldest if oldest is not None else 0.0
-            if not should_dispatch(self.queue.items, waited, self.busy, batch_size,
-                                   group_timeout):
+            if not self.queue.retries and not should_dispatch(
+                    self.queue.items, waited, self.busy, batch_size, group_timeout):
                 return dispatch_wait(waited, group_timeout)
-            index = self.idle.popleft()
-            worker = self.workers.get(index)
+            ident = self.idle.popleft()
+            worker = self.workers.get(ident)
             if worker is None:
                 continue
             self._send_batch(worker, self.queue.take(batch_size))
         return None
 
-    def _send_batch(self, worker: _WorkerState, segments: list[Segment]) -> None:
-        headers: list[list[Any]] = []
+    def _send_batch(self, worker: _WorkerState, slices: list[Slice]) -> None:
+        segments: list[M.Segment] = []
         frames: list[Any] = []
-        for req, offset, count in segments:
+        log = self.config.log_predictions  # the worker writes each request's options
+        for req, offset, count in slices:
             end = offset + count
-            headers.append([req.client, req.req_id, offset, req.total, count, req.t_recv,
-                            req.deadline, req.metas[offset:end], req.serial])
+            segments.append(M.Segment(req.client, req.req_id, offset, req.total, count,
+                                      req.t_recv, req.deadline, req.metas[offset:end],
+                                      req.serial, req.options if log else None))
             frames.extend(req.frames[offset:end])
-        if self.config.log_predictions:  # the worker writes each request's options in the log
-            for seg_header, (req, _, _) in zip(headers, segments, strict=True):
-                seg_header.append(req.options)
         self.batch_id += 1
         worker.batch_id = self.batch_id
-        header = P.pack([P.PROTOCOL_VERSION, P.BATCH, self.batch_id, headers])
         try:
-            self.backend.send_multipart([_worker_identity(worker.index), header, *frames],
-                                        copy=False)
+            self.backend.send_multipart([worker.ident, M.batch(self.batch_id, segments),
+                                         *frames], copy=False)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            self.workers.pop(worker.index, None)
-            self._fail_segments(worker, segments,
-                                E.WorkerDied(f"worker {worker.index} is gone"))
+            # Never delivered: the items go back to the queue (as retries, ahead of it).
+            self.workers.pop(worker.ident, None)
+            for req, offset, count in slices:
+                for k in range(offset, offset + count):
+                    self.queue.retry((req, k, 1))
             return
         worker.busy = True
-        worker.batch = segments
+        worker.batch = slices
         worker.since = time.monotonic()
         worker.batches += 1
         worker.items += len(frames)
@@ -525,26 +696,47 @@ class Ventilator(Role):
     def _on_control(self) -> bool:
         """Handle one supervisor message; True means stop now."""
         name, value = self.read_control()
-        if name == "worker_lost":
-            index = value["index"]
-            self.history[index] = {"restarts": value["restarts"],
-                                   "last_error": value["reason"]}
-            worker = self.workers.get(index)
-            if worker is not None and worker.pid == value["pid"]:
-                self._lose_worker(index, value["reason"])
-        elif name == "drain":
-            self.draining = True
-            self.logger.info("draining: no new requests, finishing %d queued items",
-                             self.queue.items)
-        elif name == "congested":
+        handler = self._control_handlers.get(name)
+        return bool(handler(value)) if handler is not None else False
+
+    def _on_worker_lost(self, value: Any) -> None:
+        """The supervisor saw a worker process end: fail or retry what it held, and say
+        how many items that was (a worker that dies with no work in hand, again and
+        again, means a broken environment)."""
+        index, pid = value["index"], value["pid"]
+        self.history[index] = {"restarts": value["restarts"], "last_error": value["reason"]}
+        held = 0
+        for ident, worker in list(self.workers.items()):
+            if worker.index == index and worker.pid == pid:
+                held = self._lose_worker(ident, value["reason"])
+        self.event(M.Event.WORKER_LOST, {"index": index, "pid": pid, "held": held})
+
+    def _on_drain(self, value: Any) -> None:
+        self.draining = True
+        self.logger.info("draining: no new requests, finishing %d queued items",
+                         self.queue.items)
+
+    def _on_sink_restarted(self, value: Any) -> None:
+        """A new sink knows none of the requests in flight, whose clients were failed
+        (ConnectionLost) when their connection to the old one dropped: it is told to
+        drop their parts, and nothing waits on its answers about dead batches."""
+        self.congested.clear()
+        self.dead.clear()
+        self.sink.send(M.forward(b"", 0, M.Forward.FORGET, self.serial_base + self.requests + 1))
+
+    def _on_stop(self, value: Any) -> bool:
+        self._abandon_all()
+        return True
+
+    def _on_feedback(self, frames: list[zmq.Frame]) -> None:
+        name, value = M.parse_feedback(frames[0].buffer)
+        if name == M.Feedback.CONGESTED:
             if value["on"]:
                 self.congested.add(value["client"])
             else:
                 self.congested.discard(value["client"])
-        elif name == "stop":
-            self._abandon_all()
-            return True
-        return False
+        elif name == M.Feedback.DEAD_BATCH:
+            self._on_dead_batch(value)
 
     def _abandon_all(self) -> None:
         """Stopping before the queue drained: answer every request still held, so none is
@@ -552,12 +744,15 @@ class Ventilator(Role):
         late answer to a batch failed here)."""
         error = E.ShuttingDown("the server stopped before this request was computed")
         held = self.queue.items
-        queued = self.queue.take(held)
+        queued = self.queue.take_all()
+        for slices, _ in self.dead.values():
+            queued.extend(slices)
+        self.dead.clear()
         if queued:
             self._fail_parts(queued, error)
         for worker in self.workers.values():
             if worker.busy:
-                self._fail_segments(worker, worker.batch or [], error)
+                self._fail_batch(worker, worker.batch or [], error)
         if queued or self.busy:
             self.logger.warning("stopped with %d queued items and %d busy workers: their "
                                 "requests were answered ShuttingDown", held, self.busy)
@@ -565,6 +760,7 @@ class Ventilator(Role):
     def _snapshot(self) -> dict[str, Any]:
         in_flight = sum(count for w in self.workers.values() if w.batch
                         for _, _, count in w.batch)
+        in_flight += sum(count for slices, _ in self.dead.values() for _, _, count in slices)
         return {
             "server_version": __version__,
             "protocol": self.config.protocol,
@@ -576,7 +772,7 @@ class Ventilator(Role):
             "ventilator_pid": os.getpid(),
             "supervisor_pid": os.getppid(),
             "uptime_s": time.time() - self.started_at,
-            "ready": len(self.workers) >= self.config.num_worker,
+            "ready": len({w.index for w in self.workers.values()}) >= self.config.num_worker,
             "draining": self.draining,
             "queue_items": self.queue.items,
             "in_flight_items": in_flight,
@@ -589,16 +785,24 @@ class Ventilator(Role):
             "num_expired_in_queue": self.expired,
             "max_queue_size": self.config.max_queue_size,
             "max_request_items": self.config.max_request_items,
-            "num_batches": self.batch_id,
+            "num_batches": self.batch_id - self.serial_base,
+            "num_retried_items": self.retried,
+            "num_poisoned": self.poisoned,
+            "quarantined_inputs": len(self.quarantine),
+            "ventilator_generation": self.generation,
             "batch_size": self.batch_sizes.snapshot(),
             "workers": self._worker_rows(),
         }
 
     def _worker_rows(self) -> list[dict[str, Any]]:
         rows = []
+        by_slot: dict[int, list[_WorkerState]] = {}
+        for worker in self.workers.values():
+            by_slot.setdefault(worker.index, []).append(worker)
         for index in range(self.config.num_worker):
             history = self.history.get(index, {"restarts": 0, "last_error": None})
-            w = self.workers.get(index)
+            # While a worker is recycled its slot has two processes: show the one staying.
+            w = min(by_slot.get(index, []), key=lambda x: x.retiring, default=None)
             if w is None:
                 rows.append({"index": index, "pid": None, "device": None,
                              "state": "restarting" if history["restarts"] else "starting",

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import psutil
 import zmq
 from wkr_serving.client import errors as E
 from wkr_serving.client import protocol as P
 from wkr_serving.client.loader import import_class
 
+from . import messages as M
 from .config import ServerConfig
-from .devices import CPU, describe
+from .devices import describe, pin_device
 from .logs import set_logger
+from .messages import worker_identity
 from .predlog import Entry, PredictionLog, capture, log_path
 from .process import LINGER_MS, Endpoints, Role
 
@@ -35,6 +39,11 @@ CONTROL_CHECK_MS = 200
 LOST_REPORT_MAX = 1000
 #: Seconds a stopping worker gives its prediction log to write what is queued.
 PREDLOG_CLOSE_S = 2.0
+#: Longest a retiring worker waits for the ventilator's RETIRED before it leaves anyway.
+RETIRE_WAIT_S = 30.0
+#: Least seconds between two looks at the worker's resident memory (-max_worker_rss).
+RSS_CHECK_S = 1.0
+MIB = 1024 * 1024
 _EXPIRED = E.DeadlineExceeded("deadline passed before a worker could compute the request"
                               ).to_wire()
 
@@ -123,19 +132,41 @@ class WorkerProcess(Role):
     color = "blue"
 
     def __init__(self, config: ServerConfig, endpoints: Endpoints, index: int,
-                 device_id: int, worker_class: type[WKRHardWorker]) -> None:
+                 device_id: int, worker_class: type[WKRHardWorker], generation: int = 0,
+                 ) -> None:
         super().__init__(config, endpoints)
         self.index = index
         self.device_id = device_id
         self.worker_class = worker_class
+        #: Tells apart the processes of one slot while a worker is recycled.
+        self.generation = generation
+        # Made in boot (in the child process):
+        self.vent: zmq.Socket | None = None
+        self.sink: zmq.Socket | None = None
+        self.worker: WKRHardWorker | None = None
+        self.model: Any = None
+        self.preprocess: Callable[[Any], Any] | None = None
+        self.postprocess: Callable[[Any], Any] | None = None
+        self.stack = False
+        self.allow_pickle = False
+        self.predlog: PredictionLog | None = None
+        self._lost_lines = 0  # prediction-log lines lost and not yet reported
+        self._ready_frame = b""
+        self._control_handlers: dict[str, Callable[[Any], None]] = {}
+        #: Requests answered, and the count after which this worker asks to be recycled.
+        self.answered = 0
+        self.recycle_after = 0
+        self._next_rss_check = 0.0
+        self.recycling = False  # the supervisor was asked for a replacement
+        self.retiring = 0.0  # when it told the ventilator it leaves (0.0: it does not)
+        self.leaving = False
 
     @property
     def identity(self) -> str:
-        return f"worker-{self.index}"
+        return worker_identity(self.index, self.generation)
 
     def boot(self) -> dict[str, Any]:
-        # Pin before any user code can initialise CUDA.
-        os.environ["CUDA_VISIBLE_DEVICES"] = "-1" if self.device_id == CPU else str(self.device_id)
+        pin_device(self.device_id)  # before any user code can initialise CUDA
         threads = self.config.worker_threads()
         if threads is not None:
             _limit_threads(threads)
@@ -149,7 +180,7 @@ class WorkerProcess(Role):
         self.sink.setsockopt(zmq.LINGER, LINGER_MS)
         self.sink.connect(self.endpoints.sink)
 
-        user_logger = set_logger(f"WORKER-{self.index}", self.config.log_dir,
+        user_logger = set_logger(self.identity.upper(), self.config.log_dir,
                                  self.config.log_name, self.config.verbose, self.color)
         self.worker = self.worker_class(self.index, self.device_id, self.config, user_logger)
         self.logger.info("using %s, %s BLAS/OpenMP thread(s); loading model %s from %s",
@@ -165,139 +196,207 @@ class WorkerProcess(Role):
         self.logger.info("model ready in %.2fs", time.perf_counter() - started)
         self.stack = self.config.protocol == "numpy"
         self.allow_pickle = self.config.allow_pickle
-        self._ready_frame = P.pack([P.PROTOCOL_VERSION, P.READY, self.index, os.getpid(),
-                                    self.device_id])
-        self.predlog: PredictionLog | None = None
-        self._lost_lines = 0  # prediction-log lines lost and not yet reported
+        self._ready_frame = M.ready(self.index, os.getpid(), self.device_id)
         if self.config.log_predictions:
             assert self.config.log_dir is not None  # checked by ServerConfig
             self.predlog = PredictionLog(log_path(self.config.log_dir, self.config.log_name),
                                          logger=self.logger)
-        return {"index": self.index, "device_id": self.device_id}
+        if self.config.max_requests:
+            self.recycle_after = self.config.max_requests + random.randint(
+                0, self.config.max_requests_jitter)
+        self._control_handlers = {
+            M.Control.STOP: self._on_stop,
+            M.Control.RETIRE: self._on_retire,
+            M.Control.REANNOUNCE: self._on_reannounce,
+            M.Control.HANGUP: self._on_hangup,
+        }
+        return {"index": self.index, "device_id": self.device_id,
+                "generation": self.generation}
 
     def serve(self) -> None:
         # A timed blocking recv costs less per batch than polling two sockets; the
         # supervisor's socket is looked at between batches and on each timeout.
+        assert self.vent is not None and self.control is not None
         self.vent.setsockopt(zmq.RCVTIMEO, CONTROL_CHECK_MS)
-        assert self.control is not None
         self._ready()
-        while True:
+        while not self.leaving:
             try:
                 frames = self.vent.recv_multipart(copy=False)
             except zmq.Again:
-                pass
-            else:
-                self._handle(frames)
-                self._ready()
-            if self.control.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
-                name, _ = self.read_control()
-                if name == "stop":
+                if self.retiring and time.monotonic() - self.retiring > RETIRE_WAIT_S:
+                    self.logger.warning("no answer from the ventilator to retiring within "
+                                        "%gs: leaving anyway", RETIRE_WAIT_S)
                     return
+            else:
+                self._on_vent(frames)
+            while self.control.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
+                name, value = self.read_control()
+                handler = self._control_handlers.get(name)
+                if handler is not None:
+                    handler(value)
 
     def shutdown(self) -> None:
-        predlog = getattr(self, "predlog", None)
-        if predlog is not None:
-            predlog.close(PREDLOG_CLOSE_S)
-        model = getattr(self, "model", None)
-        if model is not None:
+        if self.predlog is not None:
+            self.predlog.close(PREDLOG_CLOSE_S)
+        if self.model is not None and self.worker is not None:
             try:
-                self.worker.teardown(model)
+                self.worker.teardown(self.model)
             except Exception:
                 self.logger.exception("teardown failed")
 
     def _ready(self) -> None:
+        assert self.vent is not None
         self.vent.send(self._ready_frame)
+
+    def _on_vent(self, frames: list[zmq.Frame]) -> None:
+        header = P.unpack_header(frames[0].buffer)
+        if header[1] == P.RETIRED:
+            self.logger.info("retired: replaced after %d requests", self.answered)
+            self.leaving = True
+            return
+        self._handle(M.parse_batch(header), frames)
+        self._ready()
+        if not self.recycling and (self.recycle_after or self.config.max_worker_rss):
+            self._check_recycle()
+
+    # -- control ------------------------------------------------------------------------
+
+    def _on_stop(self, value: Any) -> None:
+        self.leaving = True
+
+    def _on_retire(self, value: Any) -> None:
+        """The replacement is ready: stop taking work. The ventilator answers RETIRED
+        once nothing more is on its way here (a batch it already sent is computed
+        first)."""
+        assert self.vent is not None
+        self.retiring = time.monotonic()
+        self.vent.send(M.retire(self.index, os.getpid()))
+
+    def _on_reannounce(self, value: Any) -> None:
+        """A restarted ventilator does not know this idle worker: say READY again (the
+        ventilator ignores a READY from a worker it already counts as idle)."""
+        if not self.retiring:
+            self._ready()
+
+    def _on_hangup(self, value: Any) -> None:
+        if self.predlog is not None:
+            self.predlog.reopen()
+
+    def _check_recycle(self) -> None:
+        """Ask the supervisor for a replacement once this worker answered
+        ``-max_requests`` (plus jitter) requests or grew over ``-max_worker_rss`` MiB."""
+        reason = None
+        if self.recycle_after and self.answered >= self.recycle_after:
+            reason = f"answered {self.answered} requests (-max_requests)"
+        elif self.config.max_worker_rss:
+            now = time.monotonic()
+            if now >= self._next_rss_check:
+                self._next_rss_check = now + RSS_CHECK_S
+                rss = psutil.Process().memory_info().rss / MIB
+                if rss > self.config.max_worker_rss:
+                    reason = (f"resident memory {rss:.0f} MiB is over -max_worker_rss "
+                              f"{self.config.max_worker_rss}")
+        if reason is not None:
+            self.recycling = True
+            self.logger.info("asking to be recycled: %s", reason)
+            self.event(M.Event.RECYCLE, {"index": self.index, "pid": os.getpid(),
+                                         "reason": reason})
 
     # -- one batch ----------------------------------------------------------------------
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        header = P.unpack_header(frames[0].buffer, expect=P.BATCH)
-        batch_id, segments = header[2], header[3]
+    def _handle(self, batch: M.Batch, frames: list[zmq.Frame]) -> None:
         payload = frames[1:]
-        parts: list[list[Any]] = []
-        live: list[list[Any]] = []  # segments whose items are valid
+        parts: list[M.Part] = []
+        live: list[M.Segment] = []  # segments whose items are valid
         items: list[Any] = []  # raw items stay frames; msgpack items are decoded here
         metas: list[Any] = []
         pos = 0
         now = time.monotonic()
-        for seg in segments:
-            seg_frames = payload[pos:pos + seg[4]]
-            pos += seg[4]
-            if seg[6] and seg[6] <= now:  # its deadline passed: no one waits for it
-                parts.append(_part(seg, None, _EXPIRED))
+        for seg in batch.segments:
+            seg_frames = payload[pos:pos + seg.n_items]
+            pos += seg.n_items
+            if seg.deadline and seg.deadline <= now:  # no one waits for it any more
+                parts.append(M.Part.of(seg, None, _EXPIRED))
                 continue
             try:
                 decoded = [_checked_item(m, f, self.allow_pickle)
-                           for m, f in zip(seg[7], seg_frames, strict=True)]
+                           for m, f in zip(seg.metas, seg_frames, strict=True)]
             except E.ProtocolError as exc:
-                parts.append(_part(seg, None, E.BadInput(str(exc)).to_wire()))
+                parts.append(M.Part.of(seg, None, E.BadInput(str(exc)).to_wire()))
                 continue
             items.extend(decoded)
-            metas.extend(seg[7])
+            metas.extend(seg.metas)
             live.append(seg)
         started = time.perf_counter()
         result_frames: list[Any] = []
         if live:
             self._run_batch(live, items, metas, parts, result_frames)
         busy = time.perf_counter() - started
-        done = [P.PROTOCOL_VERSION, P.DONE, batch_id, self.index, parts,
-                self.worker._take_statistics(), busy]
-        if self.predlog is None:
-            self.sink.send_multipart([P.pack(done), *result_frames], copy=False)
-        else:
-            self._send_and_log(done, segments, payload, result_frames)
+        self.answered += len(batch.segments)
+        assert self.worker is not None and self.sink is not None
+        stats = self.worker._take_statistics()
+        if self.predlog is not None:
+            self._count_lost_lines(stats)
+        self.sink.send_multipart([M.done(batch.batch_id, self.index, os.getpid(), parts,
+                                         stats, busy), *result_frames], copy=False)
+        if self.predlog is not None:
+            self._log(batch.segments, payload, parts, result_frames)
 
     # -- the prediction log -------------------------------------------------------------
 
-    def _send_and_log(self, done: list[Any], segments: list[list[Any]],
-                      payload: list[zmq.Frame], result_frames: list[Any]) -> None:
-        """Send a batch's DONE, then queue one prediction-log entry per part: a bounded
-        snapshot, formatted and written by the log's own thread. Lines the log lost
-        (queue full, write failed) are reported as the ``prediction_log_dropped``
-        statistic: one value 1.0 per line, so its ``count`` is the number lost."""
+    def _count_lost_lines(self, stats: dict[str, list[float]]) -> None:
+        """Report the prediction-log lines lost (queue full, write failed) as the
+        ``prediction_log_dropped`` statistic: one value 1.0 per line, so its ``count``
+        is the number lost."""
         assert self.predlog is not None
         self._lost_lines += self.predlog.take_lost()
         if self._lost_lines:
             report = min(self._lost_lines, LOST_REPORT_MAX)
             self._lost_lines -= report
-            done[5].setdefault("prediction_log_dropped", []).extend([1.0] * report)
-        self.sink.send_multipart([P.pack(done), *result_frames], copy=False)
+            stats.setdefault("prediction_log_dropped", []).extend([1.0] * report)
+
+    def _log(self, segments: list[M.Segment], payload: list[zmq.Frame],
+             parts: list[M.Part], result_frames: list[Any]) -> None:
+        """Queue one prediction-log entry per part, after its DONE went: a bounded
+        snapshot, formatted and written by the log's own thread."""
+        assert self.predlog is not None
         now, wall = time.monotonic(), time.time()
         batch_size = len(payload)
-        where: dict[tuple[int, int], tuple[list[Any], int]] = {}  # (serial, offset) -> seg
+        where: dict[tuple[int, int], tuple[M.Segment, int]] = {}  # (serial, offset) -> seg
         pos = 0
         for seg in segments:
-            where[(seg[8], seg[2])] = (seg, pos)
-            pos += seg[4]
+            where[(seg.serial, seg.offset)] = (seg, pos)
+            pos += seg.n_items
         out = 0
-        for client, req_id, offset, total, count, t_recv, metas, error, serial in done[4]:
-            seg, start = where[(serial, offset)]
-            options = seg[9] if len(seg) > 9 else None
+        for part in parts:
+            seg, start = where[(part.serial, part.offset)]
+            options = seg.options
             inputs = None
             if not (options and options.get("suppress_log_input")):
                 inputs = [capture(m, f.buffer) for m, f in
-                          zip(seg[7], payload[start:start + count], strict=False)]
+                          zip(seg.metas, payload[start:start + part.n_items], strict=False)]
             outputs = None
-            if error is None:
+            if part.error is None:
+                assert part.metas is not None
                 outputs = [capture(m, b) for m, b in
-                           zip(metas, result_frames[out:out + count], strict=True)]
-                out += count
+                           zip(part.metas, result_frames[out:out + part.n_items], strict=True)]
+                out += part.n_items
             self.predlog.put(Entry(
-                wall, now - t_recv, client, req_id, options.get("request_id") if options
-                else None, offset, count, total, batch_size, self.index, error, inputs,
-                outputs))
+                wall, now - part.t_recv, part.client, part.req_id,
+                options.get("request_id") if options else None, part.offset, part.n_items,
+                part.total, batch_size, self.index, part.error, inputs, outputs))
 
-    def _run_batch(self, live: list[list[Any]], items: list[Any], metas: list[Any],
-                   parts: list[list[Any]], result_frames: list[Any]) -> None:
-        group: list[tuple[list[Any], int, int]] = []  # (segment, first item, end item)
+    def _run_batch(self, live: list[M.Segment], items: list[Any], metas: list[Any],
+                   parts: list[M.Part], result_frames: list[Any]) -> None:
+        group: list[tuple[M.Segment, int, int]] = []  # (segment, first item, end item)
         start = 0
         for seg in live:
-            group.append((seg, start, start + seg[4]))
-            start += seg[4]
+            group.append((seg, start, start + seg.n_items))
+            start += seg.n_items
         self._run_group(group, items, metas, parts, result_frames)
 
-    def _run_group(self, group: list[tuple[list[Any], int, int]], items: list[Any],
-                   metas: list[Any], parts: list[list[Any]], result_frames: list[Any]) -> None:
+    def _run_group(self, group: list[tuple[M.Segment, int, int]], items: list[Any],
+                   metas: list[Any], parts: list[M.Part], result_frames: list[Any]) -> None:
         """Compute the items of ``group``'s segments together. If that fails, split the
         group in halves and retry each, so only the requests whose items fail get the
         error and the other requests of the batch still get their results."""
@@ -316,12 +415,12 @@ class WorkerProcess(Role):
                 self._run_group(group[half:], items, metas, parts, result_frames)
                 return
             error = E.ModelError(f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            self.logger.error("request %s (%d items) failed: %s", group[0][0][1], hi - lo,
-                              error.message)
-            parts.append(_part(group[0][0], None, error.to_wire()))
+            self.logger.error("request %s (%d items) failed: %s", group[0][0].req_id,
+                              hi - lo, error.message)
+            parts.append(M.Part.of(group[0][0], None, error.to_wire()))
             return
         for seg, start, end in group:
-            parts.append(_part(seg, out_metas[start - lo:end - lo], None))
+            parts.append(M.Part.of(seg, out_metas[start - lo:end - lo], None))
             result_frames.extend(out_bufs[start - lo:end - lo])
 
     def _batch_input(self, items: list[Any], metas: list[Any]) -> Any:
@@ -339,6 +438,7 @@ class WorkerProcess(Role):
                 for m, item in zip(metas, items, strict=True)]
 
     def _predict(self, batch: Any) -> Any:
+        assert self.worker is not None
         if self.preprocess is not None:
             batch = self.preprocess(batch)
         outputs = self.worker.predict(self.model, batch)
@@ -371,11 +471,6 @@ def _checked_item(meta: Any, frame: zmq.Frame, allow_pickle: bool) -> Any:
         return P.decode_item(meta, frame.buffer, allow_pickle)
     P.check_raw(meta, frame.buffer)
     return frame
-
-
-def _part(seg: list[Any], metas: list[Any] | None, error: Any) -> list[Any]:
-    """A DONE part for a BATCH segment: [client, req_id, offset, total, count, t_recv,...]."""
-    return [seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], metas, error, seg[8]]
 
 
 def _encode_outputs(outputs: Any, protocol: str, allow_pickle: bool,

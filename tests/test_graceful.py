@@ -9,17 +9,15 @@ ports are closed and its IPC directory (socket files) is removed.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from typing import Any
 
 import psutil
 import pytest
-from helpers import CLIServer, Gate, gone, port_refused, wait_until
+from helpers import CLIServer, Gate, abstract_names_of, gone, port_refused, wait_until
 from wkr_serving.client import ConnectionLost, ShuttingDown, WKRClient
 
 LOADERS = 3
@@ -27,16 +25,6 @@ WINDOW = 20
 #: Exit within -graceful_timeout (the supervisor budgets draining and stopping inside
 #: it), plus this much for process exit on a loaded 2-core machine.
 EXIT_MARGIN_S = 2.5
-
-
-def ipc_dir(server: CLIServer) -> str:
-    """The IPC directory, from the unix socket the supervisor binds in it."""
-    prefix = os.path.join(tempfile.gettempdir(), "wkr-")
-    paths = {c.laddr for c in psutil.Process(server.proc.pid).net_connections("unix")
-             if isinstance(c.laddr, str) and c.laddr.startswith(prefix)}
-    dirs = {os.path.dirname(p) for p in paths}
-    assert len(dirs) == 1, f"cannot tell the IPC directory from {paths}"
-    return dirs.pop()
 
 
 class Loader(threading.Thread):
@@ -88,8 +76,7 @@ def test_graceful_stop_under_load(tmp_path, how):
         children = psutil.Process(server.proc.pid).children(recursive=True)
         roles = {probe.server_status["ventilator_pid"], probe.server_status["sink_pid"]}
         assert roles <= {c.pid for c in children}
-        ipc = ipc_dir(server)
-        assert os.path.isdir(ipc)
+        assert abstract_names_of(server.proc.pid), "no internal socket found"
 
         holder = server.client(timeout=30_000)
         clients.append(holder)
@@ -149,7 +136,7 @@ def test_graceful_stop_under_load(tmp_path, how):
             f"exited {took:.2f}s after the stop request (-graceful_timeout {grace:g})")
         wait_until(lambda: all(gone(c.pid) for c in children), 30,
                    "every child process to exit")
-        assert not os.path.exists(ipc), "the IPC directory (socket files) was left behind"
+        assert abstract_names_of(server.proc.pid) == [], "internal sockets were left behind"
         assert port_refused(server.port) and port_refused(server.port_out)
 
         results = stopped = 0

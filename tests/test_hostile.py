@@ -246,7 +246,7 @@ VENTILATOR_CASES = [
     # kinds that are not for this port
     pytest.param([hdr(P.BATCH, 19, [])], 19, B, id="internal-BATCH"),
     pytest.param([hdr(P.READY, 20, 1234, -1)], 20, B, id="internal-READY"),
-    pytest.param([hdr(P.DONE, 21, 0, [], {}, 0.0)], 21, B, id="internal-DONE"),
+    pytest.param([hdr(P.DONE, 21, 0, 1234, [], {}, 0.0)], 21, B, id="internal-DONE"),
     pytest.param([hdr(P.FORWARD, b"victim", 22, "reply", "spoofed")], -1, B,
                  id="internal-FORWARD"),
     pytest.param([hdr(P.FORWARD, 22, 22, "error", ["x", "y", "z"])], 22, B,
@@ -438,7 +438,7 @@ SINK_CASES = [
     pytest.param([hdr(P.HELLO, deep(1020))], id="hello-id-deep"),
     pytest.param([hdr(P.REQUEST, 5, 0, [0])], id="request-on-port-out"),
     pytest.param([hdr(P.COMMAND, 5, 0, "status", None)], id="command-on-port-out"),
-    pytest.param([hdr(P.DONE, 1, 0, [], {}, 0.0)], id="internal-DONE"),
+    pytest.param([hdr(P.DONE, 1, 0, 1234, [], {}, 0.0)], id="internal-DONE"),
     pytest.param([hdr(P.FORWARD, b"victim", 5, "reply", "spoofed")], id="internal-FORWARD"),
 ]
 

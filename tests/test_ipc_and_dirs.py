@@ -190,8 +190,9 @@ def test_missing_model_dir_is_a_one_line_start_error(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in text, text[-4000:]
     said = f"-model_dir {missing}: no such directory"
-    assert any(line.endswith(said) and "stopped:" in line for line in text.splitlines()), \
-        text[-4000:]
+    assert [line for line in text.splitlines() if line.endswith(said)] == [
+        f"wkr-serving-start: error: {said}"], text[-4000:]
+    assert proc.returncode == 2  # a usage error, found before any process starts
     assert not (tmp_path / "no").exists(), "the missing -model_dir was created"
     assert wkr_entries(systmp) == set()
 
@@ -330,8 +331,6 @@ def test_bind_internal_refuses_another_users_connection():
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
-@pytest.mark.xfail(strict=True, reason="the internal sockets are not bound with "
-                   "bind_internal yet (supervisor.py: control; ventilator.py, sink.py: theirs)")
 def test_internal_sockets_refuse_another_user(tmp_path):
     """Every internal socket of a running server closes a connection from another user
     at once (no ZMTP greeting), as a 0700 socket directory did before."""
