@@ -279,7 +279,9 @@ class WorkerProcess(Role):
             self._ready()
 
     def _on_hangup(self, value: Any) -> None:
+        """SIGHUP, forwarded by the supervisor: reopen the prediction log (logrotate)."""
         if self.predlog is not None:
+            self.logger.info("SIGHUP: reopening the prediction log")
             self.predlog.reopen()
 
     def _check_recycle(self) -> None:
