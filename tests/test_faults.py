@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import RawClient, connect, running_server, server_args, wait_idle, wait_until
-from wkr_serving.client import BadInput, WKRTimeoutError, WorkerDied
+from wkr_serving.client import BadInput, PoisonInput, WKRTimeoutError
 from wkr_serving.client import protocol as P
 from wkr_serving.client.errors import error_from_wire
 from workers import ControlledWorker
@@ -42,17 +42,19 @@ def test_malformed_item_meta_is_bad_input_and_no_process_dies(fresh_server, meta
         raw.close()
 
 
-def test_crashed_workers_fail_their_request_and_are_replaced(fresh_server):
-    """Every accepted request gets exactly one reply: a worker that dies mid-batch fails
-    that request with WorkerDied at once, is restarted, and serving goes on. Crashes
-    follow each other quickly, as they do when a bad input is retried."""
+def test_crashing_inputs_get_one_reply_each_and_workers_are_replaced(fresh_server):
+    """Every accepted request gets exactly one reply, also one whose input kills its
+    worker: five such inputs in quick succession each kill the worker that takes them and
+    the one their lone retry goes to, and each gets PoisonInput at once (never a
+    timeout); every death starts a new worker process, and serving goes on between and
+    after."""
     with connect(fresh_server, timeout=10_000) as client:
         seen_pids = {w["pid"] for w in wait_idle(client)["workers"]}
-        for i in range(5):  # under the supervisor's restart limit for one worker
+        for i in range(5):
             try:
-                client.encode({"cmd": "die"}, timeout=5000)
-            except WorkerDied as exc:
-                assert "died" in str(exc)
+                client.encode({"cmd": "die", "n": i}, timeout=5000)
+            except PoisonInput as exc:
+                assert "quarantined" in str(exc)
             except WKRTimeoutError:
                 status = client.server_status
                 pytest.fail(f"crash #{i + 1}: the request of a dead worker got no reply; "
@@ -63,11 +65,15 @@ def test_crashed_workers_fail_their_request_and_are_replaced(fresh_server):
 
             def replaced():
                 status = client.server_status
-                return status["ready"] and len(status["workers"]) == 2 and status
+                rows = status["workers"]
+                return (status["ready"] and len(rows) == 2
+                        and all(w["pid"] is not None for w in rows) and status)
 
-            status = wait_until(replaced, 20, "the dead worker to be replaced")
+            status = wait_until(replaced, 20, "the dead workers to be replaced")
             seen_pids |= {w["pid"] for w in status["workers"]}
-        assert len(seen_pids) == 2 + 5, "every crash must start a new worker process"
+        assert len(seen_pids) == 2 + 2 * 5, "every crash must start a new worker process"
         assert client.encode_batch(list(range(10))) == list(range(10))
         final = wait_idle(client)
-        assert final["num_errors"].get("worker_died") == 5
+        assert final["num_errors"].get("poison_input") == 5
+        assert not final["num_errors"].get("worker_died"), final["num_errors"]
+        assert final["quarantined_inputs"] == 5 and final["num_retried_items"] == 5

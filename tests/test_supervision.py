@@ -1,15 +1,22 @@
 """Supervision and fault isolation, with real processes and real signals.
 
-A worker killed by SIGKILL or SIGSEGV, or stuck past ``-worker_timeout``, fails only the
-requests it held (``WorkerDied``, at once) and is restarted; ``server_status`` shows
-its restarts and last error. A killed ventilator or sink stops the whole server (exit
-code 1, no process left, ports and IPC directory gone) and clients get
-``ConnectionLost`` at once. A restarted worker that cannot boot halts the server
-instead of crash-looping. A poisoned item fails alone among 63 good ones of its batch.
+A worker that dies while holding a batch (SIGKILL, SIGSEGV, any exit code) is restarted,
+and every item of its batch is retried once, alone, on a live worker: the requests of a
+batch killed from outside get their results. An input present at two deaths is
+quarantined: its request, and any later one carrying it, get ``PoisonInput`` without
+reaching a worker again. A worker stuck past ``-worker_timeout`` fails its batch with
+``WorkerDied`` at once (no retry). A killed ventilator or sink is started again on the
+same port while the workers stay loaded: the requests outstanding at that moment fail
+with ``ConnectionLost`` at once, and the same clients then carry on. Deaths with
+requests in hand never stop the server; it halts (exit code 1, saying why) only when a
+restarted worker cannot boot three times in a row, when workers die idle more than five
+times in a minute, or when the ventilator dies more than five times in a minute. A
+poisoned item fails alone among 63 good ones of its batch.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -18,6 +25,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psutil
 import pytest
 from helpers import (
     START_LIMIT_S,
@@ -34,18 +42,38 @@ from helpers import (
 from wkr_serving.client import (
     ConnectionLost,
     ModelError,
+    PoisonInput,
+    ShuttingDown,
     WKRClient,
     WKRTimeoutError,
     WorkerDied,
 )
 from wkr_serving.server import WKRServer
-from workers import BootOnceWorker, ControlledWorker, CrashWorker
+from wkr_serving.server.supervisor import MAX_BOOT_FAILURES, MAX_RESTARTS
+from workers import (
+    IDLE_DEATH_CODE,
+    BootOnceWorker,
+    ControlledWorker,
+    CrashWorker,
+    DyingWorker,
+    IdleDeathWorker,
+    touch,
+)
 
 #: Loader threads must finish well within the test timeout.
 LOAD_LIMIT_S = 90.0
 #: The issue asks for WorkerDied "within a second"; asserted with headroom for a loaded
 #: 2-core machine, and the measured time is shown in the message.
 WORKER_DIED_LIMIT_S = 3.0
+#: Seconds within which the items of a killed batch, retried on a worker that is already
+#: up, are all answered (no wait for the replacement's boot; headroom for 2 cores).
+RETRY_LIMIT_S = 3.0
+#: Seconds within which requests outstanding at a role's crash fail with ConnectionLost
+#: (their call timeout is 30 s).
+LOST_LIMIT_S = 5.0
+#: Longest wait for a killed process to be gone, or for a restarted one to be serving.
+DEATH_LIMIT_S = 30.0
+RESTART_LIMIT_S = 60.0
 
 
 def answered(status: dict[str, Any]) -> int:
@@ -71,11 +99,35 @@ def busy_pids(client: WKRClient) -> set[int]:
     return {w["pid"] for w in client.server_status["workers"] if w["state"] == "busy"}
 
 
-def ipc_dir(server: WKRServer) -> str:
-    """The server's IPC directory (where its internal socket files live)."""
-    control = server.supervisor.endpoints.control
-    assert control.startswith("ipc://"), control
-    return os.path.dirname(control[len("ipc://"):])
+def reaped(pid: int) -> bool:
+    """Whether the supervisor has reaped process ``pid``. Stronger than ``gone``: the
+    main thread of a killed process is a zombie while its other threads (ZeroMQ's) still
+    exit, and until they have, its sockets, its listening port included, stay open."""
+    return not psutil.pid_exists(pid)
+
+
+def kill_and_wait(pid: int) -> None:
+    """kill -9 ``pid`` and wait (bounded) until the process has ended and been reaped:
+    its sockets are closed."""
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: reaped(pid), DEATH_LIMIT_S, f"pid {pid} to end")
+
+
+def restarts_reached(client: WKRClient, total: int) -> dict[str, Any] | None:
+    """The status once every slot has a registered worker and the slots' restarts add up
+    to ``total`` (None before)."""
+    status = client.server_status
+    rows = status["workers"]
+    up = status["ready"] and all(r["pid"] is not None for r in rows)
+    return status if up and sum(r["restarts"] for r in rows) == total else None
+
+
+def fresh_status(server: WKRServer) -> dict[str, Any]:
+    """The status, read by a new client once the server is ready again (its handshake
+    waits, bounded, for a role that is being restarted)."""
+    with connect(server, connect_timeout=30_000) as client:
+        return wait_until(lambda: (s := client.server_status)["ready"] and s,
+                          RESTART_LIMIT_S, "the server to be ready again")
 
 
 # -- a worker dies ---------------------------------------------------------------------
@@ -84,18 +136,18 @@ def ipc_dir(server: WKRServer) -> str:
 @pytest.fixture(scope="module")
 def crash_server(tmp_path_factory):
     """CrashWorker, protocol obj, 2 workers, batch_size 64. Tests here kill its workers
-    (well under the restart limit) and wait until both are back before they start."""
+    and wait until both are back before they start; what they quarantine is their own."""
     args = server_args(tmp_path_factory.mktemp("crash_model"), "-num_worker", "2",
                        "-batch_size", "64", "-cpu", "-graceful_timeout", "3")
     with running_server(args, CrashWorker) as server:
         yield server
 
 
-def test_kill_9_under_load_every_request_gets_exactly_one_reply(crash_server, tmp_path):
+def test_kill_9_under_load_every_request_gets_its_own_result(crash_server, tmp_path):
     """Both workers are killed with SIGKILL while holding batches, during a pipelined load
-    of 4000 requests from four clients: every request gets exactly one reply (its own
-    result, or WorkerDied for the items of a killed batch), WorkerDied comes within a
-    second of the kill, both workers are restarted and serving goes on."""
+    of 4000 requests from four clients: every item of the killed batches is retried alone
+    on a live worker, so every request gets exactly one reply, its own result (none lost,
+    no WorkerDied); both workers are restarted and serving goes on across the kills."""
     per_client, n_loaders = 1000, 4
     probe = connect(crash_server)
     holder = connect(crash_server, timeout=60_000)
@@ -106,15 +158,14 @@ def test_kill_9_under_load_every_request_gets_exactly_one_reply(crash_server, tm
         restarts_before = {w["index"]: w["restarts"] for w in base["workers"]}
         pids_before = {w["pid"] for w in base["workers"]}
 
-        # Worker A holds a request alone; a thread waits for it and notes when it fails.
+        # Worker A holds a request alone; a thread waits for its reply.
         held: dict[str, Any] = {}
 
         def hold() -> None:
             try:
                 held["value"] = holder.encode(gate_a.item("a"))
-            except Exception as exc:  # the WorkerDied expected, or anything else to report
+            except Exception as exc:  # reported below
                 held["error"] = exc
-            held["at"] = time.monotonic()
 
         holder_thread = threading.Thread(target=hold, daemon=True)
         holder_thread.start()
@@ -142,15 +193,21 @@ def test_kill_9_under_load_every_request_gets_exactly_one_reply(crash_server, tm
             futures = [pool.submit(load, i) for i in range(n_loaders)]
             try:
                 gate_b.wait_started()
-                busy = busy_pids(probe)
+                status = probe.server_status
+                busy = {w["pid"] for w in status["workers"] if w["state"] == "busy"}
                 assert pid_a in busy and len(busy) == 2, busy
                 (pid_b,) = busy - {pid_a}
+                # Both workers are held in their gates: what they hold cannot change.
+                killed_items = status["in_flight_items"]
 
-                killed_at = time.monotonic()
-                os.kill(pid_a, signal.SIGKILL)
-                holder_thread.join(30)
+                # A dies holding gate A's request: it is retried on A's replacement (B is
+                # held), so the gate opens once A is gone, not before.
+                kill_and_wait(pid_a)
+                gate_a.open()
+                holder_thread.join(RESTART_LIMIT_S)
                 assert not holder_thread.is_alive(), "the held request got no reply"
-                os.kill(pid_b, signal.SIGKILL)
+                kill_and_wait(pid_b)
+                gate_b.open()
                 # Count replies on the server side first: a lost reply would otherwise
                 # hold a loader's in-order fetch for its whole timeout.
                 wait_idle(probe, LOAD_LIMIT_S)
@@ -172,34 +229,19 @@ def test_kill_9_under_load_every_request_gets_exactly_one_reply(crash_server, tm
                 raise
             outcomes = [f.result(timeout=LOAD_LIMIT_S) for f in futures]
 
-        assert isinstance(held.get("error"), WorkerDied), held
-        took = held["at"] - killed_at
-        assert took < WORKER_DIED_LIMIT_S, (
-            f"WorkerDied came {took:.3f}s after kill -9 (the issue asks within a second)")
-        assert f"pid {pid_a}" in held["error"].message
-
-        results = died = 0
+        assert "error" not in held, f"the held request of the killed worker failed: {held}"
+        assert held["value"]["value"] == "a" and held["value"]["released"] is True, held
+        assert held["value"]["pid"] not in pids_before, (
+            f"the retry of A's request must run on A's replacement (B was held): {held}")
         for sent, replies in outcomes:
             assert len(replies) == len(sent)
             for (kind, value), reply in zip(sent, replies, strict=True):
                 if kind == "held":
-                    assert isinstance(reply, WorkerDied), reply
-                    assert f"pid {pid_b}" in reply.message
-                    died += 1
-                elif isinstance(reply, WorkerDied):
-                    died += 1
+                    assert isinstance(reply, dict) and reply["value"] == "b", reply
+                    assert reply["released"] is True and reply["pid"] != pid_b, reply
                 else:
-                    assert reply == value, f"a request got someone else's result: {reply!r}"
-                    results += 1
+                    assert reply == value, f"a request did not get its own result: {reply!r}"
         total = sum(len(sent) for sent, _ in outcomes)
-        assert died <= 64, f"{died} requests failed, more than the killed batch held"
-        assert results == total - died and results >= total - 64
-        # Client 0's requests sent after gate B could only be computed once a killed
-        # worker was replaced: the load went on across the kills.
-        sent0, replies0 = outcomes[0]
-        after = [r for (kind, _), r in zip(sent0[302:], replies0[302:], strict=True)
-                 if kind == "one" and not isinstance(r, WorkerDied)]
-        assert sent0[301][0] == "held" and len(after) >= per_client - 300 - 64
 
         # Both restarted once more, with new processes, and the status says why.
         def restarted():
@@ -209,19 +251,20 @@ def test_kill_9_under_load_every_request_gets_exactly_one_reply(crash_server, tm
             counted = all(r["restarts"] == restarts_before[r["index"]] + 1 for r in rows)
             return status["ready"] and fresh and counted and status
 
-        status = wait_until(restarted, 60, "both killed workers to be restarted")
+        status = wait_until(restarted, RESTART_LIMIT_S, "both killed workers to be restarted")
         for row in status["workers"]:
             assert "SIGKILL" in row["last_error"], row
-        assert gone(pid_a) and gone(pid_b)
         assert probe.encode_batch(list(range(10))) == list(range(10))
         assert probe.encode("still serving") == "still serving"
 
-        # Server-side accounting: one reply per request, no split request left behind.
+        # Server-side accounting: one result per request, each killed item retried once,
+        # nothing quarantined, no split request left behind.
         final = wait_idle(probe)
-        assert answered(final) - answered(base) == total + 1 + 2  # load, held a, 2 above
-        died_delta = (final["num_errors"].get("worker_died", 0)
-                      - base["num_errors"].get("worker_died", 0))
-        assert died_delta == died + 1
+        assert final["num_results"] - base["num_results"] == total + 1 + 2
+        assert final["num_errors"] == base["num_errors"], final["num_errors"]
+        assert final["num_retried_items"] - base["num_retried_items"] == killed_items
+        assert final["num_poisoned"] == base["num_poisoned"]
+        assert final["quarantined_inputs"] == base["quarantined_inputs"]
         assert final["pending_split_requests"] == 0
     finally:
         gate_a.open()
@@ -230,15 +273,17 @@ def test_kill_9_under_load_every_request_gets_exactly_one_reply(crash_server, tm
             client.close()
 
 
-def test_every_request_of_a_killed_batch_gets_worker_died(crash_server, tmp_path):
-    """A killed batch holding requests of three clients: each of them gets WorkerDied at
-    once (not just the first request of the batch)."""
+def test_every_request_of_a_killed_batch_gets_its_result_by_retry(crash_server, tmp_path):
+    """A batch holding requests of three clients is killed with SIGKILL: each of its four
+    items is retried alone (four batches of one) on the worker that is still up, at once
+    rather than after the replacement boots, and each client gets its own result (not
+    just the first request of the batch)."""
     release = os.path.join(str(tmp_path), "release")
     holds = [Gate(tmp_path, f"hold-{i}", release) for i in range(2)]
     victim = Gate(tmp_path, "victim")
     probe = connect(crash_server)
     holders = [connect(crash_server) for _ in holds]
-    others = [connect(crash_server, timeout=5_000) for _ in range(3)]
+    others = [connect(crash_server, timeout=10_000) for _ in range(3)]
     try:
         settled(probe, 2)
         for gate, holder in zip(holds, holders, strict=True):
@@ -252,10 +297,13 @@ def test_every_request_of_a_killed_batch_gets_worker_died(crash_server, tmp_path
         batches_before = probe.server_status["num_batches"]
         holds[0].open()
         victim.wait_started()
-        assert probe.server_status["num_batches"] == batches_before + 1
+        status = probe.server_status
+        assert status["num_batches"] == batches_before + 1
         (pid,) = busy_pids(probe)
+        (survivor,) = {w["pid"] for w in status["workers"]} - {pid}
         killed_at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
+        kill_and_wait(pid)
+        victim.open()  # the victim's retry blocks in its gate again until then
         replies: list[Any] = []
         for client in others:
             try:
@@ -264,13 +312,20 @@ def test_every_request_of_a_killed_batch_gets_worker_died(crash_server, tmp_path
                 replies.append(exc)
         took = time.monotonic() - killed_at
         lost = [i for i, r in enumerate(replies) if isinstance(r, WKRTimeoutError)]
-        assert not lost, (f"the requests of clients {lost} (not first in the killed batch) "
-                          f"got no reply at all: {replies}")
-        assert all(isinstance(r, WorkerDied) for r in replies), replies
-        assert took < WORKER_DIED_LIMIT_S, f"the last WorkerDied came after {took:.2f}s"
+        assert not lost, (f"the requests of clients {lost} of the killed batch got no reply "
+                          f"at all: {replies}")
+        assert replies[1:] == ["second", ["third", "fourth"]], replies
+        first = replies[0]
+        assert isinstance(first, dict) and first["value"] == "victim", replies
+        assert first["released"] is True and first["pid"] == survivor, (
+            f"the retry should run on the worker that was up (pid {survivor}): {first}")
+        assert took < RETRY_LIMIT_S, f"the last retried request was answered after {took:.2f}s"
         for holder in holders:
             assert holder.fetch_all()[0]["released"] is True
-        settled(probe, 2)
+        final = settled(probe, 2)
+        assert final["num_retried_items"] - status["num_retried_items"] == 4
+        assert final["num_batches"] == batches_before + 1 + 4, "the retried items went together"
+        assert final["num_errors"] == status["num_errors"], final["num_errors"]
     finally:
         for gate in (*holds, victim):
             gate.open()
@@ -278,27 +333,46 @@ def test_every_request_of_a_killed_batch_gets_worker_died(crash_server, tmp_path
             client.close()
 
 
-def test_segfault_fails_its_request_and_the_worker_is_restarted(crash_server):
-    """A worker killed by SIGSEGV (as by a crash in native code) fails its request with
-    WorkerDied and is replaced; the status row says it was SIGSEGV."""
+def test_segfault_input_is_quarantined_after_two_deaths(crash_server):
+    """An input whose worker is killed by SIGSEGV (as by a crash in native code): the
+    worker is replaced, the input is retried alone on the other worker, kills it too, and
+    its request gets PoisonInput; both status rows say SIGSEGV. Sent again, it gets
+    PoisonInput at once, without reaching a worker (no new death, no batch); the server
+    serves on."""
+    segv = {"cmd": "segv", "token": uuid.uuid4().hex}  # this test's own input
     with connect(crash_server) as client:
         base = settled(client, 2)
         rows_before = {w["index"]: w for w in base["workers"]}
-        with pytest.raises(WorkerDied) as info:
-            client.encode({"cmd": "segv"})
-        assert "died" in info.value.message
+        with pytest.raises(PoisonInput) as info:
+            client.encode(segv)
+        assert info.value.code == "poison_input" and "quarantined" in info.value.message
 
         def replaced():
             status = client.server_status
-            changed = [r for r in status["workers"] if r["pid"] != rows_before[r["index"]]["pid"]]
-            return (status["ready"] and len(changed) == 1 and changed[0]["pid"] is not None
-                    and changed[0])
+            rows = status["workers"]
+            done = all(r["pid"] is not None and r["pid"] != rows_before[r["index"]]["pid"]
+                       and r["restarts"] == rows_before[r["index"]]["restarts"] + 1
+                       for r in rows)
+            return status["ready"] and done
 
-        row = wait_until(replaced, 60, "the crashed worker to be restarted")
-        before = rows_before[row["index"]]
-        assert row["restarts"] == before["restarts"] + 1
-        assert "SIGSEGV" in row["last_error"], row
-        assert gone(before["pid"])
+        wait_until(replaced, RESTART_LIMIT_S, "both crashed workers to be restarted")
+        status = settled(client, 2)
+        for row in status["workers"]:
+            assert "SIGSEGV" in row["last_error"], row
+        assert all(gone(r["pid"]) for r in rows_before.values())
+        assert status["num_retried_items"] - base["num_retried_items"] == 1
+        assert status["num_poisoned"] - base["num_poisoned"] == 1
+        assert status["quarantined_inputs"] - base["quarantined_inputs"] == 1
+
+        with pytest.raises(PoisonInput) as again:
+            client.encode(segv)
+        assert "quarantined" in again.value.message
+        after = wait_idle(client)
+        assert ([(r["pid"], r["restarts"]) for r in after["workers"]]
+                == [(r["pid"], r["restarts"]) for r in status["workers"]]), "a worker died"
+        assert after["num_batches"] == status["num_batches"], "it reached a worker"
+        assert after["num_poisoned"] - base["num_poisoned"] == 2
+        assert after["quarantined_inputs"] == status["quarantined_inputs"]
         assert client.encode({"after": "segv"}) == {"after": "segv"}
 
 
@@ -414,81 +488,133 @@ def test_worker_stuck_past_worker_timeout_is_killed_and_replaced(hang_server, tm
 
 
 @pytest.mark.parametrize("role", ["ventilator", "sink"])
-def test_role_crash_stops_the_whole_server_and_clients_learn_at_once(tmp_path, role):
-    """kill -9 of the ventilator or the sink: pending requests fail with ConnectionLost
-    at once (not at their 30 s timeout), the supervisor stops everything with exit code
-    1, no role process is left, both ports are closed and the IPC directory is gone."""
+def test_killed_role_is_restarted_on_its_port_and_clients_carry_on(tmp_path, role):
+    """kill -9 of the ventilator or the sink: the requests outstanding at that moment fail
+    with ConnectionLost at once (not at their 30 s timeout); the supervisor starts the
+    role again on the same port while the worker stays loaded (same pid, no restart, its
+    held batch finished); the same client objects, the one that had requests pending and
+    one that was idle, work again."""
+    args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-graceful_timeout", "3")
+    gate = Gate(tmp_path, "pending")
+    with running_server(args, ControlledWorker) as server:
+        pending = connect(server, timeout=30_000)
+        idle = connect(server, timeout=10_000)
+        try:
+            before = settled(pending, 1)
+            (worker,) = before["workers"]
+            role_pid = before[f"{role}_pid"]
+            other = "sink" if role == "ventilator" else "ventilator"
+
+            pending.encode(gate.item("pending"), blocking=False)
+            gate.wait_started()
+            for i in range(5):
+                pending.encode(i, blocking=False)
+            wait_until(lambda: pending.server_status["queue_items"] == 5, 30,
+                       "5 queued requests")
+
+            killed_at = time.monotonic()
+            os.kill(role_pid, signal.SIGKILL)
+            replies = pending.fetch_all(on_error="return")
+            took = time.monotonic() - killed_at
+            gate.open()  # the worker finishes its batch (for no one) and serves on
+            assert len(replies) == 6
+            assert all(isinstance(r, ConnectionLost) for r in replies), replies
+            assert took < LOST_LIMIT_S, (
+                f"ConnectionLost came {took:.2f}s after the crash (timeout 30 s)")
+
+            # Until then the dying role's port may still take a connection, and drop it.
+            wait_until(lambda: reaped(role_pid), DEATH_LIMIT_S, f"the killed {role} to end")
+            status = fresh_status(server)  # on the same ports
+            assert server.is_alive() and server.supervisor.failure is None
+            assert status[f"{role}_pid"] not in (None, role_pid) and not gone(
+                status[f"{role}_pid"]), status
+            assert status[f"{other}_pid"] == before[f"{other}_pid"]
+            assert status["supervisor_pid"] == before["supervisor_pid"]
+            assert status["ventilator_generation"] == (1 if role == "ventilator" else 0)
+            (row,) = status["workers"]
+            assert (row["pid"], row["restarts"], row["last_error"]) == (
+                worker["pid"], 0, None), f"the worker was restarted: {row}"
+
+            # The same client objects carry on (the client redoes its handshake).
+            try:
+                assert pending.encode("again", timeout=10_000) == "again"
+                assert idle.encode_batch([1, 2, 3]) == [1, 2, 3]
+                assert pending.encode({"cmd": "pid"})["pid"] == worker["pid"]
+            except (ConnectionLost, WKRTimeoutError) as exc:
+                raise AssertionError(f"a client of the crashed {role} did not recover: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+            assert wait_idle(idle)["workers"][0]["pid"] == worker["pid"]
+        finally:
+            gate.open()
+            pending.close()
+            idle.close()
+
+
+def test_ventilator_dying_six_times_in_a_minute_halts_the_server(tmp_path):
+    """The ventilator is killed five times and restarted each time (same ports, workers
+    kept); the sixth death within a minute stops the server with exit code 1 and a
+    failure naming the ventilator, and no process or port is left."""
     args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-graceful_timeout", "3")
     server = WKRServer(args, ControlledWorker)
-    gate = Gate(tmp_path, "pending")
-    client: WKRClient | None = None
     server.start()
+    ventilators: list[int] = []
     try:
         server.wait_ready(START_LIMIT_S)
-        port, port_out, ipc = server.port, server.port_out, ipc_dir(server)
-        client = connect(server, timeout=30_000)
-        status = client.server_status
-        pids = {"ventilator": status["ventilator_pid"], "sink": status["sink_pid"],
-                **{f"worker-{w['index']}": w["pid"] for w in status["workers"]}}
-        assert os.path.isdir(ipc) and not any(gone(p) for p in pids.values())
-
-        client.encode(gate.item("pending"), blocking=False)
-        gate.wait_started()
-        for i in range(5):
-            client.encode(i, blocking=False)
-        wait_until(lambda: client.server_status["queue_items"] == 5, 30, "5 queued requests")
-
-        killed_at = time.monotonic()
-        os.kill(pids[role], signal.SIGKILL)
-        replies = client.fetch_all(on_error="return")
-        took = time.monotonic() - killed_at
-        gate.open()  # let the held worker leave predict and stop
-        assert len(replies) == 6
-        assert all(isinstance(r, ConnectionLost) for r in replies), replies
-        assert took < 5.0, f"ConnectionLost came {took:.2f}s after the crash (timeout 30 s)"
-
+        port, port_out = server.port, server.port_out
+        status = fresh_status(server)
+        sink, worker = status["sink_pid"], status["workers"][0]["pid"]
+        for generation in range(1, MAX_RESTARTS + 1):
+            ventilators.append(status["ventilator_pid"])
+            kill_and_wait(ventilators[-1])
+            status = fresh_status(server)
+            assert status["ventilator_generation"] == generation, status
+            assert status["ventilator_pid"] not in ventilators
+            assert (status["sink_pid"], status["workers"][0]["pid"]) == (sink, worker)
+        ventilators.append(status["ventilator_pid"])
+        os.kill(ventilators[-1], signal.SIGKILL)
         server.join(STOP_LIMIT_S)
-        assert not server.is_alive(), "the supervisor did not stop after the crash"
+        assert not server.is_alive(), "the server kept restarting a dying ventilator"
         assert server.exit_code == 1
         failure = server.supervisor.failure or ""
-        assert role in failure and "SIGKILL" in failure, failure
-        wait_until(lambda: all(gone(p) for p in pids.values()), STOP_LIMIT_S,
-                   "every role process to exit")
+        assert "ventilator" in failure and f"{MAX_RESTARTS + 1} times" in failure, failure
+        wait_until(lambda: all(gone(p) for p in [*ventilators, sink, worker]),
+                   STOP_LIMIT_S, "every process to exit")
         assert port_refused(port) and port_refused(port_out), "a public port is still open"
-        assert not os.path.exists(ipc), "the IPC directory was left behind"
     finally:
-        gate.open()
-        if client is not None:
-            client.close()
         server.close(STOP_LIMIT_S)
     assert not server.is_alive()
 
 
-# -- a restarted worker cannot boot ----------------------------------------------------
+# -- the server halts ------------------------------------------------------------------
 
 
 def test_restarted_worker_that_fails_to_boot_halts_the_server(tmp_path):
-    """After a crash, the restarted worker fails to load its model: the server halts with
-    that error and exit code 1 after one attempt, instead of crash-looping."""
+    """A worker dies with a request in hand and its restarted process cannot load the
+    model: the slot is started again until it failed to boot MAX_BOOT_FAILURES (3) times
+    in a row, then the server halts with that error and exit code 1 instead of
+    crash-looping. The dead worker's request is answered (ShuttingDown, or ConnectionLost
+    if the sink went first), never lost."""
     args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-graceful_timeout", "3")
     server = WKRServer(args, BootOnceWorker)
     server.start()
     try:
         server.wait_ready(START_LIMIT_S)
         port, port_out = server.port, server.port_out
-        with connect(server) as client:
+        with connect(server, timeout=60_000) as client:
             status = client.server_status
             pids = [status["ventilator_pid"], status["sink_pid"],
                     *(w["pid"] for w in status["workers"])]
-            with pytest.raises(WorkerDied):
+            with pytest.raises((ShuttingDown, ConnectionLost)):
                 client.encode({"cmd": "die"})
         server.join(STOP_LIMIT_S)
         assert not server.is_alive(), "the server kept running without a bootable worker"
         assert server.exit_code == 1
         failure = server.supervisor.failure or ""
         assert "worker-0" in failure and "boot-again" in failure, failure
+        assert f"{MAX_BOOT_FAILURES} times" in failure, failure
         boots = (tmp_path / "boots-0.txt").read_text().split()
-        assert len(boots) == 2, f"expected one restart attempt, saw {len(boots)} boots"
+        assert len(boots) == 1 + MAX_BOOT_FAILURES, (
+            f"expected the first boot and {MAX_BOOT_FAILURES} restarts, saw {len(boots)} boots")
         wait_until(lambda: all(gone(p) for p in [*pids, *map(int, boots)]), STOP_LIMIT_S,
                    "every process to exit")
         assert port_refused(port) and port_refused(port_out)
@@ -497,36 +623,100 @@ def test_restarted_worker_that_fails_to_boot_halts_the_server(tmp_path):
     assert not server.is_alive()
 
 
-def test_worker_crashing_again_and_again_halts_the_server(tmp_path):
-    """A worker that keeps dying (six deaths within a minute) stops the server with
-    exit code 1 instead of being restarted forever; every request sent gets an error."""
+#: Six ways a worker dies while holding a batch: (the input, what its status row says).
+DEATHS = [
+    ({"cmd": "die"}, "exited with code 13"),  # os._exit(13)
+    ({"cmd": "signal", "signal": "SIGSEGV"}, "SIGSEGV"),
+    ({"cmd": "exit", "code": 3}, "exited with code 3"),  # sys.exit: the boot-failure code
+    ({"cmd": "exit_now", "code": 0}, "exited with code 0"),  # os._exit(0), no cleanup
+    ({"cmd": "signal", "signal": "SIGKILL"}, "SIGKILL"),
+    ({"cmd": "signal", "signal": "SIGUSR1"}, "SIGUSR1"),
+]
+
+
+def test_inputs_killing_workers_six_ways_are_quarantined_and_the_server_serves_on(tmp_path):
+    """Six different inputs that each kill the worker computing them (exit codes 13, 3
+    and 0, SIGSEGV, SIGKILL, SIGUSR1): each kills two workers (in its batch, then alone)
+    and gets PoisonInput. Twelve deaths within a minute, all with a request in hand, do
+    not stop the server, which serves an innocent request after. Sent again, each is
+    refused at once without reaching a worker."""
+    args = server_args(tmp_path, "-num_worker", "2", "-cpu", "-graceful_timeout", "3")
+    with running_server(args, DyingWorker) as server, \
+            connect(server, timeout=30_000) as client:
+        status = settled(client, 2)
+        pids = {w["pid"] for w in status["workers"]}
+        for n, (crash, why) in enumerate(DEATHS, 1):
+            before = {r["index"]: r["restarts"] for r in status["workers"]}
+            with pytest.raises(PoisonInput):
+                client.encode(crash)
+            wait_until(functools.partial(restarts_reached, client, 2 * n), RESTART_LIMIT_S,
+                       f"the two workers killed by {crash} to be restarted")
+            status = settled(client, 2)
+            died = [r for r in status["workers"] if r["restarts"] != before[r["index"]]]
+            assert died and all(why in r["last_error"] for r in died), (crash, status["workers"])
+            pids |= {r["pid"] for r in status["workers"]}
+            assert server.is_alive() and server.supervisor.failure is None
+        assert len(pids) == 2 + 2 * len(DEATHS), "every death must start a new process"
+        assert client.encode("innocent") == "innocent"
+        status = wait_idle(client)
+        assert status["quarantined_inputs"] == len(DEATHS)
+        assert status["num_poisoned"] == len(DEATHS)
+        assert status["num_retried_items"] == len(DEATHS)
+        assert status["num_errors"].get("poison_input") == len(DEATHS)
+        assert not status["num_errors"].get("worker_died"), status["num_errors"]
+
+        for crash, _ in DEATHS:
+            with pytest.raises(PoisonInput):
+                client.encode(crash)
+        after = wait_idle(client)
+        assert ([(r["pid"], r["restarts"]) for r in after["workers"]]
+                == [(r["pid"], r["restarts"]) for r in status["workers"]]), "a worker died"
+        assert after["num_batches"] == status["num_batches"], "a quarantined input was computed"
+        assert after["num_poisoned"] == 2 * len(DEATHS)
+        assert client.encode_batch(["still", "serving"]) == ["still", "serving"]
+
+
+def registered_after(client: WKRClient, restarts: int, seen: list[int]) -> dict[str, Any] | None:
+    """The one worker's status row once a process not in ``seen`` is registered in its
+    slot after ``restarts`` restarts (None before)."""
+    (row,) = client.server_status["workers"]
+    ok = row["pid"] is not None and row["pid"] not in seen and row["restarts"] == restarts
+    return row if ok else None
+
+
+def test_workers_dying_idle_again_and_again_halt_the_server(tmp_path):
+    """A worker that dies with no request in hand (a broken environment, not an input) is
+    restarted five times; the sixth such death within a minute stops the server with
+    exit code 1 and a failure saying so, and no process is left."""
     args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-graceful_timeout", "3")
-    server = WKRServer(args, ControlledWorker)
+    server = WKRServer(args, IdleDeathWorker)
     server.start()
-    pids: set[int] = set()
+    workers: list[int] = []
     try:
         server.wait_ready(START_LIMIT_S)
-        with connect(server, timeout=30_000) as client:
+        port, port_out = server.port, server.port_out
+        with connect(server) as client:
             status = client.server_status
             roles = [status["ventilator_pid"], status["sink_pid"]]
-            pids |= {w["pid"] for w in status["workers"]}
-            for i in range(5):  # the restart limit: each is answered and restarted
-                with pytest.raises(WorkerDied):
-                    client.encode({"cmd": "die"})
-                status = settled(client, 1)
-                pids |= {w["pid"] for w in status["workers"]}
-                assert status["workers"][0]["restarts"] == i + 1
-            assert len(pids) == 6
-            with pytest.raises((WorkerDied, ConnectionLost)) as info:
-                client.encode({"cmd": "die"})
-            # The sixth death within a minute: no restart, the whole server stops.
+            for death in range(MAX_RESTARTS + 1):
+                row = wait_until(functools.partial(registered_after, client, death, workers),
+                                 RESTART_LIMIT_S, f"worker process #{death + 1} to be up")
+                if death:
+                    assert f"exited with code {IDLE_DEATH_CODE}" in row["last_error"], row
+                    assert server.is_alive()
+                workers.append(row["pid"])
+                touch(os.path.join(str(tmp_path), f"die-{row['pid']}"))
+                wait_until(functools.partial(gone, row["pid"]), DEATH_LIMIT_S,
+                           "the worker to die idle")
             server.join(STOP_LIMIT_S)
-            assert not server.is_alive()
+        assert not server.is_alive(), "the server kept restarting workers that die idle"
         assert server.exit_code == 1
         failure = server.supervisor.failure or ""
-        assert "worker-0" in failure and "6 times" in failure, (failure, info.value)
-        wait_until(lambda: all(gone(p) for p in [*roles, *pids]), STOP_LIMIT_S,
+        assert f"{MAX_RESTARTS + 1} times" in failure and "no request in hand" in failure, (
+            failure)
+        wait_until(lambda: all(gone(p) for p in [*roles, *workers]), STOP_LIMIT_S,
                    "every process to exit")
+        assert port_refused(port) and port_refused(port_out)
     finally:
         server.close(STOP_LIMIT_S)
     assert not server.is_alive()

@@ -196,3 +196,58 @@ class ScratchWorker(EchoWorker):
     def predict(self, model, input):
         return [{"tmp_dir": self.tmp_dir, "env": self.env_tmp_dir, "model": self.model_tmp_dir,
                  "exists": os.path.isdir(self.tmp_dir), "pid": os.getpid()} for _ in input]
+
+
+class DyingWorker(ControlledWorker):
+    """ControlledWorker plus more ways to die while holding a batch, for the fault
+    policy's "a worker that dies mid-batch is a crash, whatever its exit code":
+
+    - ``{"cmd": "signal", "signal": name}`` -> the worker sends itself that signal
+      (``"SIGSEGV"``: as a crash in native code; ``"SIGKILL"``: as the OOM killer)
+    - ``{"cmd": "exit", "code": c}`` -> ``sys.exit(c)`` inside predict: SystemExit leaves
+      through the worker's own exit path (code 3 is also the "boot failed" code)
+    - ``{"cmd": "exit_now", "code": c}`` -> ``os._exit(c)``, skipping every cleanup, even
+      with code 0
+    """
+
+    def predict(self, model, input):
+        for item in input:
+            cmd = item.get("cmd") if isinstance(item, dict) else None
+            if cmd == "signal":
+                import signal
+
+                os.kill(os.getpid(), signal.Signals[item["signal"]])
+                raise RuntimeError(f"{item['signal']} did not end the worker")
+            if cmd == "exit":
+                import sys
+
+                sys.exit(item["code"])
+            if cmd == "exit_now":
+                os._exit(item["code"])
+        return super().predict(model, input)
+
+
+#: Longest an IdleDeathWorker's watcher thread waits for its death file (bounded, so a
+#: worker of a test that never creates it does not poll for ever).
+IDLE_DEATH_LIMIT_S = 120.0
+#: The exit code of an IdleDeathWorker that died idle.
+IDLE_DEATH_CODE = 21
+
+
+class IdleDeathWorker(EchoWorker):
+    """Echo; a daemon thread started with the model waits (bounded) until
+    ``<model_dir>/die-<its pid>`` exists, then ends the process with
+    ``os._exit(IDLE_DEATH_CODE)``: a worker dying with no request in hand, as in a broken
+    environment (a driver fault, a crashing background thread), not because of an input.
+    The file is named by pid so a test triggers each death only once it has seen that
+    process registered (after it became ready)."""
+
+    def get_model(self, envs, model_dir, model_name, tmp_dir):
+        path = os.path.join(model_dir, f"die-{os.getpid()}")
+
+        def watch() -> None:
+            if wait_for_file(path, IDLE_DEATH_LIMIT_S):
+                os._exit(IDLE_DEATH_CODE)
+
+        threading.Thread(target=watch, name="idle-death", daemon=True).start()
+        return []
