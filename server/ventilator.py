@@ -623,7 +623,7 @@ class Ventilator(Role):
         for req, offset, count in worker.batch:
             for k in range(offset, offset + count):
                 fp = self.retry_prints.pop((req.serial, k), b"")
-                if fp is not None:
+                if fp:
                     self.suspects.pop(fp, False)
 
     def _quarantine(self, fp: bytes) -> None:

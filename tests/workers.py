@@ -198,6 +198,47 @@ class ScratchWorker(EchoWorker):
                  "exists": os.path.isdir(self.tmp_dir), "pid": os.getpid()} for _ in input]
 
 
+class LifecycleWorker(ControlledWorker):
+    """ControlledWorker plus, for the recycling and exit-code tests:
+
+    - ``{"cmd": "exit", "code": c}`` -> ``sys.exit(c)`` inside predict (a model that calls
+      exit; code 3 is also the server's "boot failed" code)
+    - ``{"cmd": "grow", "mb": n}`` -> keeps ``n`` MiB more allocated (touched, so they
+      count in the resident set) and returns the process's RSS in MiB
+    - ``{"cmd": "whoami"}`` -> ``{"pid": ..., "worker_id": ...}``
+    """
+
+    def get_model(self, envs, model_dir, model_name, tmp_dir):
+        model = super().get_model(envs, model_dir, model_name, tmp_dir)
+        model["ballast"] = []
+        return model
+
+    def predict(self, model, input):
+        out = []
+        rest = []
+        for item in input:
+            cmd = item.get("cmd") if isinstance(item, dict) else None
+            if cmd == "exit":
+                import sys
+
+                sys.exit(item["code"])
+            if cmd == "grow":
+                import psutil
+
+                model["ballast"].append(bytearray(b"x" * (item["mb"] * 1024 * 1024)))
+                out.append(psutil.Process().memory_info().rss / (1024 * 1024))
+            elif cmd == "whoami":
+                out.append({"pid": os.getpid(), "worker_id": self.worker_id})
+            else:
+                out.append(None)
+                rest.append((len(out) - 1, item))
+        if rest:
+            computed = super().predict(model, [item for _, item in rest])
+            for (pos, _), value in zip(rest, computed, strict=True):
+                out[pos] = value
+        return out
+
+
 class DyingWorker(ControlledWorker):
     """ControlledWorker plus more ways to die while holding a batch, for the fault
     policy's "a worker that dies mid-batch is a crash, whatever its exit code":
