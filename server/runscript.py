@@ -59,6 +59,7 @@ from wkr_serving.client.protocol import PROTOCOL_NAMES, PROTOCOLS, normalize_pro
 from wkr_serving.client.version import __version__
 
 from .config import ConfigError, ServerConfig, load_config
+from .status import ServerStatus
 from .supervisor import STOP_GRACE
 
 __all__ = ["SERVER_KIND", "ServiceKind", "get_kind", "main_helper", "main_make",
@@ -233,7 +234,13 @@ def client_for(config: ServerConfig, client_key: str | None, connect_ms: int,
                      connect_timeout=max(1, connect_ms), timeout=max(1, timeout_ms), **curve)
 
 
-def summarize(status: dict[str, Any]) -> str:
+def summarize(status: ServerStatus) -> str:
+    """One line about a running server, for ``status`` and ``start``.
+
+    Tolerant (``.get``) where a plain reader would index: after an upgrade, the scripts
+    probe a server still running the older version until its ``restart``, and its
+    status may lack keys added since; a missing one shows as ``None`` instead of failing
+    the command."""
     workers = status.get("workers") or []
     states: dict[str, int] = {}
     restarts = 0
@@ -287,11 +294,12 @@ class ServiceKind:
     #: :class:`WKRTimeoutError` while nothing answers, another :class:`WKRError` when
     #: probing cannot work.
     connect: Callable[[Any, str | None, int, int], Any]
-    #: ``probe -> status dict``; raises WKRTimeoutError or ConnectionLost to retry.
-    status: Callable[[Any], dict[str, Any]]
+    #: ``probe -> status``, the kind's own structure (a :class:`ServerStatus` for the
+    #: server); raises WKRTimeoutError or ConnectionLost to retry.
+    status: Callable[[Any], Any]
     #: ``status -> whether it is ready`` and ``status -> one line for the user``.
-    ready: Callable[[dict[str, Any]], bool]
-    summarize: Callable[[dict[str, Any]], str]
+    ready: Callable[[Any], bool]
+    summarize: Callable[[Any], str]
     #: The config used when the arguments do not parse (for the stop/status timeouts).
     fallback: Callable[[], Any]
     #: The module that registers this kind: the helper imports it to find the kind.
@@ -331,6 +339,11 @@ def _parse_server(args: Sequence[str]) -> ServerConfig:
     return config
 
 
+def _server_ready(status: ServerStatus) -> bool:
+    # .get: the server probed may be an older version (see summarize)
+    return bool(status.get("ready"))
+
+
 def _check_server(config: ServerConfig, client_key: str | None) -> str | None:
     if config.curve_client_keys and not client_key:
         return ("with -curve_client_keys the readiness probe needs -client_key (a "
@@ -347,7 +360,7 @@ SERVER_KIND = register_kind(ServiceKind(
     start_timeout=lambda c: c.startup_timeout + MARGIN_S,
     stop_timeout=lambda c: c.graceful_timeout + 2 * STOP_GRACE + MARGIN_S,
     connect=client_for, status=lambda client: client.server_status,
-    ready=lambda status: bool(status.get("ready")), summarize=summarize,
+    ready=_server_ready, summarize=summarize,
     fallback=ServerConfig, title="wkr-serving service"))
 
 
@@ -840,11 +853,12 @@ def port_answers(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def _local_server(status: dict[str, Any], ports: tuple[int, int]) -> list[psutil.Process]:
+def _local_server(status: ServerStatus, ports: tuple[int, int]) -> list[psutil.Process]:
     """The server's processes when it runs on this host: its supervisor (the
     ventilator's parent) and the supervisor's descendants; empty when the pids in the
-    status are not a local process listening on the server's ports."""
-    with contextlib.suppress(psutil.Error, TypeError, ValueError):
+    status are not a local process listening on the server's ports (or, from an older
+    server, missing: KeyError)."""
+    with contextlib.suppress(psutil.Error, KeyError, TypeError, ValueError):
         vent = psutil.Process(int(status["ventilator_pid"]))
         supervisor = psutil.Process(int(status["supervisor_pid"]))
         if vent.ppid() != supervisor.pid:
@@ -930,8 +944,9 @@ def main_terminate(argv: Sequence[str] | None = None) -> int:
     pid: int | None = None
     try:
         with contextlib.suppress(ServerError, WKRTimeoutError):
-            status = client.server_status
+            status: ServerStatus = client.server_status
             local = _local_server(status, (args.port, args.port_out))
+            # .get: any server may be asked to stop, an older version's included
             pid = status.get("supervisor_pid")
         try:
             reply = client.terminate(args.token)

@@ -430,6 +430,47 @@ def test_page_says_when_the_server_is_gone(tmp_path: Path, browser: Browser) -> 
         page.close()
 
 
+#: The page's recovery counts: element id -> (``/dashboard/data`` counter, status key).
+RECOVERY = {"stat-retried": ("retried_items", "num_retried_items"),
+            "stat-poisoned": ("poisoned", "num_poisoned"),
+            "stat-quarantined": ("quarantined_inputs", "quarantined_inputs"),
+            "stat-vent-restarts": ("ventilator_restarts", "ventilator_generation")}
+
+
+def test_page_shows_what_the_server_recovered_from(tmp_path: Path, browser: Browser) -> None:
+    """An input that kills its worker twice (retried alone after the first death, then
+    quarantined): the data and the page show one retried item, one poisoned request and
+    one quarantined input, as the server counts them."""
+    args = server_args(tmp_path, "-http_port", "0", "-protocol", "obj", "-num_worker", "1",
+                       "-cpu")
+    page = browser.new_page()
+    page.set_default_timeout(PAGE_LIMIT_MS)
+    log = PageLog(page)
+    try:
+        with running_server(args, ControlledWorker) as srv, connect(srv) as client:
+            page.goto(f"http://127.0.0.1:{srv.http_port}/dashboard")
+            page.wait_for_function("window.wkrDashboard.polls >= 1")
+            assert {i: shown(page, i) for i in RECOVERY} == {i: "0" for i in RECOVERY}
+            assert "has-recovered" not in (page.get_attribute("#recovery", "class") or "")
+            with pytest.raises(E.PoisonInput):
+                client.encode({"cmd": "die"})
+            truth = wait_until(lambda: (lambda s: s if s["ready"] else None)(
+                client.server_status), HTTP_LIMIT_S, "the worker to be back")
+            data = json.loads(get(f"http://127.0.0.1:{srv.http_port}/dashboard/data")[2])
+            for counter, key in RECOVERY.values():
+                assert data["counters"][counter] == truth[key]
+            assert (truth["num_retried_items"], truth["num_poisoned"],
+                    truth["quarantined_inputs"], truth["ventilator_generation"]) == (1, 1, 1, 0)
+            page.wait_for_function(
+                """(ids) => ids.every(([id, n]) => document.getElementById(id).textContent
+                                                  === String(n))""",
+                arg=[[i, truth[key]] for i, (_, key) in RECOVERY.items()])
+            assert "has-recovered" in (page.get_attribute("#recovery", "class") or "")
+            assert not log.problems, log.problems  # checked while the server still answers
+    finally:
+        page.close()
+
+
 def test_gpu_columns_show_each_workers_gpu(base: str, browser: Browser) -> None:
     """The test machine has no GPU, so the page gets the server's real snapshot with the
     GPU part GPUtil would add on a GPU machine (worker 0 on gpu:0): the table shows

@@ -1,19 +1,23 @@
 """``GET /metrics`` of the HTTP bridge against a real server: the page parses with
 prometheus-client's parser, every required family is there with its type, and the
-numbers move as they should after requests, errors of each kind, a busy worker and a
-worker restart. The bridge runs two processes (-http_workers 2), so the exact deltas
-of the ``wkr_http_*`` counters also check that a scrape sums every process's counts.
-The bearer token guards ``/metrics`` like every route but health."""
+numbers move as they should after requests, errors of each kind, a busy worker, an input
+that kills its worker (restarts, retry, quarantine) and a ventilator restart. The bridge
+runs two processes (-http_workers 2), so the exact deltas of the ``wkr_http_*`` counters
+also check that a scrape sums every process's counts. The bearer token guards
+``/metrics`` like every route but health."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
-from collections.abc import Iterator
+import os
+import signal
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import Gate, bridge_connections, http_call, http_send, serve, wait_until
+from helpers import Gate, bridge_connections, connect, http_call, http_send, serve, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from wkr_serving.server import WKRServer
 from workers import ControlledWorker
@@ -77,6 +81,8 @@ REQUIRED = {
     "wkr_throughput_replies_per_second": "gauge",
     "wkr_http_requests": "counter", "wkr_http_request_duration_seconds": "histogram",
     "wkr_http_jobs": "gauge",
+    "wkr_retried_items": "counter", "wkr_poisoned_requests": "counter",
+    "wkr_quarantined_inputs": "gauge", "wkr_ventilator_restarts": "counter",
 }
 
 
@@ -223,23 +229,58 @@ def test_queue_depth_in_flight_and_busy_worker_gauges(server, tmp_path):
     assert page.value("wkr_worker_state", worker="0", state="idle") == 1
 
 
-def test_a_worker_restart_is_counted(server):
-    """Last in this file: the worker dies and comes back."""
+def scrape_until(server: WKRServer, ok: Callable[[Scrape], bool], what: str) -> Scrape:
+    """Scrape until ``ok(page)`` holds (bounded); return that page."""
+    return wait_until(lambda: (lambda p: p if ok(p) else None)(scrape(server)), 60, what)
+
+
+def test_an_input_that_kills_its_worker_is_counted(server):
+    """Second to last in this file: the worker dies on an input and comes back; the input,
+    retried alone, kills the replacement too, and is quarantined (PoisonInput, 422)."""
     before = scrape(server)
+
+    def delta(page: Scrape, sample: str, **labels: str) -> float:
+        return page.value(sample, **labels) - before.value(sample, **labels)
+
     status, _, body = http_call(server, "/encode", {"data": {"cmd": "die"}}, AUTH, raw=True)
-    assert status == 500 and json.loads(body)["error_type"] == "worker_died"
-    after = wait_until(lambda: (lambda p: p if p.value("wkr_ready") == 1 and p.value(
-        "wkr_worker_state", worker="0", state="idle") == 1 else None)(scrape(server)),
-        60, "the worker to be back")
-    assert after.value("wkr_worker_restarts_total", worker="0") == before.value(
-        "wkr_worker_restarts_total", worker="0") + 1
-    assert after.value("wkr_errors_total", kind="worker_died") == before.value(
-        "wkr_errors_total", kind="worker_died") + 1
+    assert status == 422 and json.loads(body)["error_type"] == "poison_input"
+    after = scrape_until(server, lambda p: p.value("wkr_ready") == 1 and p.value(
+        "wkr_worker_state", worker="0", state="idle") == 1, "the worker to be back")
+    assert delta(after, "wkr_worker_restarts_total", worker="0") == 2
+    assert delta(after, "wkr_errors_total", kind="poison_input") == 1
+    assert delta(after, "wkr_retried_items_total") == 1
+    assert delta(after, "wkr_poisoned_requests_total") == 1
+    assert delta(after, "wkr_quarantined_inputs") == 1
+    assert delta(after, "wkr_ventilator_restarts_total") == 0
     (info,) = [s for s in after.samples if s.name == "wkr_worker_info"]
     (old,) = [s for s in before.samples if s.name == "wkr_worker_info"]
     assert info.labels["pid"] != old.labels["pid"]
     # counters keyed by the worker's index survive its restart
     assert after.value("wkr_worker_batches_total", worker="0") >= before.value(
         "wkr_worker_batches_total", worker="0")
+    # the same input again is refused on arrival: no worker dies of it
+    status, _, body = http_call(server, "/encode", {"data": {"cmd": "die"}}, AUTH, raw=True)
+    assert status == 422 and json.loads(body)["error_type"] == "poison_input"
+    status, _, body = http_call(server, "/encode", {"data": "alive"}, AUTH, raw=True)
+    assert status == 200 and json.loads(body)["data"] == "alive"
+    last = scrape(server)
+    assert delta(last, "wkr_poisoned_requests_total") == 2
+    assert delta(last, "wkr_worker_restarts_total", worker="0") == 2
+    assert delta(last, "wkr_retried_items_total") == 1
+    assert delta(last, "wkr_quarantined_inputs") == 1
+
+
+def test_a_ventilator_restart_is_counted(server):
+    """Last in this file: kill -9 of the ventilator, which the supervisor restarts on the
+    same ports; its counters restart from zero, its restarts are counted."""
+    with connect(server) as client:
+        pid = client.server_status["ventilator_pid"]
+    before = scrape(server)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    after = scrape_until(server, lambda p: p.value("wkr_up") == 1 and p.value(
+        "wkr_ventilator_restarts_total") == before.value("wkr_ventilator_restarts_total") + 1
+        and p.value("wkr_ready") == 1, "the ventilator to be back")
+    assert after.value("wkr_quarantined_inputs") == 0  # the new one quarantines nothing yet
     status, _, body = http_call(server, "/encode", {"data": "alive"}, AUTH, raw=True)
     assert status == 200 and json.loads(body)["data"] == "alive"

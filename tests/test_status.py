@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import types
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints, is_typeddict
 
 import numpy as np
 import pytest
 import wkr_serving.client as client_pkg
 from helpers import connect, wait_idle
 from wkr_serving.client import ModelError
+from wkr_serving.server.status import ServerStatus, WorkerRow
 
 
 def test_status_contents(obj_server):
@@ -104,3 +107,56 @@ def test_client_status(obj_client):
     assert status["protocol"] == "obj"
     assert status["num_request"] >= 1 and status["num_pending_request"] == 0
     assert status["server_version"] == client_pkg.__version__
+
+
+def mismatches(value: Any, hint: Any, path: str = "status") -> list[str]:
+    """Where ``value`` differs from the type ``hint`` (a TypedDict checked key by key: no
+    required key missing, no key it does not declare), as ``path: why`` lines."""
+    if is_typeddict(hint):
+        if not isinstance(value, dict):
+            return [f"{path}: {type(value).__name__}, not a {hint.__name__}"]
+        keys, required = set(value), set(hint.__required_keys__)
+        problems = [f"{path}: missing {key!r}" for key in sorted(required - keys)]
+        problems += [f"{path}: extra {key!r}" for key in sorted(keys - required
+                                                                 - hint.__optional_keys__)]
+        hints = get_type_hints(hint)
+        for key in sorted(keys & set(hints)):
+            problems += mismatches(value[key], hints[key], f"{path}[{key!r}]")
+        return problems
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return []
+    if origin is Literal:
+        return [] if value in args else [f"{path}: {value!r} is none of {args}"]
+    if origin in (Union, types.UnionType):
+        return [] if any(not mismatches(value, a, path) for a in args) else [
+            f"{path}: {value!r} is no {hint}"]
+    if origin is list:
+        if not isinstance(value, list):
+            return [f"{path}: {value!r} is not a list"]
+        return [p for i, item in enumerate(value) for p in mismatches(item, args[0],
+                                                                      f"{path}[{i}]")]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return [f"{path}: {value!r} is not a dict"]
+        return [p for k, v in value.items() for p in mismatches(k, args[0], f"{path} key")
+                + mismatches(v, args[1], f"{path}[{k!r}]")]
+    kinds = {float: (int, float), type(None): (type(None),)}.get(hint, (hint,))
+    if not isinstance(value, kinds) or (hint is not bool and isinstance(value, bool)):
+        return [f"{path}: {value!r} is not a {getattr(hint, '__name__', hint)}"]
+    return []
+
+
+def test_status_is_exactly_a_server_status(obj_server):
+    """Every key the ventilator and the sink put in the status is declared in
+    ``ServerStatus`` (and its nested types, the worker rows included) with its type, and
+    every key declared there is in it: a key added or renamed on one side only fails here."""
+    with connect(obj_server) as client:
+        client.encode_batch([{"cmd": "stat", "values": {"status_types_ms": 1.5}}, 2, 3])
+        status = wait_idle(client)
+    assert status["statistic"]["status_types_ms"]["count"] >= 1
+    assert any("batches_done" in row for row in status["workers"])  # the sink's keys too
+    assert not mismatches(status, ServerStatus), "\n".join(mismatches(status, ServerStatus))
+    for row in status["workers"]:
+        assert set(WorkerRow.__required_keys__) <= set(row) <= (
+            WorkerRow.__required_keys__ | WorkerRow.__optional_keys__), sorted(row)

@@ -5,7 +5,9 @@ Routes:
 - ``GET /dashboard``: the page (``static/dashboard.html``). It polls ``dashboard/data``
   every second and draws, without reloading: throughput (requests, results and errors per
   second), latency p50/p99, queue depth and in-flight items, the batch-size distribution,
-  errors by kind, and a table of the workers and the other processes of the server.
+  errors by kind, a table of the workers and the other processes of the server, and
+  what the server recovered from (items retried after a worker died, requests refused
+  as poison, quarantined inputs, ventilator restarts).
 - ``GET /dashboard/static/<file>``: the page's script, style sheet and the vendored chart
   library (uPlot, from npm: ``scripts/vendor_js.sh``). Only files of the package's
   ``static`` directory are served (no CDN, no path outside that directory).
@@ -32,6 +34,8 @@ import time
 from typing import Any
 
 from flask import Flask, Response, jsonify, redirect, send_from_directory
+
+from ..status import ServerStatus, WorkerRow
 
 __all__ = ["STATIC_DIR", "collect", "gpu_rows", "process_row", "register"]
 
@@ -136,55 +140,74 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _worker_row(w: WorkerRow, gpus: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One row of the workers table: the server's row, its process and its GPU."""
+    row: dict[str, Any] = {
+        "index": w["index"], "pid": w["pid"], "device": w["device"], "state": w["state"],
+        "batches": w["batches"], "items": w["items"], "restarts": w["restarts"],
+        "last_error": w["last_error"],
+        # the sink adds these once the worker's slot answered its first batch
+        "batches_done": w.get("batches_done", 0), "busy_s": w.get("busy_s", 0.0),
+    }
+    row.update({k: v for k, v in process_row(w["pid"]).items() if k != "pid"})
+    gpu_id = _gpu_id(w["device"])
+    row["gpu"] = gpus.get(gpu_id) if gpu_id is not None else None
+    return row
+
+
+def _server_summary(status: ServerStatus, backend: Any) -> dict[str, Any]:
+    config = status["config"]
+    return {
+        "version": status["server_version"], "protocol": status["protocol"],
+        "model_name": config["model_name"],
+        "worker_class": getattr(backend, "worker_class", ""),
+        "num_worker": config["num_worker"], "batch_size": config["batch_size"],
+        "max_queue_size": status["max_queue_size"],
+        "uptime_s": status["uptime_s"], "ready": status["ready"],
+        "draining": status["draining"],
+    }
+
+
+def _counters(status: ServerStatus) -> dict[str, int]:
+    """The server's counts since it (its ventilator or sink) started."""
+    return {
+        "requests": status["num_requests"], "items": status["num_items"],
+        "results": status["num_results"], "batches": status["num_batches"],
+        "rejected": status["num_rejected"], "overloaded": status["num_overloaded"],
+        "expired_in_queue": status["num_expired_in_queue"],
+        "undeliverable": status["num_undeliverable"],
+        "retried_items": status["num_retried_items"], "poisoned": status["num_poisoned"],
+        "quarantined_inputs": status["quarantined_inputs"],
+        "ventilator_restarts": status["ventilator_generation"],
+    }
+
+
 def collect(backend: Any) -> dict[str, Any]:
-    """The dashboard's snapshot: ``server_status`` essentials, processes and GPUs."""
-    status = backend.server_status()
-    config = status.get("config") or {}
+    """The dashboard's snapshot: ``server_status`` essentials, processes and GPUs. The
+    status is the bridge's own server's (same version): every key is there."""
+    status: ServerStatus = backend.server_status()
     gpus, gpu_error = gpu_rows()
     by_id = {g["id"]: g for g in gpus}
-    workers = []
-    for w in status.get("workers") or []:
-        row = {k: w.get(k) for k in ("index", "pid", "device", "state", "batches", "items",
-                                     "restarts", "last_error", "busy_s")}
-        row["batches_done"] = w.get("batches_done", w.get("batches"))
-        row.update({k: v for k, v in process_row(w.get("pid")).items() if k != "pid"})
-        gpu_id = _gpu_id(w.get("device"))
-        row["gpu"] = by_id.get(gpu_id) if gpu_id is not None else None
-        workers.append(row)
+    workers = [_worker_row(w, by_id) for w in status["workers"]]
     processes = []
-    for role, pid in (("supervisor", status.get("supervisor_pid")),
-                      ("ventilator", status.get("ventilator_pid")),
-                      ("sink", status.get("sink_pid")), ("http", os.getpid())):
+    for role, pid in (("supervisor", status["supervisor_pid"]),
+                      ("ventilator", status["ventilator_pid"]),
+                      ("sink", status["sink_pid"]), ("http", os.getpid())):
         processes.append({"role": role, **process_row(pid)})
     _forget_processes({p["pid"] for p in processes if p["pid"]}
-                      | {w["pid"] for w in workers if w.get("pid")})
+                      | {w["pid"] for w in workers if w["pid"]})
     return {
         "ok": True,
         "time": time.time(),
-        "server": {
-            "version": status.get("server_version"), "protocol": status.get("protocol"),
-            "model_name": config.get("model_name"),
-            "worker_class": getattr(backend, "worker_class", ""),
-            "num_worker": config.get("num_worker"), "batch_size": config.get("batch_size"),
-            "max_queue_size": status.get("max_queue_size"),
-            "uptime_s": status.get("uptime_s"), "ready": bool(status.get("ready")),
-            "draining": bool(status.get("draining")),
-        },
-        "counters": {
-            "requests": status.get("num_requests", 0), "items": status.get("num_items", 0),
-            "results": status.get("num_results", 0), "batches": status.get("num_batches", 0),
-            "rejected": status.get("num_rejected", 0),
-            "overloaded": status.get("num_overloaded", 0),
-            "expired_in_queue": status.get("num_expired_in_queue", 0),
-            "undeliverable": status.get("num_undeliverable", 0),
-        },
-        "errors": dict(status.get("num_errors") or {}),
-        "queue_items": status.get("queue_items", 0),
-        "in_flight_items": status.get("in_flight_items", 0),
-        "busy_workers": status.get("busy_workers", 0),
-        "latency_ms": _finite(dict(status.get("latency_ms") or {})),
-        "throughput_per_s": dict(status.get("throughput_per_s") or {}),
-        "batch_size": dict(status.get("batch_size") or {}),
+        "server": _server_summary(status, backend),
+        "counters": _counters(status),
+        "errors": dict(status["num_errors"]),
+        "queue_items": status["queue_items"],
+        "in_flight_items": status["in_flight_items"],
+        "busy_workers": status["busy_workers"],
+        "latency_ms": _finite(dict(status["latency_ms"])),
+        "throughput_per_s": dict(status["throughput_per_s"]),
+        "batch_size": dict(status["batch_size"]),
         "workers": workers,
         "processes": processes,
         "gpus": gpus,

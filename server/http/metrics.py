@@ -5,9 +5,11 @@ Two kinds of metrics, one page:
 - **Server-wide** (``wkr_*`` except ``wkr_http_*``): read from ``server_status`` at each
   scrape by :class:`ServerCollector`, so every process of the bridge reports the same,
   whole-server numbers: requests, replies and errors by kind, the request latency
-  histogram and recent percentiles, batch sizes, queue depth, items in flight, and per
-  worker its state, batches, busy time and restarts. If the server does not answer,
-  only ``wkr_up 0`` is reported.
+  histogram and recent percentiles, batch sizes, queue depth, items in flight, recovery
+  (items retried after a worker died, requests refused as poison, quarantined inputs,
+  ventilator restarts), and per worker its state, batches, busy time and restarts. If the
+  server does not answer, only ``wkr_up 0`` is reported. The status is the bridge's own
+  server's (same version), so every key of ``status.ServerStatus`` is there.
 - **Bridge HTTP** (``wkr_http_*``): requests by route, method and status, errors by
   route and type, and an HTTP latency histogram per route, counted in every bridge
   process. With several bridge processes (``-http_workers``) a scrape reaches one of
@@ -30,20 +32,25 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
+from ..status import (
+    LATENCY_BUCKETS_S,
+    WORKER_STATES,
+    ServerStatus,
+    StatSummary,
+    WorkerRow,
+)
 from . import state
 
 __all__ = ["HTTP_LATENCY_BUCKETS_S", "ServerCollector", "register"]
 
-#: Upper bounds (s) of the HTTP latency histogram's buckets.
-HTTP_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                          1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Upper bounds (s) of the HTTP latency histogram's buckets: the server's own, so that the
+#: bridge's latency and the server's compare bucket by bucket.
+HTTP_LATENCY_BUCKETS_S = LATENCY_BUCKETS_S
 #: The classic text format (every name here is a legal one in it), which every Prometheus
 #: version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Label of requests that matched no route (keeps the label set bounded).
 UNMATCHED = "<unmatched>"
-#: Worker states reported by ``wkr_worker_state``.
-WORKER_STATES = ("starting", "restarting", "idle", "busy")
 
 
 def _multiprocess_dir() -> str | None:
@@ -133,11 +140,11 @@ class ServerCollector:
         if jobs is not None:
             family = GaugeMetricFamily("wkr_http_jobs", "jobs held by the bridge's job "
                                        "store, by status", labels=["status"])
-            for status, count in sorted(jobs.counts().items()):
-                family.add_metric([status], count)
+            for job_status, count in sorted(jobs.counts().items()):
+                family.add_metric([job_status], count)
             yield family
         try:
-            status = self.backend.server_status()
+            status: ServerStatus = self.backend.server_status()
         except Exception:
             yield GaugeMetricFamily("wkr_up", "whether the server answered this scrape", 0)
             return
@@ -145,45 +152,54 @@ class ServerCollector:
         yield from server_families(status)
 
 
-def _gauge(name: str, doc: str, value: Any) -> Any:
+def _gauge(name: str, doc: str, value: float) -> Any:
     from prometheus_client.core import GaugeMetricFamily
 
-    return GaugeMetricFamily(name, doc, float(value or 0))
+    return GaugeMetricFamily(name, doc, float(value))
 
 
-def _counter(name: str, doc: str, value: Any) -> Any:
+def _counter(name: str, doc: str, value: float) -> Any:
     from prometheus_client.core import CounterMetricFamily
 
-    return CounterMetricFamily(name, doc, float(value or 0))
+    return CounterMetricFamily(name, doc, float(value))
 
 
-def server_families(status: dict[str, Any]) -> Iterator[Any]:
+def server_families(status: ServerStatus) -> Iterator[Any]:
     """Metric families from a ``server_status`` snapshot."""
-    from prometheus_client.core import (
-        CounterMetricFamily,
-        GaugeMetricFamily,
-    )
+    yield from _server_families(status)
+    yield from _traffic_families(status)
+    yield from _recovery_families(status)
+    yield from _latency_families(status)
+    yield from _batch_families(status)
+    yield from _queue_families(status)
+    yield from _worker_families(status["workers"])
+    yield from _statistic_families(status["statistic"])
 
-    config = status.get("config") or {}
+
+def _server_families(status: ServerStatus) -> Iterator[Any]:
+    from prometheus_client.core import GaugeMetricFamily
+
     info = GaugeMetricFamily("wkr_server_info", "the server's version and settings (1)",
                              labels=["version", "protocol", "model_name"])
-    info.add_metric([str(status.get("server_version", "")), str(status.get("protocol", "")),
-                     str(config.get("model_name") or "")], 1)
+    info.add_metric([status["server_version"], status["protocol"],
+                     str(status["config"]["model_name"] or "")], 1)
     yield info
-    yield _gauge("wkr_ready", "1 when every worker has loaded its model", status.get("ready"))
-    yield _gauge("wkr_draining", "1 while the server shuts down", status.get("draining"))
-    yield _gauge("wkr_uptime_seconds", "seconds since the server started",
-                 status.get("uptime_s"))
+    yield _gauge("wkr_ready", "1 when every worker has loaded its model", status["ready"])
+    yield _gauge("wkr_draining", "1 while the server shuts down", status["draining"])
+    yield _gauge("wkr_uptime_seconds", "seconds since the server started", status["uptime_s"])
 
-    # -- traffic ----------------------------------------------------------------------------
+
+def _traffic_families(status: ServerStatus) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     yield _counter("wkr_requests", "requests received by the server (every client, the "
-                   "bridge's included)", status.get("num_requests"))
+                   "bridge's included)", status["num_requests"])
     yield _counter("wkr_items", "items received (a batch request carries several)",
-                   status.get("num_items"))
-    errors: dict[str, int] = status.get("num_errors") or {}
+                   status["num_items"])
+    errors = status["num_errors"]
     replies = CounterMetricFamily("wkr_replies", "requests answered, by outcome",
                                   labels=["outcome"])
-    replies.add_metric(["ok"], float(status.get("num_results", 0)))
+    replies.add_metric(["ok"], float(status["num_results"]))
     replies.add_metric(["error"], float(sum(errors.values())))
     yield replies
     by_kind = CounterMetricFamily("wkr_errors", "error replies, by kind (error code)",
@@ -193,57 +209,82 @@ def server_families(status: dict[str, Any]) -> Iterator[Any]:
     yield by_kind
     refused = CounterMetricFamily("wkr_refused_requests", "requests refused on arrival, by "
                                   "reason", labels=["reason"])
-    refused.add_metric(["invalid"], float(status.get("num_rejected", 0)))
-    refused.add_metric(["overloaded"], float(status.get("num_overloaded", 0)))
+    refused.add_metric(["invalid"], float(status["num_rejected"]))
+    refused.add_metric(["overloaded"], float(status["num_overloaded"]))
     yield refused
     yield _counter("wkr_expired_in_queue_items", "items whose deadline passed while queued",
-                   status.get("num_expired_in_queue"))
+                   status["num_expired_in_queue"])
     yield _counter("wkr_undeliverable_replies", "replies for clients that had gone",
-                   status.get("num_undeliverable"))
+                   status["num_undeliverable"])
     throughput = GaugeMetricFamily("wkr_throughput_replies_per_second", "replies per "
                                    "second, mean over the last window", labels=["window"])
-    for window, value in sorted((status.get("throughput_per_s") or {}).items()):
-        throughput.add_metric([window.removeprefix("last_")], float(value))
+    rates = status["throughput_per_s"]
+    for window, value in (("1s", rates["last_1s"]), ("10s", rates["last_10s"]),
+                          ("60s", rates["last_60s"])):
+        throughput.add_metric([window], float(value))
     yield throughput
 
-    # -- latency and batches ----------------------------------------------------------------
-    hist = status.get("latency_histogram")
-    if hist:
-        yield _histogram("wkr_request_latency_seconds", "time from a request's arrival at "
-                         "the server to its reply", hist["buckets_s"], hist["counts"],
-                         hist["sum_s"])
-    latency = status.get("latency_ms") or {}
+
+def _recovery_families(status: ServerStatus) -> Iterator[Any]:
+    """What the server did about workers that died and the inputs that killed them."""
+    yield _counter("wkr_retried_items", "items queued again, each alone, after the worker "
+                   "computing them died", status["num_retried_items"])
+    yield _counter("wkr_poisoned_requests", "requests answered PoisonInput (error "
+                   "poison_input): an item of theirs was in the batches of two workers "
+                   "that died", status["num_poisoned"])
+    yield _gauge("wkr_quarantined_inputs", "inputs quarantined (in the batches of two "
+                 "workers that died): never computed again", status["quarantined_inputs"])
+    yield _counter("wkr_ventilator_restarts", "times the ventilator crashed and was "
+                   "restarted (the server's other counters restart from zero with it)",
+                   status["ventilator_generation"])
+
+
+def _latency_families(status: ServerStatus) -> Iterator[Any]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    hist = status["latency_histogram"]
+    yield _histogram("wkr_request_latency_seconds", "time from a request's arrival at the "
+                     "server to its reply", hist["buckets_s"], hist["counts"], hist["sum_s"])
+    latency = status["latency_ms"]
     recent = GaugeMetricFamily("wkr_request_latency_recent_seconds", "percentiles of the "
                                "latency of the most recent requests (up to 4096)",
                                labels=["quantile"])
-    for key, q in (("p50", "0.5"), ("p90", "0.9"), ("p99", "0.99")):
-        if key in latency and latency.get("window"):
-            recent.add_metric([q], float(latency[key]) / 1000.0)
+    if latency["window"]:  # before the first reply, the percentiles are NaN
+        for q, ms in (("0.5", latency["p50"]), ("0.9", latency["p90"]),
+                      ("0.99", latency["p99"])):
+            recent.add_metric([q], float(ms) / 1000.0)
     yield recent
-    yield _counter("wkr_batches", "batches dispatched to workers", status.get("num_batches"))
-    sizes = {int(k): int(v) for k, v in ((status.get("batch_size") or {}).get("counts")
-                                         or {}).items()}
-    bounds = _batch_bounds(int(config.get("batch_size") or max(sizes, default=1)))
+
+
+def _batch_families(status: ServerStatus) -> Iterator[Any]:
+    yield _counter("wkr_batches", "batches dispatched to workers", status["num_batches"])
+    sizes = {int(k): int(v) for k, v in status["batch_size"]["counts"].items()}
+    bounds = _batch_bounds(int(status["config"]["batch_size"]))
     counts = [0] * (len(bounds) + 1)
     for size, count in sizes.items():
         counts[next((i for i, b in enumerate(bounds) if size <= b), len(bounds))] += count
     yield _histogram("wkr_batch_size", "items per batch given to predict", bounds, counts,
                      float(sum(k * v for k, v in sizes.items())))
 
-    # -- queue and workers ------------------------------------------------------------------
-    yield _gauge("wkr_queue_items", "items waiting for a worker", status.get("queue_items"))
+
+def _queue_families(status: ServerStatus) -> Iterator[Any]:
+    yield _gauge("wkr_queue_items", "items waiting for a worker", status["queue_items"])
     yield _gauge("wkr_queue_capacity_items", "most items the queue takes (-max_queue_size)",
-                 status.get("max_queue_size"))
+                 status["max_queue_size"])
     yield _gauge("wkr_in_flight_items", "items in batches being computed",
-                 status.get("in_flight_items"))
-    yield _gauge("wkr_busy_workers", "workers computing a batch", status.get("busy_workers"))
+                 status["in_flight_items"])
+    yield _gauge("wkr_busy_workers", "workers computing a batch", status["busy_workers"])
     yield _gauge("wkr_congested_clients", "clients not reading their replies",
-                 status.get("congested_clients"))
+                 status["congested_clients"])
     yield _gauge("wkr_held_replies", "replies held for congested clients",
-                 status.get("held_replies"))
+                 status["held_replies"])
     yield _gauge("wkr_pending_split_requests", "requests split across batches, not yet "
-                 "complete", status.get("pending_split_requests"))
-    workers = status.get("workers") or []
+                 "complete", status["pending_split_requests"])
+
+
+def _worker_families(workers: list[WorkerRow]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     state = GaugeMetricFamily("wkr_worker_state", "1 for each worker's current state",
                               labels=["worker", "state"])
     info = GaugeMetricFamily("wkr_worker_info", "each worker's pid and device (1)",
@@ -255,30 +296,36 @@ def server_families(status: dict[str, Any]) -> Iterator[Any]:
     batches = CounterMetricFamily("wkr_worker_batches", "batches each worker completed",
                                   labels=["worker"])
     for row in workers:
-        worker = str(row.get("index"))
+        worker = str(row["index"])
         for name in WORKER_STATES:
-            state.add_metric([worker, name], 1.0 if row.get("state") == name else 0.0)
-        info.add_metric([worker, str(row.get("pid") or ""), str(row.get("device") or "")], 1)
-        restarts.add_metric([worker], float(row.get("restarts") or 0))
-        busy.add_metric([worker], float(row.get("busy_s") or 0.0))
-        batches.add_metric([worker], float(row.get("batches_done") or 0))
+            state.add_metric([worker, name], 1.0 if row["state"] == name else 0.0)
+        info.add_metric([worker, str(row["pid"] or ""), str(row["device"] or "")], 1)
+        restarts.add_metric([worker], float(row["restarts"]))
+        # the sink adds these once the worker's slot answered its first batch
+        busy.add_metric([worker], float(row.get("busy_s", 0.0)))
+        batches.add_metric([worker], float(row.get("batches_done", 0)))
     yield from (state, info, restarts, busy, batches)
 
-    # -- statistics recorded by the model (record_statistic) ---------------------------------
-    statistic = status.get("statistic") or {}
-    if statistic:
-        observed = CounterMetricFamily("wkr_user_statistic_observations", "values recorded "
-                                       "with record_statistic, by name", labels=["name"])
-        summary = GaugeMetricFamily("wkr_user_statistic", "mean, min, max and recent median "
-                                    "of values recorded with record_statistic",
-                                    labels=["name", "stat"])
-        for name, snap in sorted(statistic.items()):
-            observed.add_metric([str(name)], float(snap.get("count", 0)))
-            for stat in ("mean", "min", "max", "p50"):
-                if stat in snap:
-                    summary.add_metric([str(name), stat], float(snap[stat]))
-        yield observed
-        yield summary
+
+def _statistic_families(statistic: dict[str, StatSummary]) -> Iterator[Any]:
+    """Statistics recorded by the model (``record_statistic``), if any."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if not statistic:
+        return
+    observed = CounterMetricFamily("wkr_user_statistic_observations", "values recorded "
+                                   "with record_statistic, by name", labels=["name"])
+    summary = GaugeMetricFamily("wkr_user_statistic", "mean, min, max and recent median "
+                                "of values recorded with record_statistic",
+                                labels=["name", "stat"])
+    for name, snap in sorted(statistic.items()):
+        observed.add_metric([str(name)], float(snap["count"]))
+        for stat, value in (("mean", snap.get("mean")), ("min", snap.get("min")),
+                            ("max", snap.get("max")), ("p50", snap.get("p50"))):
+            if value is not None:  # none of them before the first value
+                summary.add_metric([str(name), stat], float(value))
+    yield observed
+    yield summary
 
 
 def _batch_bounds(batch_size: int) -> list[float]:

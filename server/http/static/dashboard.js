@@ -360,6 +360,12 @@
     setText("stat-err-rate", fmtRate(state.rates.errors));
     $("stat-errors").parentNode.classList.toggle("has-errors", errorsTotal > 0);
     setText("stat-batches", fmtInt(c.batches));
+    setText("stat-retried", fmtInt(c.retried_items));
+    setText("stat-poisoned", fmtInt(c.poisoned));
+    setText("stat-quarantined", fmtInt(c.quarantined_inputs));
+    setText("stat-vent-restarts", fmtInt(c.ventilator_restarts));
+    $("recovery").classList.toggle("has-recovered", c.retried_items + c.poisoned +
+      c.quarantined_inputs + c.ventilator_restarts > 0);
     setText("stat-batch-mean", d.batch_size && d.batch_size.mean ?
       d.batch_size.mean.toFixed(2) : "–");
 
