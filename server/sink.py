@@ -26,6 +26,7 @@ from .jobs import Reassembler
 from .logs import LogThrottle
 from .process import MAX_DRAIN, Role, bind_internal, bind_port, drain
 from .stats import RateMeter, Summary, Window
+from .status import LATENCY_BUCKETS_S, ServerStatus, VentilatorStatus, WorkerStats
 
 __all__ = ["Sink"]
 
@@ -34,10 +35,6 @@ V = P.PROTOCOL_VERSION
 BACKLOG_RETRY_MS = 10
 #: Longest (s) a stopping sink keeps offering held replies to clients that are not reading.
 BACKLOG_FLUSH_S = 1.0
-#: Upper bounds (s) of the request latency histogram's buckets (``/metrics``); one more
-#: bucket counts the slower requests.
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                     2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Sink(Role):
@@ -71,7 +68,7 @@ class Sink(Role):
         self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
         self.latency_sum = 0.0
         self.result_rate = RateMeter()
-        self.worker_stats: dict[int, dict[str, float]] = {}
+        self.worker_stats: dict[int, WorkerStats] = {}
         # (worker index, pid) -> id of its last batch answered (DONE) or failed (worker
         # died or hung): a batch is answered once, whichever of the two comes first.
         self.settled: dict[tuple[int, int], int] = {}
@@ -328,11 +325,12 @@ class Sink(Role):
         self.results += 1
         return P.RESULT, done.metas, done.frames or []
 
-    def _status(self, status: dict[str, Any]) -> dict[str, Any]:
+    def _status(self, status: VentilatorStatus) -> ServerStatus:
         """Complete the ventilator's status snapshot with what only the sink knows."""
         now = time.monotonic()
-        latency = {k: v * 1000.0 for k, v in self.latency.percentiles((50, 90, 99)).items()}
-        status.update({
+        ms = {k: v * 1000.0 for k, v in self.latency.percentiles((50, 90, 99)).items()}
+        full: ServerStatus = {
+            **status,
             "sink_pid": os.getpid(),
             "congested_clients": len(self.backlog),
             "held_replies": sum(len(b) for b in self.backlog.values()),
@@ -340,7 +338,8 @@ class Sink(Role):
             "num_errors": dict(self.errors),
             "num_undeliverable": self.undeliverable,
             "pending_split_requests": len(self.jobs),
-            "latency_ms": {**latency, "window": len(self.latency)},
+            "latency_ms": {"p50": ms["p50"], "p90": ms["p90"], "p99": ms["p99"],
+                           "window": len(self.latency)},
             "latency_histogram": {"buckets_s": list(LATENCY_BUCKETS_S),
                                   "counts": list(self.latency_counts),
                                   "sum_s": self.latency_sum},
@@ -348,7 +347,9 @@ class Sink(Role):
                                  "last_10s": self.result_rate.rate(now, 10),
                                  "last_60s": self.result_rate.rate(now, 60)},
             "statistic": {k: s.snapshot() for k, s in sorted(self.statistic.items())},
-        })
-        for worker in status.get("workers", []):
-            worker.update(self.worker_stats.get(worker["index"], {}))
-        return status
+        }
+        for worker in full["workers"]:
+            stats = self.worker_stats.get(worker["index"])
+            if stats is not None:
+                worker.update(stats)
+        return full

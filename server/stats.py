@@ -6,6 +6,8 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
+from .status import BatchSizes, StatSummary
+
 __all__ = ["Histogram", "RateMeter", "Summary", "Window", "percentile"]
 
 
@@ -88,7 +90,7 @@ class Summary:
             self.max = value
         self.window.add(value)
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self) -> StatSummary:
         if not self.count:
             return {"count": 0}
         return {"count": self.count, "mean": self.total / self.count, "min": self.min,
@@ -110,7 +112,7 @@ class Histogram:
         n = sum(self.counts.values())
         return sum(k * c for k, c in self.counts.items()) / n if n else 0.0
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> BatchSizes:
         return {"counts": {str(k): v for k, v in sorted(self.counts.items())},
                 "mean": self.mean()}
 

@@ -37,6 +37,7 @@ from .devices import describe
 from .logs import LogThrottle
 from .process import LINGER_MS, MAX_DRAIN, Endpoints, Role, bind_internal, bind_port, drain
 from .stats import Histogram
+from .status import VentilatorStatus, WorkerHistory, WorkerRow
 
 __all__ = ["Ventilator"]
 
@@ -152,7 +153,7 @@ class Ventilator(Role):
         self.retried = 0  # items retried after their worker died
         self.poisoned = 0  # requests answered PoisonInput
         self.batch_sizes = Histogram()
-        self.history: dict[int, dict[str, Any]] = {}  # worker index -> restarts, last error
+        self.history: dict[int, WorkerHistory] = {}  # worker index -> restarts, last error
         self.congested: set[bytes] = set()  # clients whose results wait unread in the sink
         #: Batches of dead workers, until the sink says whether to retry them:
         #: (worker index, pid, batch id) -> (their slices, the error of the death).
@@ -757,7 +758,7 @@ class Ventilator(Role):
             self.logger.warning("stopped with %d queued items and %d busy workers: their "
                                 "requests were answered ShuttingDown", held, self.busy)
 
-    def _snapshot(self) -> dict[str, Any]:
+    def _snapshot(self) -> VentilatorStatus:
         in_flight = sum(count for w in self.workers.values() if w.batch
                         for _, _, count in w.batch)
         in_flight += sum(count for slices, _ in self.dead.values() for _, _, count in slices)
@@ -794,8 +795,8 @@ class Ventilator(Role):
             "workers": self._worker_rows(),
         }
 
-    def _worker_rows(self) -> list[dict[str, Any]]:
-        rows = []
+    def _worker_rows(self) -> list[WorkerRow]:
+        rows: list[WorkerRow] = []
         by_slot: dict[int, list[_WorkerState]] = {}
         for worker in self.workers.values():
             by_slot.setdefault(worker.index, []).append(worker)
