@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -175,18 +174,10 @@ def _load_process(index: int, cfg: dict[str, Any], queue: Any, go: Any, t_go: An
 # ---------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+#: The supervisor's log line once the server is ready, with the ports it bound: the
+#: server is started with port 0 (a number picked here could be taken by another
+#: process before the server binds it), and this line says which ports it got.
+READY_LINE = re.compile(r"\bready: port (\d+), port_out (\d+)")
 
 
 def _server_command(port: int, port_out: int, model_dir: str) -> list[str]:
@@ -202,8 +193,8 @@ class Server:
     """``wkr-serving-start`` as a subprocess; its output goes to a file (never a pipe)."""
 
     def __init__(self, workdir: str) -> None:
-        self.port, self.port_out = _free_ports(2)
-        self.command = _server_command(self.port, self.port_out, workdir)
+        self.port = self.port_out = 0  # bound by the server; read back in connect()
+        self.command = _server_command(0, 0, workdir)
         self.log_path = Path(workdir, "server.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(self.command, cwd=REPO, stdout=self._log,
@@ -229,11 +220,13 @@ class Server:
                                    f"{self.log()[-4000:]}")
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"server not ready in {START_LIMIT_S}s:\n{self.log()[-4000:]}")
+            ready = READY_LINE.search(self.log())
             try:
-                if client is None:
+                if client is None and ready:
+                    self.port, self.port_out = int(ready[1]), int(ready[2])
                     client = WKRClient(HOST, self.port, self.port_out, protocol="numpy",
                                        timeout=10_000, connect_timeout=1000)
-                if client.server_status["ready"]:
+                if client is not None and client.server_status["ready"]:
                     self.children = psutil.Process(self.proc.pid).children(recursive=True)
                     return client
             except WKRError:

@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,13 +16,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import zmq
 from requests.structures import CaseInsensitiveDict
 from wkr_serving.client import ConnectTimeout, WKRClient
 from wkr_serving.client import protocol as P
+from wkr_serving.client.logs import DEFAULT_LOG_NAME, log_base
 from wkr_serving.server import WKRServer
 from wkr_serving.server.helper import get_args_parser
 from workers import touch
@@ -36,11 +38,78 @@ START_LIMIT_S = 60.0
 STOP_LIMIT_S = 30.0
 
 
+# -- ports ---------------------------------------------------------------------------------
+#
+# A port number picked free and handed to a program later can be taken by another process
+# in between (another test suite on the same machine). So, in order of preference:
+# the program binds port 0 and says which port it got (``server_args``, ``CLIServer``,
+# ``poolhelp.CLIPool``); a port that nothing must listen on is held by ``reserved_ports``;
+# a program that must be given a number is started by ``start_on_free_ports``, which
+# starts it again on new ports when it finds one taken.
+
+#: Most starts, each on new ports, of a program that must be given port numbers
+#: (``start_on_free_ports``). One collision is rare; five in a row mean something else
+#: is wrong, and the test says so rather than retrying for ever.
+PORT_ATTEMPTS = 5
+#: How a program reports a port it could not bind (EADDRINUSE): wkr-serving-start and
+#: wkr-decentral-start say "is already in use", redis-server "Address already in use".
+PORT_IN_USE = re.compile(r"already in use", re.IGNORECASE)
+
+T = TypeVar("T")
+
+
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that was free on 127.0.0.1 a moment ago (racy: see the comment above;
+    prefer port 0, ``reserved_ports`` or ``start_on_free_ports``)."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports that were free on 127.0.0.1 a moment ago: all are held
+    at once while picked, so no two are the same (racy once released, like free_port)."""
+    with reserved_ports(count) as ports:
+        return ports
+
+
+@contextlib.contextmanager
+def reserved_ports(count: int) -> Iterator[list[int]]:
+    """``count`` ports on 127.0.0.1 that nothing listens on, nor can, inside the block:
+    each is bound by a socket of ours that never listens, so a connection to it is
+    refused, and no other process can bind it (our socket sets neither SO_REUSEADDR nor
+    SO_REUSEPORT). For tests of an unreachable server or pool, where a ``free_port``
+    number might meanwhile belong to someone else's server."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                 for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        yield [s.getsockname()[1] for s in socks]
+
+
+class PortInUse(Exception):
+    """Raised by a ``start`` given to ``start_on_free_ports``: the program could not bind
+    one of the ports it was given (another process took it after it was picked)."""
+
+
+def start_on_free_ports(count: int, start: Callable[[list[int]], T],
+                        attempts: int = PORT_ATTEMPTS) -> T:
+    """``start(ports)`` with ``count`` distinct ports that were free a moment ago; when it
+    raises PortInUse, again with new ports, at most ``attempts`` times in all.
+
+    For programs that must be given port numbers: redis-server (its port 0 means no TCP
+    at all), a run script (its readiness probe dials the configured port). Another
+    process may take a picked port before the program binds it, and no pick can prevent
+    that, but the program then fails to bind and says so: ``start`` must detect that
+    (``PORT_IN_USE`` in its output) and raise PortInUse, having stopped what it started.
+    Restarting something on the port it had is outside this (the port is part of what
+    the test checks) and keeps its one small window."""
+    failures: list[str] = []
+    for _ in range(attempts):
+        try:
+            return start(free_ports(count))
+        except PortInUse as exc:
+            failures.append(str(exc))
+    raise AssertionError(f"{attempts} starts in a row found a port taken: {failures}")
 
 
 def wait_until(predicate: Callable[[], Any], limit: float, what: str,
@@ -191,25 +260,98 @@ def start_command() -> list[str]:
     return [exe]
 
 
+def log_file(args: list[str], default_name: str) -> Path | None:
+    """Where a server or pool started with ``args`` writes its log: the ``.log`` file
+    under ``-log_dir`` (``-log_name``, else ``default_name``), or None: stderr. Only the
+    command line is read (a ``-log_dir`` from YAML or the environment is not seen)."""
+    def value(flag: str) -> str | None:  # the last one wins, as in argparse
+        values = [args[i + 1] for i, word in enumerate(args[:-1]) if word == flag]
+        return values[-1] if values else None
+
+    log_dir = value("-log_dir")
+    if log_dir is None:
+        return None
+    return Path(log_base(log_dir, value("-log_name") or default_name) + ".log")
+
+
 class CLIServer:
-    """A ``wkr-serving-start`` subprocess on 127.0.0.1 with free ports and ``-model_dir``
-    ``tmp_path``; its stdout and stderr go to files ``<name>.stdout.txt`` and
-    ``<name>.stderr.txt`` in ``tmp_path`` (never an unread pipe)."""
+    """A ``wkr-serving-start`` subprocess on 127.0.0.1 with ``-model_dir`` ``tmp_path``;
+    its stdout and stderr go to files ``<name>.stdout.txt`` and ``<name>.stderr.txt`` in
+    ``tmp_path`` (never an unread pipe).
+
+    It binds ``-port 0 -port_out 0`` itself, so no other process can take a port between
+    a pick and the bind; ``port`` and ``port_out`` are read back from the line its log
+    prints once it is ready (``READY_LINE``), and wait for that line (bounded)."""
+
+    #: The log line that names the ports once bound: the supervisor's, when the server
+    #: is ready (server/supervisor.py).
+    READY_LINE = re.compile(
+        r"\bready: port (?P<port>\d+), port_out (?P<port_out>\d+)"
+        r"(?:, \d+ worker\(s\), HTTP on port (?P<http_port>\d+))?")
+    #: The base name of its log file under ``-log_dir`` when no ``-log_name`` is given.
+    LOG_NAME = DEFAULT_LOG_NAME
 
     def __init__(self, args: list[str], tmp_path: Path, *, cwd: str = TESTS_DIR,
                  env: dict[str, str] | None = None, name: str = "server") -> None:
-        self.port, self.port_out = free_port(), free_port()
-        while self.port_out == self.port:  # bounded in practice: ports are rarely reused
-            self.port_out = free_port()
+        self._open_outputs(tmp_path, name, args)
+        self.proc = subprocess.Popen(
+            [*start_command(), *args, "-port", "0", "-port_out", "0",
+             "-bind", "127.0.0.1", "-model_dir", str(tmp_path)],
+            cwd=cwd, stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})})
+
+    def _open_outputs(self, tmp_path: Path, name: str, args: list[str]) -> None:
+        """Open the stdout/stderr files; note where the log goes (stderr or a file under
+        ``-log_dir``, from its current end: an earlier run's lines do not count)."""
         self.stdout_path = tmp_path / f"{name}.stdout.txt"
         self.stderr_path = tmp_path / f"{name}.stderr.txt"
         self._out = open(self.stdout_path, "wb")  # noqa: SIM115 (closed in close())
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [*start_command(), *args, "-port", str(self.port), "-port_out", str(self.port_out),
-             "-bind", "127.0.0.1", "-model_dir", str(tmp_path)],
-            cwd=cwd, stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})})
+        self.log_path = log_file(args, self.LOG_NAME)
+        self._log_offset = (self.log_path.stat().st_size
+                            if self.log_path is not None and self.log_path.exists() else 0)
+        self._ports: dict[str, int | None] | None = None
+
+    def _find_ports(self) -> dict[str, int | None] | None:
+        """The ports named by ``READY_LINE`` if the log has it yet (kept once found);
+        raises if the process exited without it."""
+        if self._ports is None:
+            exited = self.proc.poll() is not None
+            log = self.stderr()
+            if self.log_path is not None and self.log_path.exists():
+                with open(self.log_path, "rb") as f:
+                    f.seek(self._log_offset)
+                    log += f.read().decode(errors="replace")
+            found = self.READY_LINE.search(log)
+            if found:
+                self._ports = {k: None if v is None else int(v)
+                               for k, v in found.groupdict().items()}
+            elif exited:
+                raise AssertionError(f"{self.proc.args[0]} exited with {self.proc.returncode} "
+                                     f"before it said its ports:\n{log[-4000:]}")
+        return self._ports
+
+    def ports(self, limit: float = START_LIMIT_S) -> dict[str, int | None]:
+        """The ports it bound, by flag name, once its log says them (bounded wait)."""
+        return wait_until(self._find_ports, limit, f"{self.proc.args[0]} to say its ports "
+                          f"({self.log_path or 'stderr'})", 0.05)
+
+    @property
+    def port(self) -> int:
+        port = self.ports()["port"]
+        assert port is not None
+        return port
+
+    @property
+    def port_out(self) -> int:
+        port = self.ports()["port_out"]
+        assert port is not None
+        return port
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP port, None without ``-http_port``."""
+        return self.ports()["http_port"]
 
     def stderr(self) -> str:
         """Everything the server has written to stderr so far (its log)."""
@@ -233,6 +375,8 @@ class CLIServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n"
                                      f"{self.stderr()[-4000:]}")
+            if not self._find_ports():
+                return False
             if not holder:
                 try:
                     holder.append(WKRClient("127.0.0.1", self.port, self.port_out,
@@ -351,3 +495,10 @@ def bridge_connections(server: Any, headers: dict[str, str] | None = None,
             conn.close()
         raise
     return list(found.values())
+
+
+def abstract_names_of(pid: int) -> list[str]:
+    """The abstract unix socket names (``@wkr-<pid>-...``, in /proc/net/unix) bound by
+    the server whose supervisor is ``pid``: its internal sockets, which have no files."""
+    with open("/proc/net/unix", encoding="utf-8") as fh:
+        return [line.split()[-1] for line in fh if f" @wkr-{pid}-" in line]

@@ -1,14 +1,16 @@
 """Test helpers for the decentralized pool: a ``wkr-decentral-start`` subprocess on
-loopback with free ports, its control client, bounded waits, a clean stop by pid."""
+loopback on ports it picks itself, its control client, bounded waits, a clean stop by
+pid."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from helpers import START_LIMIT_S, TESTS_DIR, CLIServer, free_port, wait_until
+from helpers import START_LIMIT_S, TESTS_DIR, CLIServer, wait_until
 from wkr_serving.client.pool_control import PoolControl, PoolTimeout
 
 
@@ -24,26 +26,28 @@ def servers_arg(*servers: Any) -> str:
 
 
 class CLIPool(CLIServer):
-    """``wkr-decentral-start UNIT ARGS`` on 127.0.0.1 with free -port/-port_out/-http_port;
-    stdout/stderr go to files in ``tmp_path`` (stopped like a CLIServer)."""
+    """``wkr-decentral-start UNIT ARGS`` on 127.0.0.1 with -port/-port_out (and
+    -http_port) 0: it binds free ports itself, and ``port``, ``port_out`` and
+    ``http_port`` are read back from its "pool ready" log line, printed as soon as it
+    has bound them (before its units start); stdout/stderr go to files in ``tmp_path``
+    (stopped like a CLIServer)."""
+
+    #: The central process's line once its ports are bound (client/pool.py).
+    READY_LINE = re.compile(r"pool ready: control port (?P<port>\d+), events port "
+                            r"(?P<port_out>\d+)(?:, http port (?P<http_port>\d+))?")
+    #: The pool's default ``-log_name`` (client/pool_config.py).
+    LOG_NAME = "WKRDecentralize"
 
     def __init__(self, unit: str, args: list[str], tmp_path: Path, *, cwd: str = TESTS_DIR,
                  name: str = "pool", env: dict[str, str] | None = None,
                  http: bool = True) -> None:
         import os
 
-        self.port, self.port_out = free_port(), free_port()
-        while self.port_out == self.port:
-            self.port_out = free_port()
-        self.http_port = free_port() if http else None
-        self.stdout_path = tmp_path / f"{name}.stdout.txt"
-        self.stderr_path = tmp_path / f"{name}.stderr.txt"
-        self._out = open(self.stdout_path, "wb")  # noqa: SIM115 (closed in close())
-        self._err = open(self.stderr_path, "wb")  # noqa: SIM115
-        extra = ["-http_port", str(self.http_port)] if http else []
+        self._open_outputs(tmp_path, name, args)
+        extra = ["-http_port", "0"] if http else []
         self.proc = subprocess.Popen(
-            [*pool_command(), unit, *args, "-port", str(self.port), "-port_out",
-             str(self.port_out), "-bind", "127.0.0.1", *extra],
+            [*pool_command(), unit, *args, "-port", "0", "-port_out", "0",
+             "-bind", "127.0.0.1", *extra],
             cwd=cwd, stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})})
 

@@ -1,6 +1,11 @@
 """A real ``redis-server`` for tests: free port on 127.0.0.1, its own directory, bounded
-start (waits for PING) and stop (by pid), and a restart on the same port and directory
-for fault tests."""
+start (waits for PING from this very process) and stop (by pid), and a restart on the
+same port and directory for fault tests.
+
+redis-server must be given a port number (its ``--port 0`` means no TCP at all), so the
+first start goes through ``helpers.start_on_free_ports``: when another process took the
+picked port first, redis-server exits with "Address already in use" and is started
+again on another port."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from helpers import free_port, wait_until
+from helpers import PORT_IN_USE, PortInUse, start_on_free_ports, wait_until
 
 #: Seconds redis-server gets to answer PING / to exit.
 START_LIMIT_S = 20.0
@@ -32,9 +37,16 @@ class RedisServer:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
-        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = None
+        if port:
+            self.port = port
+            self.start()
+        else:
+            start_on_free_ports(1, self._start_on)
+
+    def _start_on(self, ports: list[int]) -> None:
+        self.port = ports[0]
         self.start()
 
     @property
@@ -45,11 +57,15 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
-        """Start the server and wait (bounded) until it answers PING."""
+        """Start the server and wait (bounded) until it answers PING, and is the one that
+        answers (its pid, not another redis-server's that holds the port); PortInUse if
+        it could not bind the port."""
         import redis
 
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        self._log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 (closed in stop)
+        log_path = self.directory / "redis.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.directory), "--save", "",
@@ -61,11 +77,17 @@ class RedisServer:
 
         def answers() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
+                self.stop()  # closes the log
+                said = log_path.read_bytes()[offset:].decode(errors="replace")
+                if PORT_IN_USE.search(said):
+                    raise PortInUse(f"redis-server on port {self.port}: {said[-500:]}")
                 raise AssertionError(f"redis-server exited with {self.proc.returncode}: "
-                                     f"{(self.directory / 'redis.log').read_text()[-2000:]}")
-            try:
-                return bool(client.ping())
-            except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
+                                     f"{said[-2000:]}")
+            try:  # PING: loaded and serving; process_id: ours (until ours exits, a
+                # foreign server may answer, or fail to, on the port it could not bind)
+                return (bool(client.ping()) and self.proc is not None
+                        and client.info("server")["process_id"] == self.proc.pid)
+            except redis.exceptions.RedisError:
                 return False
 
         try:

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import CALL_TIMEOUT_MS, free_port
+from helpers import CALL_TIMEOUT_MS, reserved_ports
 from wkr_serving.client import (
     AsyncWKRClient,
     ConnectTimeout,
@@ -105,16 +105,17 @@ def test_request_timeout(obj_server, tmp_path):
 
 
 def test_unreachable_server_gives_connect_timeout():
-    client = AsyncWKRClient("127.0.0.1", free_port(), free_port(), connect_timeout=500,
-                            timeout=5000)
+    with reserved_ports(2) as (port, port_out):
+        client = AsyncWKRClient("127.0.0.1", port, port_out, connect_timeout=500,
+                                timeout=5000)
 
-    async def main():
-        started = time.monotonic()
-        with pytest.raises(ConnectTimeout):
-            await client.connect()
-        return time.monotonic() - started
+        async def main():
+            started = time.monotonic()
+            with pytest.raises(ConnectTimeout):
+                await client.connect()
+            return time.monotonic() - started
 
-    elapsed = run(main())
+        elapsed = run(main())
     assert elapsed < 1.0
 
 

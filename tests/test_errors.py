@@ -7,7 +7,7 @@ import time
 
 import msgpack
 import pytest
-from helpers import RawClient, connect, free_port, wait_idle, wait_until
+from helpers import RawClient, connect, reserved_ports, wait_idle, wait_until
 from wkr_serving.client import (
     BadInput,
     ConnectTimeout,
@@ -30,9 +30,8 @@ def raw(obj_server):
 
 
 def test_unreachable_server_gives_connect_timeout_quickly():
-    port, port_out = free_port(), free_port()
-    started = time.monotonic()
-    with pytest.raises(ConnectTimeout) as info:
+    with reserved_ports(2) as (port, port_out), pytest.raises(ConnectTimeout) as info:
+        started = time.monotonic()
         WKRClient("127.0.0.1", port, port_out, connect_timeout=500, timeout=5000)
     elapsed = time.monotonic() - started
     assert elapsed < 1.0, f"ConnectTimeout after {elapsed:.2f}s for a 500 ms budget"
@@ -41,15 +40,16 @@ def test_unreachable_server_gives_connect_timeout_quickly():
 
 
 def test_unreachable_server_with_deferred_checks_times_out_on_first_call():
-    client = WKRClient("127.0.0.1", free_port(), free_port(), connect_timeout=300,
-                       timeout=2000, ignore_all_checks=True)
-    try:
-        started = time.monotonic()
-        with pytest.raises(ConnectTimeout):
-            client.encode("x")
-        assert time.monotonic() - started < 1.0
-    finally:
-        client.close()
+    with reserved_ports(2) as (port, port_out):
+        client = WKRClient("127.0.0.1", port, port_out, connect_timeout=300,
+                           timeout=2000, ignore_all_checks=True)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ConnectTimeout):
+                client.encode("x")
+            assert time.monotonic() - started < 1.0
+        finally:
+            client.close()
 
 
 def test_request_timeout_on_a_slow_model(obj_server, tmp_path):

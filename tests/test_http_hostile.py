@@ -43,7 +43,6 @@ from helpers import (
     START_LIMIT_S,
     TESTS_DIR,
     CLIServer,
-    free_port,
     gone,
     start_command,
     wait_until,
@@ -760,7 +759,7 @@ def test_a_taken_zeromq_port_stops_the_boot_with_one_clear_line(tmp_path, flag):
         port = taken.getsockname()[1]
         proc = subprocess.run(
             [*start_command(), WORKER, "-cpu", "-num_worker", "1", "-bind", "127.0.0.1",
-             flag, str(port), other, str(free_port()), "-model_dir", str(tmp_path),
+             flag, str(port), other, "0", "-model_dir", str(tmp_path),
              "-startup_timeout", "20"],
             cwd=TESTS_DIR, capture_output=True, text=True, timeout=60,
             stdin=subprocess.DEVNULL)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO_DIR
+from helpers import REPO_DIR, reserved_ports
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -141,19 +141,12 @@ def test_client_alone_needs_only_pyzmq_numpy_msgpack(tmp_path):
     # The pool's commands run with the client alone (here: a clean timeout, no pool).
     help_text = venv.run(str(venv.bin / "wkr-decentral-start"), "--help")
     assert "-remote_servers" in help_text
-    proc = subprocess.run([str(venv.bin / "wkr-decentral-status"), "-ip", "127.0.0.1",
-                           "-port", str(_free_port()), "-timeout", "0.3"], env=venv.env,
-                          capture_output=True, text=True, timeout=COMMAND_LIMIT_S,
-                          stdin=subprocess.DEVNULL)
+    with reserved_ports(1) as (port,):
+        proc = subprocess.run([str(venv.bin / "wkr-decentral-status"), "-ip", "127.0.0.1",
+                               "-port", str(port), "-timeout", "0.3"], env=venv.env,
+                              capture_output=True, text=True, timeout=COMMAND_LIMIT_S,
+                              stdin=subprocess.DEVNULL)
     assert proc.returncode == 1 and "no answer from the pool" in proc.stderr, proc.stderr
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_getting_started_page_install_server_then_client_editable(tmp_path):

@@ -22,7 +22,7 @@ import urllib.request
 import msgpack
 import pytest
 import zmq
-from helpers import free_port, port_refused, wait_until
+from helpers import port_refused, reserved_ports, wait_until
 from poolhelp import CLIPool, pool_command, servers_arg
 from prometheus_client.parser import text_string_to_metric_families
 from wkr_serving.client.access import authorize
@@ -200,18 +200,18 @@ def _zombie(pid: int) -> bool:
 
 
 def test_a_unit_whose_get_model_fails_is_retried_with_backoff(pools):
-    dead_port, dead_out = free_port(), free_port()
-    pool = pools("pool_units.NoModel", "-remote_servers",
-                 f'[["127.0.0.1", {dead_port}, {dead_out}]]', "-restart_backoff", "0.05",
-                 "-max_restart_backoff", "0.4")
-    status = pool.wait_status(lambda s: s["restarts"] >= 3, "repeated restarts")
-    unit = status["units"][0]
-    assert "RuntimeError: cannot reach 127.0.0.1" in unit["last_error"]
-    assert unit["state"] in ("backoff", "starting", "boot_failed")
-    pool.wait_status(lambda s: s["servers"][0]["reachable"] is False,
-                     "the dead server to be probed unreachable")
-    assert pool.proc.poll() is None  # the pool itself stays up
-    assert "get_model failed" in pool.stderr()
+    with reserved_ports(2) as (dead_port, dead_out):
+        pool = pools("pool_units.NoModel", "-remote_servers",
+                     f'[["127.0.0.1", {dead_port}, {dead_out}]]', "-restart_backoff", "0.05",
+                     "-max_restart_backoff", "0.4")
+        status = pool.wait_status(lambda s: s["restarts"] >= 3, "repeated restarts")
+        unit = status["units"][0]
+        assert "RuntimeError: cannot reach 127.0.0.1" in unit["last_error"]
+        assert unit["state"] in ("backoff", "starting", "boot_failed")
+        pool.wait_status(lambda s: s["servers"][0]["reachable"] is False,
+                         "the dead server to be probed unreachable")
+        assert pool.proc.poll() is None  # the pool itself stays up
+        assert "get_model failed" in pool.stderr()
 
 
 def test_switch_idle_and_restart(pools, numpy_server, obj_server, tmp_path):
@@ -298,19 +298,19 @@ def _no_token(pool: CLIPool, command: str) -> subprocess.CompletedProcess:
 
 
 def test_control_commands_against_a_pool_that_is_gone_time_out_cleanly():
-    port = free_port()
-    for command in ("status", "idle", "restart", "terminate", "switch"):
-        extra = ["-num_client", "1"] if command == "switch" else []
-        start = time.monotonic()
-        done = subprocess.run(
-            [*pool_command(command), "-ip", "127.0.0.1", "-port", str(port), "-timeout",
-             "0.5", *extra], capture_output=True, text=True, timeout=60,
-            stdin=subprocess.DEVNULL)
-        took = time.monotonic() - start
-        assert done.returncode == 1, (command, done.stdout, done.stderr)
-        assert "no answer from the pool" in done.stderr
-        assert "Traceback" not in done.stderr
-        assert took < 10, took
+    with reserved_ports(1) as (port,):
+        for command in ("status", "idle", "restart", "terminate", "switch"):
+            extra = ["-num_client", "1"] if command == "switch" else []
+            start = time.monotonic()
+            done = subprocess.run(
+                [*pool_command(command), "-ip", "127.0.0.1", "-port", str(port), "-timeout",
+                 "0.5", *extra], capture_output=True, text=True, timeout=60,
+                stdin=subprocess.DEVNULL)
+            took = time.monotonic() - start
+            assert done.returncode == 1, (command, done.stdout, done.stderr)
+            assert "no answer from the pool" in done.stderr
+            assert "Traceback" not in done.stderr
+            assert took < 10, took
 
 
 def test_hostile_control_frames_get_an_error_and_the_pool_keeps_answering(pools,

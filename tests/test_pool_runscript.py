@@ -13,7 +13,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import TESTS_DIR, free_port, gone, port_refused, wait_until
+from helpers import (
+    PORT_IN_USE,
+    TESTS_DIR,
+    PortInUse,
+    gone,
+    port_refused,
+    start_on_free_ports,
+    wait_until,
+)
 from wkr_serving.client.pool_control import PoolControl
 
 
@@ -30,26 +38,37 @@ def test_the_pages_make_command_gives_a_posix_script_that_runs_the_pool(
     work = tmp_path / "work"
     work.mkdir()
     shutil.copy(os.path.join(TESTS_DIR, "pool_units.py"), work)
-    port, port_out, http_port = free_port(), free_port(), free_port()
     servers = f"[[127.0.0.1, {numpy_server.port}, {numpy_server.port_out}], " \
               f"[localhost, {numpy_server.port}, {numpy_server.port_out}]]"
-    args = ["pool_units.Echo", "-port", str(port), "-port_out", str(port_out),
-            "-http_port", str(http_port), "-num_client", "2", "-remote_servers",
-            *servers.split(), "-log_dir", str(tmp_path / "log_dir"), "-bind", "127.0.0.1",
-            "-name", "YOUR_DECENTRALIZE_SERVICE_NAME"]
-    made = _make(args, work)
-    assert made.returncode == 0, made.stderr
     script = work / "run_script.sh"
-    script.write_text(made.stdout)
-    assert subprocess.run([shell, "-n", str(script)], timeout=30).returncode == 0
+    log_dir = tmp_path / "log_dir"
 
     def run(command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([shell, str(script), command], cwd=work, capture_output=True,
                               text=True, timeout=180, stdin=subprocess.DEVNULL)
 
+    def make_and_start(ports: list[int]) -> tuple[int, subprocess.CompletedProcess[str]]:
+        """The page's make command on ``ports``, then its start. The script needs port
+        numbers; a start that failed because one was taken meanwhile (said in its
+        output or the pool's log) raises PortInUse: made again on new ports."""
+        port, port_out, http_port = ports
+        args = ["pool_units.Echo", "-port", str(port), "-port_out", str(port_out),
+                "-http_port", str(http_port), "-num_client", "2", "-remote_servers",
+                *servers.split(), "-log_dir", str(log_dir), "-bind", "127.0.0.1",
+                "-name", "YOUR_DECENTRALIZE_SERVICE_NAME"]
+        made = _make(args, work)
+        assert made.returncode == 0, made.stderr
+        script.write_text(made.stdout)
+        assert subprocess.run([shell, "-n", str(script)], timeout=30).returncode == 0
+        started = run("start")
+        logs = "".join(p.read_text(errors="replace") for p in log_dir.glob("*.log"))
+        if started.returncode != 0 and PORT_IN_USE.search(started.stderr + logs):
+            raise PortInUse(started.stderr)
+        return port, started
+
     pid_file = work / "YOUR_DECENTRALIZE_SERVICE_NAME.pid"
     try:
-        started = run("start")
+        port, started = start_on_free_ports(3, make_and_start)
         assert started.returncode == 0, started.stdout + started.stderr
         assert "is running" in started.stdout
         pid = int(pid_file.read_text())

@@ -1,7 +1,8 @@
 """wkr-serving-make and the run scripts it prints, run for real with dash and bash.
 
 Each test generates a script in its tmp_path for a real server on free 127.0.0.1
-ports and drives it with ``sh script start|stop|stopf|restart|status`` as a user
+ports (a start that finds one taken meanwhile is made again on new ones, see
+``started``) and drives it with ``sh script start|stop|stopf|restart|status`` as a user
 would, once with ``dash`` (Debian's sh) and once with ``bash``; the processes are
 checked with psutil. Whatever a test started is killed at the end by the pids its
 scripts recorded (only their own sessions).
@@ -16,12 +17,20 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import REPO_DIR, TESTS_DIR, free_port, gone
+from helpers import (
+    PORT_IN_USE,
+    REPO_DIR,
+    TESTS_DIR,
+    PortInUse,
+    free_ports,
+    gone,
+    start_on_free_ports,
+)
 from wkr_serving.client import WKRClient
 from wkr_serving.server.config import ServerConfig, load_config
 from wkr_serving.server.runscript import (
@@ -60,16 +69,17 @@ def shell(request) -> str:
     return tool(request.param)
 
 
-def ports() -> list[str]:
-    port, port_out = free_port(), free_port()
-    while port_out == port:
-        port_out = free_port()
+def ports(numbers: list[int] | None = None) -> list[str]:
+    """``-port``/``-port_out`` flags: ``numbers``, else two distinct free ports (enough
+    for a script that is only generated; one that is started goes through ``started``)."""
+    port, port_out = numbers or free_ports(2)
     return ["-port", str(port), "-port_out", str(port_out)]
 
 
-def server_args(model_dir: Path | str, *extra: str) -> list[str]:
+def server_args(model_dir: Path | str, *extra: str, numbers: list[int] | None = None,
+                ) -> list[str]:
     """wkr-serving-start options of a small, quick-to-stop test service."""
-    return [*ports(), "-bind", "127.0.0.1", "-cpu", "-num_worker", "1",
+    return [*ports(numbers), "-bind", "127.0.0.1", "-cpu", "-num_worker", "1",
             "-graceful_timeout", "2", "-model_dir", str(model_dir), *extra]
 
 
@@ -167,6 +177,26 @@ def scripts(tmp_path, shell) -> Iterator:
     for script in made:
         for pid in script.leaders:
             kill_tree(pid)
+
+
+def started(make_script: Callable[[list[int]], Script],
+            prepare: Callable[[Script], None] | None = None, cwd: Path | None = None,
+            ) -> tuple[Script, subprocess.CompletedProcess[str]]:
+    """``make_script(ports)`` for two free ports, ``prepare(script)``, then its start (in
+    ``cwd``): the script and the start's output. A run script must be given port numbers (its
+    readiness probe dials them), and another process may take one before the server
+    binds it: a start that failed saying so ("is already in use" in the log tail it
+    prints) is made and started again on new ports (``helpers.start_on_free_ports``)."""
+    def attempt(numbers: list[int]) -> tuple[Script, subprocess.CompletedProcess[str]]:
+        script = make_script(numbers)
+        if prepare is not None:
+            prepare(script)
+        out = script.run("start", cwd=cwd)
+        if out.returncode != 0 and PORT_IN_USE.search(out.stderr):
+            raise PortInUse(explain(out))
+        return script, out
+
+    return start_on_free_ports(2, attempt)
 
 
 # -- the generated text ---------------------------------------------------------------------
@@ -358,12 +388,14 @@ def test_make_refuses_bad_arguments(args, needle):
 def test_start_refuse_status_stop(scripts, tmp_path):
     """The whole life of one service: start over a stale pid file, a second start is
     refused, status, graceful stop (every process gone), status and stop when stopped."""
-    script = scripts(["workers.EchoWorker", *server_args(tmp_path)])
-    dead = subprocess.Popen(["true"])
-    dead.wait(30)
-    script.pid_file.write_text(f"{dead.pid}\n")  # a stale pid file from a crash
+    def stale_pid_file(script: Script) -> None:  # as left by a crash
+        dead = subprocess.Popen(["true"])
+        dead.wait(30)
+        script.pid_file.write_text(f"{dead.pid}\n")
 
-    out = script.run("start")
+    script, out = started(
+        lambda numbers: scripts(["workers.EchoWorker", *server_args(tmp_path, numbers=numbers)]),
+        stale_pid_file)
     assert out.returncode == 0, explain(out)
     assert "stale pid file" in out.stdout and "is running" in out.stdout
     pid = script.pid()
@@ -403,16 +435,23 @@ def test_start_refuse_status_stop(scripts, tmp_path):
 def test_restart_then_stopf_kills_exactly_this_service_tree(scripts, tmp_path):
     """restart replaces the process tree; stopf kills all of it at once and nothing
     else: not a second service of the same kind, not an unrelated process."""
-    first = scripts(["workers.EchoWorker", *server_args(tmp_path / "a")], name="first")
-    other = scripts(["workers.EchoWorker", *server_args(tmp_path / "b")], name="other")
     bystander = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                                  stdin=subprocess.PIPE)
+    for model_dir in ("a", "b"):  # a -model_dir must exist
+        (tmp_path / model_dir).mkdir()
     try:
-        for script in (first, other):
-            out = script.run("start")
-            assert out.returncode == 0, explain(out)
+        first, out = started(lambda numbers: scripts(
+            ["workers.EchoWorker", *server_args(tmp_path / "a", numbers=numbers)],
+            name="first"))
+        assert out.returncode == 0, explain(out)
+        other, out = started(lambda numbers: scripts(
+            ["workers.EchoWorker", *server_args(tmp_path / "b", numbers=numbers)],
+            name="other"))
+        assert out.returncode == 0, explain(out)
         old_tree = first.tree()
 
+        # The same ports again (what a restart keeps): only this short window between
+        # the stop and the new bind is left to chance.
         out = first.run("restart")
         assert out.returncode == 0, explain(out)
         assert "stopped" in out.stdout and "is running" in out.stdout
@@ -442,8 +481,8 @@ def test_restart_then_stopf_kills_exactly_this_service_tree(scripts, tmp_path):
 
 
 def test_failing_start_exits_non_zero_with_the_log_tail(scripts, tmp_path):
-    script = scripts(["workers.FailingLoadWorker", *server_args(tmp_path)])
-    out = script.run("start")
+    script, out = started(lambda numbers: scripts(
+        ["workers.FailingLoadWorker", *server_args(tmp_path, numbers=numbers)]))
     assert out.returncode != 0, explain(out)
     assert "FAILED" in out.stderr and "boom-load" in out.stderr, explain(out)
     assert not script.pid_file.exists()
@@ -462,9 +501,12 @@ def test_arguments_reach_the_server_verbatim_from_any_directory(scripts, tmp_pat
     state = tmp_path / "state"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    args = ["example/noop_worker.Worker", *server_args(model_dir, "-model_name", NASTY)]
-    script = scripts(args, name="nasty", cwd=REPO_DIR, pid_dir=state)
-    out = script.run("start", cwd=elsewhere)
+    def nasty(numbers: list[int]) -> Script:
+        args = ["example/noop_worker.Worker",
+                *server_args(model_dir, "-model_name", NASTY, numbers=numbers)]
+        return scripts(args, name="nasty", cwd=REPO_DIR, pid_dir=state)
+
+    script, out = started(nasty, cwd=elsewhere)
     assert out.returncode == 0, explain(out)
     assert script.pid_file.exists() and script.log_file.exists()
     assert script.pid_file.parent == state
@@ -491,15 +533,18 @@ def test_curve_service_is_probed_with_keys_and_stopped_by_terminate(scripts, tmp
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     shutil.copy(tmp_path / "client_keys" / "probe.key", allowed)
-    args = ["workers.EchoWorker", *server_args(
-        tmp_path, "-curve_secret_key", str(tmp_path / "server_keys" / "server.key_secret"),
-        "-curve_client_keys", str(allowed))]
-    refused = make([*args, "-name", "curve"])
+
+    def args(numbers: list[int] | None = None) -> list[str]:
+        return ["workers.EchoWorker", *server_args(
+            tmp_path, "-curve_secret_key", str(tmp_path / "server_keys" / "server.key_secret"),
+            "-curve_client_keys", str(allowed), numbers=numbers)]
+
+    refused = make([*args(), "-name", "curve"])
     assert refused.returncode == 2 and "-client_key" in refused.stderr, explain(refused)
 
     client_key = str(tmp_path / "client_keys" / "probe.key_secret")
-    script = scripts([*args, "-client_key", client_key], name="curve")
-    out = script.run("start")
+    script, out = started(lambda numbers: scripts([*args(numbers), "-client_key", client_key],
+                                                  name="curve"))
     assert out.returncode == 0, explain(out)
     status = script.run("status")
     assert status.returncode == 0 and "ready" in status.stdout, explain(status)

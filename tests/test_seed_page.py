@@ -4,9 +4,10 @@
 verbatim except its two placeholders (the model is ``np.cos``; the result is the model's
 output for each input), ``client.py`` its client example verbatim and ``start.sh`` its
 ``wkr-serving-start`` command line verbatim. The test starts that command line from
-``tests/seed_page`` with free ports in place of 8996/8998/8900 and temporary folders in
-place of ``/path/to/model`` and ``/tmp/log_dir``, then runs the client code unchanged but
-for its two port numbers and one appended ``print``.
+``tests/seed_page`` with port 0 in place of 8996/8998/8900 (the server picks free ports
+and its log names them) and temporary folders in place of ``/path/to/model`` and
+``/tmp/log_dir``, then runs the client code unchanged but for its two port numbers and
+one appended ``print``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from helpers import (
     START_LIMIT_S,
     TESTS_DIR,
     CLIServer,
-    free_port,
     http_request,
     start_command,
     wait_until,
@@ -46,27 +46,13 @@ def _replace_once(words: list[str], flag: str, value: str) -> None:
     words[words.index(flag) + 1] = value
 
 
-def _distinct_ports(n: int) -> list[int]:
-    ports: list[int] = []
-    for _ in range(100):  # bounded: free ports rarely repeat
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-        if len(ports) == n:
-            return ports
-    raise AssertionError("no distinct free ports")
-
-
 class PageServer(CLIServer):
     """The page's ``wkr-serving-start`` command line, run in ``tests/seed_page``; stopped
-    and read like a :class:`helpers.CLIServer` (whose arguments it does not add)."""
+    and read like a :class:`helpers.CLIServer` (whose arguments it does not add: its
+    ports, 0 in ``argv``, are read back from its log under ``-log_dir``)."""
 
-    def __init__(self, argv: list[str], tmp_path: Path, port: int, port_out: int) -> None:
-        self.port, self.port_out = port, port_out
-        self.stdout_path = tmp_path / "page.stdout.txt"
-        self.stderr_path = tmp_path / "page.stderr.txt"
-        self._out = open(self.stdout_path, "wb")  # noqa: SIM115 (closed in close())
-        self._err = open(self.stderr_path, "wb")  # noqa: SIM115
+    def __init__(self, argv: list[str], tmp_path: Path) -> None:
+        self._open_outputs(tmp_path, "page", argv)
         self.proc = subprocess.Popen(argv, cwd=SEED_DIR, stdout=self._out, stderr=self._err,
                                      stdin=subprocess.DEVNULL)
 
@@ -79,7 +65,6 @@ def _bridge_ready(url: str) -> bool:
 
 
 def test_getting_started_page_server_and_client_run_as_written(tmp_path):
-    port, port_out, http_port = _distinct_ports(3)
     model_dir, log_dir = tmp_path / "model", tmp_path / "log_dir"
     model_dir.mkdir()
 
@@ -88,7 +73,7 @@ def test_getting_started_page_server_and_client_run_as_written(tmp_path):
     assert words[:2] == ["wkr-serving-start", "server.Worker"], words
     assert "-protocol" not in words  # the default, obj
     words[0] = start_command()[0]
-    for flag, value in (("-port_in", port), ("-port_out", port_out), ("-http_port", http_port),
+    for flag, value in (("-port_in", 0), ("-port_out", 0), ("-http_port", 0),
                         ("-model_dir", model_dir), ("-log_dir", log_dir)):
         _replace_once(words, flag, str(value))
     for flag, value in (("-model_name", "model.hdf5"), ("-num_worker", "2"),
@@ -96,22 +81,22 @@ def test_getting_started_page_server_and_client_run_as_written(tmp_path):
                         ("-gpu_memory_fraction", "0.25")):  # the page's own values
         assert words[words.index(flag) + 1] == value
 
-    client_code = (SEED_DIR / "client.py").read_text()
-    for literal, value in (("port=8996", f"port={port}"), ("port_out=8998",
-                                                          f"port_out={port_out}")):
-        assert client_code.count(literal) == 1, literal
-        client_code = client_code.replace(literal, value)
-    client_code += "    print(type(output).__name__, np.asarray(output).tolist())\n"
-
-    server = PageServer(words, tmp_path, port, port_out)
+    server = PageServer(words, tmp_path)
     try:
         with server.client(protocol="obj") as probe:
             status = probe.server_status
         assert status["config"]["num_worker"] == 2 and status["config"]["batch_size"] == 1
         assert status["config"]["protocol"] == "obj"
         assert [w["device"] for w in status["workers"]] == ["cpu", "cpu"]
-        wait_until(lambda: _bridge_ready(f"http://127.0.0.1:{http_port}/health/ready"),
+        wait_until(lambda: _bridge_ready(f"http://127.0.0.1:{server.http_port}/health/ready"),
                    START_LIMIT_S, "the HTTP bridge on -http_port", interval=0.1)
+
+        client_code = (SEED_DIR / "client.py").read_text()
+        for literal, value in (("port=8996", f"port={server.port}"),
+                               ("port_out=8998", f"port_out={server.port_out}")):
+            assert client_code.count(literal) == 1, literal
+            client_code = client_code.replace(literal, value)
+        client_code += "    print(type(output).__name__, np.asarray(output).tolist())\n"
 
         run = subprocess.run([sys.executable, "-c", client_code], cwd=tmp_path,
                              capture_output=True, text=True, timeout=CLIENT_LIMIT_S,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from helpers import CLIServer, Gate, free_port
+from helpers import CLIServer, Gate, reserved_ports
 from wkr_serving.server.runscript import port_answers
 
 EXIT_LIMIT_S = 30
@@ -117,10 +117,10 @@ def test_server_still_draining_at_the_deadline_exits_1(start, tmp_path):
 
 
 def test_no_server_listening_exits_2_within_the_timeout():
-    port, port_out = free_port(), free_port()
-    began = time.monotonic()
-    out = run_cli("-ip", "127.0.0.1", "-port", str(port), "-port_out", str(port_out),
-                  "-timeout", "10")
+    with reserved_ports(2) as (port, port_out):
+        began = time.monotonic()
+        out = run_cli("-ip", "127.0.0.1", "-port", str(port), "-port_out", str(port_out),
+                      "-timeout", "10")
     assert out.returncode == 2, explain(out)
     assert "no server" in out.stderr
     assert time.monotonic() - began < 10, "it must give up within its -timeout"
