@@ -22,15 +22,15 @@ Each ``do_work`` call is one iteration:
    writer wins), acknowledges and deletes the entries (``XACK`` + ``XDEL``) and publishes
    the finished ids on the queue's channel.
 
-Errors: :class:`ModelError` and :class:`BadInput` (and inputs the client refuses) are the
-job's result at once. Anything else (:class:`WorkerDied`, :class:`Overloaded`,
-:class:`ShuttingDown`, :class:`ConnectionLost`, timeouts, an unreachable server) is
-transient: the job stays pending, the unit backs off (growing, bounded, waiting on
-``stopping``) and reconnects to its server before it takes new work; while its server is
-unreachable it takes none, so what it holds goes idle and units of other servers reclaim
-it. A job's attempts are its stream deliveries (``XPENDING``'s times-delivered count).
-Redis errors (a restart) make the unit back off and reconnect; results computed but not
-yet written are kept and written first.
+Errors: :class:`ModelError`, :class:`BadInput` and :class:`PoisonInput` (and inputs the
+client refuses) are the job's result at once. Anything else (:class:`WorkerDied`,
+:class:`Overloaded`, :class:`ShuttingDown`, :class:`ConnectionLost`, timeouts, an
+unreachable server) is transient: the job stays pending, the unit backs off (growing,
+bounded, waiting on ``stopping``) and reconnects to its server before it takes new
+work; while its server is unreachable it takes none, so what it holds goes idle and
+units of other servers reclaim it. A job's attempts are its stream deliveries
+(``XPENDING``'s times-delivered count). Redis errors (a restart) make the unit back off
+and reconnect; results computed but not yet written are kept and written first.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from .errors import (
     ClientUsageError,
     DeadLettered,
     ModelError,
+    PoisonInput,
     ProtocolError,
     ProtocolMismatch,
     ServerError,
@@ -63,7 +64,7 @@ from .unit import WKRWorker
 __all__ = ["QueueWorker"]
 
 #: Errors that are the job's answer: retrying cannot change them.
-PERMANENT = (ModelError, BadInput, ProtocolError, ClientUsageError)
+PERMANENT = (ModelError, BadInput, PoisonInput, ProtocolError, ClientUsageError)
 #: First back-off after a transient failure (s); it doubles up to -max_backoff.
 FIRST_BACKOFF_S = 0.1
 #: Longest wait for the server's handshake when (re)connecting (ms).

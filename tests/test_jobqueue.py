@@ -20,6 +20,7 @@ from wkr_serving.client.errors import (
     DeadLettered,
     JobCancelled,
     ModelError,
+    PoisonInput,
     WKRTimeoutError,
 )
 from wkr_serving.client.helper import dumps
@@ -256,10 +257,31 @@ def test_redis_restart_mid_run(obj_server, redis_server):
         assert sum(u.unit.counters["jobs_done"] for u in units) >= 3000
 
 
-def test_attempts_exhausted_dead_lettered(queue, tmp_path_factory):
-    """A job that kills the server's worker every time (WorkerDied, transient) is
-    retried, then dead-lettered after -max_attempts deliveries with an error result;
+def test_attempts_exhausted_dead_lettered(queue, tmp_path_factory, tmp_path):
+    """A job whose worker hangs past -worker_timeout every time (WorkerDied, transient)
+    is retried, then dead-lettered after -max_attempts deliveries with an error result;
     the jobs batched with it still succeed."""
+    args = server_args(tmp_path_factory.mktemp("hang_model"), "-protocol", "obj",
+                       "-num_worker", "1", "-batch_size", "8", "-cpu", "-worker_timeout", "1")
+    hang = Gate(tmp_path, "hang")  # never released: each delivery hangs its worker
+    with running_server(args, ControlledWorker) as server:
+        units = _units(server, queue, 1, "-max_attempts", "2", "-claim_after", "30")
+        try:
+            ids = queue.submit_many([1, 2, hang.item("hang"), 4])
+            out = queue.results(ids, LIMIT_S, on_error="return")
+        finally:
+            hang.open()
+            _stop(units)
+    assert out[:2] == [1, 2] and out[3] == 4
+    assert isinstance(out[2], DeadLettered)
+    assert "WorkerDied" in str(out[2]) and "delivered 3 times" in str(out[2])
+    assert queue.stats() == {"queued": 0, "pending": 0, "dead": 1}
+
+
+def test_a_job_that_kills_its_worker_gets_poison_input_at_once(queue, tmp_path_factory):
+    """A job whose input kills the server's worker: the server retries it alone, then
+    quarantines it (PoisonInput), which is the job's result (permanent: not delivered
+    again, not dead-lettered); the jobs batched with it still succeed."""
     args = server_args(tmp_path_factory.mktemp("die_model"), "-protocol", "obj",
                        "-num_worker", "1", "-batch_size", "8", "-cpu")
     with running_server(args, ControlledWorker) as server:
@@ -270,9 +292,8 @@ def test_attempts_exhausted_dead_lettered(queue, tmp_path_factory):
         finally:
             _stop(units)
     assert out[:2] == [1, 2] and out[3] == 4
-    assert isinstance(out[2], DeadLettered)
-    assert "WorkerDied" in str(out[2]) and "delivered 3 times" in str(out[2])
-    assert queue.stats() == {"queued": 0, "pending": 0, "dead": 1}
+    assert isinstance(out[2], PoisonInput), out[2]
+    assert queue.stats() == {"queued": 0, "pending": 0, "dead": 0}
 
 
 def test_server_stopped_jobs_finish_on_another(queue, tmp_path_factory):
