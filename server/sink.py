@@ -22,9 +22,10 @@ from wkr_serving.client import protocol as P
 from wkr_serving.client.version import __version__
 
 from . import messages as M
+from .config import ServerConfig
 from .jobs import Reassembler
 from .logs import LogThrottle
-from .process import MAX_DRAIN, Role, bind_internal, bind_port, drain
+from .process import MAX_DRAIN, Endpoints, Role, bind_internal, bind_port, drain
 from .stats import RateMeter, Summary, Window
 from .status import LATENCY_BUCKETS_S, ServerStatus, VentilatorStatus, WorkerStats
 
@@ -41,25 +42,8 @@ class Sink(Role):
     name = "sink"
     color = "green"
 
-    def boot(self) -> dict[str, Any]:
-        assert self.context is not None
-        self.pull = self.context.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, 0)
-        bind_internal(self.pull, self.endpoints.sink)
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # Per client: once this many replies wait unread in libzmq, sends to that client
-        # fail with EAGAIN and the sink holds its replies itself (see _send).
-        self.router.setsockopt(zmq.SNDHWM, self.config.max_queue_size)
-        self.router.setsockopt(zmq.LINGER, 1000)
-        self.secure_public(self.router)
-        port_out = bind_port(self.router, self.config.bind, self.config.port_out,
-                             "-port_out")
-        self.feedback = self.context.socket(zmq.PUSH)  # to the ventilator, directly
-        self.feedback.setsockopt(zmq.SNDHWM, 0)
-        self.feedback.setsockopt(zmq.LINGER, 0)
-        self.feedback.connect(self.endpoints.feedback)
-
+    def __init__(self, config: ServerConfig, endpoints: Endpoints) -> None:
+        super().__init__(config, endpoints)
         self.jobs = Reassembler()
         self.results = 0
         self.errors: dict[str, int] = {}
@@ -88,12 +72,32 @@ class Sink(Role):
         # requests (Overloaded) until this is delivered, so the backlog stays bounded by
         # what the client already had in flight.
         self.backlog: dict[bytes, deque[list[Any]]] = {}
-        self.bad_input_log = LogThrottle(self.logger)
-        self.gone_log = LogThrottle(self.logger, logging.INFO)
-        self.congestion_log = LogThrottle(self.logger, logging.INFO)
         self.statistic: dict[str, Summary] = {}
         self.hello = {"server_version": __version__, "protocol": self.config.protocol,
                       "protocol_version": V, "max_msg_size": self.config.max_msg_size}
+
+    def boot(self) -> dict[str, Any]:
+        assert self.context is not None
+        self.pull = self.context.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, 0)
+        bind_internal(self.pull, self.endpoints.sink)
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Per client: once this many replies wait unread in libzmq, sends to that client
+        # fail with EAGAIN and the sink holds its replies itself (see _send).
+        self.router.setsockopt(zmq.SNDHWM, self.config.max_queue_size)
+        self.router.setsockopt(zmq.LINGER, 1000)
+        self.secure_public(self.router)
+        port_out = bind_port(self.router, self.config.bind, self.config.port_out,
+                             "-port_out")
+        self.feedback = self.context.socket(zmq.PUSH)  # to the ventilator, directly
+        self.feedback.setsockopt(zmq.SNDHWM, 0)
+        self.feedback.setsockopt(zmq.LINGER, 0)
+        self.feedback.connect(self.endpoints.feedback)
+
+        self.bad_input_log = LogThrottle(self.logger)
+        self.gone_log = LogThrottle(self.logger, logging.INFO)
+        self.congestion_log = LogThrottle(self.logger, logging.INFO)
         self.logger.info("returning results on %s:%d", self.config.bind, port_out)
         return {"port_out": port_out}
 
