@@ -6,6 +6,11 @@
 The event loop reads every reply as it arrives (a readiness callback on the socket's
 descriptor) and resolves the matching request's future, so any number of coroutines may
 await results concurrently on one client.
+
+A dropped connection fails the calls outstanding at that moment, and only those, with
+:class:`~wkr_serving.client.errors.ConnectionLost`; after ``port_out`` dropped, the next
+call first says HELLO to the sink again. So one client (the HTTP bridge's) goes on
+serving once the server is back on the same ports.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from .base import (
+    DEFAULT_PORT,
+    DEFAULT_PORT_OUT,
+    DEFAULT_TIMEOUT_MS,
     ClientOptions,
+    DropWatcher,
     Reply,
     check_frame_sizes,
     check_hello,
@@ -42,13 +50,18 @@ __all__ = ["AsyncWKRClient"]
 
 logger = logging.getLogger("wkr_serving.client")
 
+#: A waiting call: its future, and how many times the request port and the reply port
+#: had dropped when it started (None: it does not use that connection).
+_Waiting = tuple[asyncio.Future[Reply], int | None, int]
+
 
 class AsyncWKRClient:
     """Asyncio counterpart of :class:`~wkr_serving.client.WKRClient` (same options)."""
 
-    def __init__(self, ip: str = "localhost", port: int = 5555, port_out: int = 5556,
-                 protocol: str = "obj", identity: bytes | str | None = None,
-                 timeout: int | None = 60_000, check_version: bool = True,
+    def __init__(self, ip: str = "localhost", port: int = DEFAULT_PORT,
+                 port_out: int = DEFAULT_PORT_OUT, protocol: str = "obj",
+                 identity: bytes | str | None = None,
+                 timeout: int | None = DEFAULT_TIMEOUT_MS, check_version: bool = True,
                  connect_timeout: int | None = None, server_public_key: Any = None,
                  client_key: Any = None, allow_pickle: bool = False) -> None:
         self.options = ClientOptions(ip, port, port_out, protocol, identity, timeout,
@@ -56,12 +69,17 @@ class AsyncWKRClient:
                                      allow_pickle)
         self.check_version = check_version
         self._ids = itertools.count(1)
-        self._futures: dict[int, asyncio.Future[Reply]] = {}
+        self._futures: dict[int, _Waiting] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_waiters: list[asyncio.Future[None]] = []
         self._sender: Any = None
         self._receiver: Any = None
-        self._monitors: list[Any] = []
+        self._watch: DropWatcher | None = None
+        # Drops so far of the request port and of the reply port, counted by the watcher
+        # thread when they happen: a drop fails only the calls started before it.
+        self._port_drops = 0
+        self._out_drops = 0
+        self._out_known = 0  # port_out drops before the last HELLO the sink answered
         self._closed = False
         self.server_info: dict[str, Any] = {}
 
@@ -77,27 +95,24 @@ class AsyncWKRClient:
         context: zmq.Context[Any] = zmq.Context.instance()
         self._sender = self.options.configure(context.socket(zmq.DEALER))
         self._receiver = self.options.configure(context.socket(zmq.DEALER))
-        self._monitors = [s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-                          for s in (self._sender, self._receiver)]
+        self._loop = asyncio.get_running_loop()
+        self._watch = DropWatcher((self._sender, self._receiver), self._on_drop)
         self._sender.connect(self.options.address_in)
         self._receiver.connect(self.options.address_out)
-        self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._receiver.FD, self._read_replies)
-        for name, monitor in zip(("port", "port_out"), self._monitors, strict=True):
-            self._loop.add_reader(monitor.FD, self._read_monitor, name, monitor)
         self._loop.add_reader(self._sender.FD, self._on_sender_events)
         # A descriptor signals only changes after EVENTS was read once: read it now.
         self._read_replies()
-        for name, monitor in zip(("port", "port_out"), self._monitors, strict=True):
-            self._read_monitor(name, monitor)
         self._on_sender_events()
         limit = self.options.connect_timeout / 1000.0
         step = "handshake with port_out"
         try:
             req_id = next(self._ids)
+            drops = self._out_drops
             info = await self._exchange(req_id, self._receiver, [hello_frame(req_id)], limit,
                                         step)
             self.server_info = check_hello(info.value, self.options, self.check_version)
+            self._out_known = max(self._out_known, drops)
             req_id = next(self._ids)
             step = "ping through port"
             pong = await self._exchange(
@@ -139,8 +154,10 @@ class AsyncWKRClient:
 
     async def _command(self, name: str, args: Any = None) -> Any:
         await self.connect()
-        req_id = next(self._ids)
         budget = self.options.timeout
+        if self._out_drops != self._out_known:  # see _request
+            budget = await self._rejoin(budget)
+        req_id = next(self._ids)
         reply = await self._exchange(
             req_id, self._sender, [command_frame(req_id, budget, name, args)],
             None if budget is None else budget / 1000.0, f"command {name!r}")
@@ -151,22 +168,19 @@ class AsyncWKRClient:
     async def close(self) -> None:
         self._closed = True
         loop, self._loop = self._loop, None
-        sockets = [self._sender, self._receiver, *self._monitors]
+        sockets = [self._sender, self._receiver]
         if loop is not None:
             for socket in sockets:
                 if socket is not None and not socket.closed:
                     loop.remove_reader(socket.FD)
-        for socket, monitor in zip((self._sender, self._receiver), self._monitors,
-                                   strict=False):
-            with contextlib.suppress(zmq.ZMQError):
-                socket.disable_monitor()
-            monitor.close(0)
-        self._monitors = []
-        for socket in (self._sender, self._receiver):
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.stop(sockets)
+        for socket in sockets:
             if socket is not None:
                 socket.close(0)
         self._fail_waiting_senders(ClientUsageError("client closed"))
-        for future in self._futures.values():
+        for future, *_ in self._futures.values():
             if not future.done():
                 future.set_exception(ClientUsageError("client closed"))
         self._futures.clear()
@@ -183,6 +197,8 @@ class AsyncWKRClient:
                        options: dict[str, Any] | None = None) -> Reply:
         await self.connect()
         budget = self.options.timeout if timeout is None else timeout
+        if self._out_drops != self._out_known:  # port_out dropped since the last HELLO
+            budget = await self._rejoin(budget)
         req_id = next(self._ids)
         frames = request_frames(req_id, budget, items, self.options.protocol,
                                 self.options.allow_pickle, options, self.server_info)
@@ -193,13 +209,38 @@ class AsyncWKRClient:
             raise reply.error
         return reply
 
+    async def _rejoin(self, budget: int | None) -> int | None:
+        """Say HELLO to the sink again, after port_out dropped, before the next request:
+        the sink routes replies by this client's identity and drops those it cannot
+        deliver, as long as this client has not reconnected. Bounded by the call's
+        ``budget`` (ms), which it uses part of; returns what is left of it."""
+        loop = self._loop
+        if loop is None:
+            raise ClientUsageError("this AsyncWKRClient is closed")
+        started = loop.time()
+        drops = self._out_drops
+        req_id = next(self._ids)
+        reply = await self._exchange(req_id, self._receiver, [hello_frame(req_id)],
+                                     None if budget is None else budget / 1000.0,
+                                     "answer to the HELLO on port_out")
+        if reply.error is not None:
+            raise reply.error
+        # The limits learnt at connect time stay.
+        self.server_info.update(check_hello(reply.value, self.options, self.check_version))
+        self._out_known = max(self._out_known, drops)
+        if budget is None:
+            return None
+        return max(1, budget - int((loop.time() - started) * 1000))
+
     async def _exchange(self, req_id: int, socket: Any, frames: list[Any],
                         limit: float | None, what: str) -> Reply:
         loop = self._loop
         if loop is None:
             raise ClientUsageError("this AsyncWKRClient is closed")
         future: asyncio.Future[Reply] = loop.create_future()
-        self._futures[req_id] = future
+        # A HELLO (on the reply socket) does not depend on the request port.
+        self._futures[req_id] = (future, None if socket is self._receiver
+                                 else self._port_drops, self._out_drops)
         timer = None if limit is None else loop.call_later(limit, self._expire, future)
         try:
             await self._send(socket, frames)
@@ -267,19 +308,20 @@ class AsyncWKRClient:
                 break
             self._deliver(frames)
 
-    def _read_monitor(self, name: str, monitor: Any) -> None:
-        """Fail every waiting call with :class:`ConnectionLost` when a connection drops
-        (after taking the replies that arrived before the drop)."""
-        if monitor.closed:
-            return
-        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._read_replies()
-                self._fail_all(name)
+    def _on_drop(self, which: str) -> None:
+        """(The watcher thread.) Connection ``which`` dropped: count it now, so that the
+        calls started from now on are not failed by it, and have the loop fail those
+        started before (it may be idle, between two ``run_until_complete``)."""
+        if which == "port":
+            self._port_drops += 1
+            count = self._port_drops
+        else:
+            self._out_drops += 1
+            count = self._out_drops
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._fail_dropped, which, count)
 
     def _deliver(self, frames: Any) -> None:
         try:
@@ -288,14 +330,19 @@ class AsyncWKRClient:
             logger.warning("dropped a malformed reply: %s", exc)
             return
         for reply in replies:
-            future = self._futures.get(reply.req_id)
-            if future is not None and not future.done():
-                future.set_result(reply)
+            waiting = self._futures.get(reply.req_id)
+            if waiting is not None and not waiting[0].done():
+                waiting[0].set_result(reply)
 
-    def _fail_all(self, which: str) -> None:
+    def _fail_dropped(self, which: str, count: int) -> None:
+        """Fail with :class:`ConnectionLost` the calls waiting on connection ``which``
+        that started before its drop number ``count`` (after taking the replies that
+        arrived before the drop)."""
+        self._read_replies()
         address = self.options.address_in if which == "port" else self.options.address_out
-        for req_id, future in list(self._futures.items()):
-            if not future.done():
+        for req_id, (future, port_seen, out_seen) in list(self._futures.items()):
+            seen = port_seen if which == "port" else out_seen
+            if seen is not None and seen < count and not future.done():
                 future.set_exception(ConnectionLost(
                     f"the connection to {address} dropped while request {req_id} was "
                     "pending; its result is lost", "", req_id))

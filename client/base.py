@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import uuid
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
 from .errors import (
@@ -22,12 +26,28 @@ from .errors import (
 from .keys import load_key_pair, load_public_key
 from .version import __version__
 
-__all__ = ["ClientOptions", "Reply", "Response", "check_hello", "check_item_count",
-           "handshake_ping_frame", "parse_replies", "request_frames", "request_options",
-           "take_limits"]
+__all__ = ["CONNECTIONS", "CONNECT_TIMEOUT_MS", "DEFAULT_PORT", "DEFAULT_PORT_OUT",
+           "DEFAULT_TIMEOUT_MS", "ClientOptions", "DropWatcher", "Reply", "Response",
+           "check_hello", "check_item_count", "handshake_ping_frame", "parse_replies",
+           "request_frames", "request_options", "take_limits"]
 
+#: The server's ``-port`` (requests) a client connects to unless told otherwise.
+DEFAULT_PORT = 5555
+#: The server's ``-port_out`` (replies) a client connects to unless told otherwise.
+DEFAULT_PORT_OUT = 5556
+#: Milliseconds a call waits for its reply unless told otherwise.
+DEFAULT_TIMEOUT_MS = 60_000
 #: Longest the connection handshake may take when the call timeout is longer.
 CONNECT_TIMEOUT_MS = 10_000
+#: The names of a client's two connections, in the order of its sockets (the request
+#: socket, then the reply socket), as :class:`DropWatcher` reports them.
+CONNECTIONS = ("port", "port_out")
+#: The monitor events a client watches: a dropped connection, and the end of watching
+#: (which close() causes).
+WATCHED_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
+#: Longest single wait (ms) of a watcher thread. It ends at once on the stop event that
+#: close() causes; this only bounds its end should that event not come.
+WATCH_SLICE_MS = 1000
 
 
 class Response(NamedTuple):
@@ -114,6 +134,71 @@ class ClientOptions:
 
 def _host(ip: str) -> str:
     return f"[{ip}]" if ":" in ip and not ip.startswith("[") else ip
+
+
+class DropWatcher:
+    """Tells a client, when it happens, that one of its two connections dropped.
+
+    A thread of its own blocks on the sockets' monitors, so that a drop is known when it
+    happens rather than when a call next looks: read late, a drop from before a server
+    restart fails calls made to the new server; read on every call, it costs two system
+    calls a call. The thread adds nothing to a call: it sleeps in poll, woken by an
+    event or once every :data:`WATCH_SLICE_MS`.
+
+    ``on_drop(name)``, a bound method, is called in the watcher thread with the name of
+    the connection (:data:`CONNECTIONS`); it is held weakly, so that the thread never
+    keeps its client alive. The monitors are used by the watcher thread only.
+    """
+
+    def __init__(self, sockets: Sequence[zmq.Socket], on_drop: Callable[[str], None]) -> None:
+        self._on_drop = weakref.WeakMethod(on_drop)
+        self._stopping = False
+        self._monitors = [s.get_monitor_socket(WATCHED_EVENTS) for s in sockets]
+        self._thread = threading.Thread(target=self._run, name="wkr-client-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, sockets: Sequence[zmq.Socket]) -> None:
+        """Stop watching ``sockets`` (call it from the thread that uses them, before closing
+        them); waits, bounded, until the watcher thread has closed its monitors."""
+        self._stopping = True
+        for socket in sockets:
+            with contextlib.suppress(zmq.ZMQError):
+                socket.disable_monitor()
+        if threading.current_thread() is not self._thread:  # close() may run in a GC pass
+            self._thread.join(2 * WATCH_SLICE_MS / 1000.0)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        names: dict[zmq.Socket, str] = {}
+        for monitor, name in zip(self._monitors, CONNECTIONS, strict=True):
+            poller.register(monitor, zmq.POLLIN)
+            names[monitor] = name
+        try:
+            while names and not self._stopping:
+                for monitor, _ in poller.poll(WATCH_SLICE_MS):
+                    try:
+                        event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+                    except zmq.Again:
+                        continue
+                    if event == zmq.EVENT_MONITOR_STOPPED:
+                        poller.unregister(monitor)
+                        del names[monitor]
+                    elif event == zmq.EVENT_DISCONNECTED and not self._tell(names[monitor]):
+                        return
+        except zmq.ZMQError:  # the context was terminated: nothing is left to watch
+            pass
+        finally:
+            for monitor in self._monitors:
+                monitor.close(0)
+
+    def _tell(self, name: str) -> bool:
+        """Report a drop; False once the client is gone."""
+        on_drop = self._on_drop()
+        if on_drop is None:
+            return False
+        on_drop(name)
+        return True
 
 
 def request_frames(req_id: int, timeout_ms: int | None, items: Sequence[Any],

@@ -7,6 +7,11 @@ any number may be outstanding and replies are matched by integer request id.
 A client may be shared between threads: sends are serialised by a lock, and one waiting
 thread at a time reads the reply socket for everybody (leader/followers), handing
 other threads' replies over through a condition variable.
+
+A dropped connection (the server stopped or crashed) fails the calls outstanding at that
+moment, and only those; ZeroMQ reconnects by itself, and after ``port_out`` dropped the
+next call first says HELLO to the sink again, so the same client goes on serving once
+the server is back on the same ports.
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from typing import Any
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from .base import (
+    DEFAULT_PORT,
+    DEFAULT_PORT_OUT,
+    DEFAULT_TIMEOUT_MS,
     ClientOptions,
+    DropWatcher,
     Reply,
     Response,
     check_frame_sizes,
@@ -55,12 +63,14 @@ __all__ = ["ConcurrentWKRClient", "WKRClient"]
 
 #: Most replies one reading thread takes off the socket before handing over.
 READ_BATCH = 1024
-#: Longest single poll (ms) of the reading thread, so close() never waits long for it.
+#: Longest single poll (ms) of the reading thread, so close() never waits long for it,
+#: and the longest a call waiting on a dropped connection takes to fail.
 READ_SLICE_MS = 200
 
 _ONE = "one"  # encode(): the reply is one item
 _MANY = "many"  # encode_batch(): the reply is a list of items
 _VALUE = "value"  # commands: the reply is a value
+_HELLO = "hello"  # a HELLO to the sink: a value, and no concern of the request port
 
 
 class WKRClient:
@@ -94,9 +104,10 @@ class WKRClient:
         callers with a core to spare, never for many clients on a small machine.
     """
 
-    def __init__(self, ip: str = "localhost", port: int = 5555, port_out: int = 5556,
-                 protocol: str = "obj", identity: bytes | str | None = None,
-                 timeout: int | None = 60_000, check_version: bool = True,
+    def __init__(self, ip: str = "localhost", port: int = DEFAULT_PORT,
+                 port_out: int = DEFAULT_PORT_OUT, protocol: str = "obj",
+                 identity: bytes | str | None = None,
+                 timeout: int | None = DEFAULT_TIMEOUT_MS, check_version: bool = True,
                  ignore_all_checks: bool = False, show_server_config: bool = False,
                  connect_timeout: int | None = None, busy_poll_us: int = 0,
                  server_public_key: Any = None, client_key: Any = None,
@@ -116,6 +127,12 @@ class WKRClient:
         self._replies: dict[int, Reply] = {}  # arrived, not yet taken
         self._unfetched: deque[int] = deque()  # non-blocking requests, in send order
         self._errors: dict[int, ServerError | ProtocolError] = {}  # failed, fetched: for fetch_all
+        # Outstanding when a connection dropped (id -> its name): the reading thread fails
+        # them, after taking the replies that came before the drop.
+        self._doomed: dict[int, str] = {}
+        self._out_drops = 0  # port_out drops so far
+        self._out_known = 0  # port_out drops before the last HELLO the sink answered
+        self._hellos: list[bytes] = []  # HELLOs for the reading thread to send
         self._reading = False
         self._rcvtimeo = -1
         self._closed = False
@@ -126,9 +143,8 @@ class WKRClient:
         self.sender = self.options.configure(context.socket(zmq.DEALER))
         self.receiver = self.options.configure(context.socket(zmq.DEALER))
         # A dropped connection fails what waits on it at once (ConnectionLost) instead of
-        # at its timeout: the monitors report disconnects, checked when a read is idle.
-        self._monitors = [s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-                          for s in (self.sender, self.receiver)]
+        # at its timeout: the watcher reports a drop when it happens.
+        self._watch = DropWatcher((self.sender, self.receiver), self._on_drop)
         self.sender.connect(self.options.address_in)
         self.receiver.connect(self.options.address_out)
         if not ignore_all_checks:
@@ -191,12 +207,8 @@ class WKRClient:
         keeps this input out of the log (its result is still logged), ``request_id``
         (a string of at most 128 characters) is written as the request's id in the log.
         """
-        req_id = self._send_items([data], _ONE, timeout, target_request_id,
-                                  request_options(suppress_log_input, request_id))
-        if not blocking:
-            self._unfetched.append(req_id)
-            return req_id
-        return self._result(req_id, timeout)
+        return self._call([data], _ONE, blocking, timeout, target_request_id,
+                          request_options(suppress_log_input, request_id))
 
     def encode_batch(self, items: Sequence[Any], blocking: bool = True,
                      timeout: int | None = None, suppress_log_input: bool = False,
@@ -210,12 +222,8 @@ class WKRClient:
             items = list(items)
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not items:
             raise ClientUsageError("encode_batch takes a non-empty sequence of inputs")
-        req_id = self._send_items(items, _MANY, timeout, None,
-                                  request_options(suppress_log_input, request_id))
-        if not blocking:
-            self._unfetched.append(req_id)
-            return req_id
-        return self._result(req_id, timeout)
+        return self._call(items, _MANY, blocking, timeout, None,
+                          request_options(suppress_log_input, request_id))
 
     def fetch(self, delay: float = 0.0) -> Iterator[Response]:
         """Yield the replies of non-blocking requests, in the order they were sent."""
@@ -271,6 +279,8 @@ class WKRClient:
         for n, data in enumerate(batch_generator):
             if max_num_batch is not None and n >= max_num_batch:
                 break
+            if self._out_drops != self._out_known:  # see _call
+                self._rejoin(timeout)
             in_flight.append(self._send_items([data], _ONE, timeout, None))
             if len(in_flight) >= max_in_flight:
                 yield self._response(in_flight.popleft(), keep_error=False)
@@ -286,10 +296,7 @@ class WKRClient:
             self._cond.notify_all()
             while self._reading:  # the reading thread returns within READ_SLICE_MS
                 self._cond.wait(READ_SLICE_MS / 1000.0)
-        for socket, monitor in zip((self.sender, self.receiver), self._monitors, strict=True):
-            with contextlib.suppress(zmq.ZMQError):
-                socket.disable_monitor()
-            monitor.close(0)
+        self._watch.stop((self.sender, self.receiver))
         self.sender.close(0)
         self.receiver.close(0)
 
@@ -308,14 +315,14 @@ class WKRClient:
     def _connect(self) -> None:
         """Handshake: HELLO to the sink, then a ping through the ventilator."""
         deadline = time.monotonic() + self.options.connect_timeout / 1000.0
-        req_id = next(self._ids)
         with self._lock:
             self._check_open()
-            self._expected[req_id] = _VALUE
-            self.receiver.send(hello_frame(req_id))
+            drops = self._out_drops
+            req_id = self._say_hello()
         info = self._wait(req_id, self.options.connect_timeout, "handshake with port_out")
         _raise_handshake_error(info, self.options, "handshake with port_out")
         self._server_info = check_hello(info.value, self.options, self.check_version)
+        self._out_known = max(self._out_known, drops)
         req_id = next(self._ids)
         with self._lock:
             self._expected[req_id] = _VALUE
@@ -331,6 +338,57 @@ class WKRClient:
         if self._closed:
             raise ClientUsageError("this WKRClient is closed")
 
+    def _say_hello(self) -> int:
+        """Send a HELLO to the sink (lock held); returns its request id. The reply socket
+        belongs to the reading thread while there is one: it then sends the HELLO."""
+        req_id = next(self._ids)
+        self._expected[req_id] = _HELLO
+        if self._reading:
+            self._hellos.append(hello_frame(req_id))
+        else:
+            self._send_hello(hello_frame(req_id))
+        return req_id
+
+    def _send_hello(self, frame: bytes) -> None:
+        # The reply socket queues it until connected; a full queue (over a thousand
+        # HELLOs unanswered) leaves the HELLO to time out.
+        with contextlib.suppress(zmq.Again):
+            self.receiver.send(frame, zmq.NOBLOCK)
+
+    def _rejoin(self, timeout: int | None) -> int | None:
+        """Say HELLO to the sink again, after port_out dropped, before the next request:
+        the sink routes replies by this client's identity and drops those it cannot
+        deliver, as long as this client has not reconnected. Bounded by the call's
+        ``timeout``, which it uses part of; returns what is left of it."""
+        budget = self._budget(timeout)
+        started = time.monotonic()
+        with self._lock:
+            self._check_open()
+            drops = self._out_drops
+            req_id = self._say_hello()
+        reply = self._wait(req_id, budget, "answer to the HELLO on port_out")
+        if reply.error is not None:
+            raise reply.error
+        info = check_hello(reply.value, self.options, self.check_version)
+        with self._lock:
+            self._server_info.update(info)  # the limits learnt at connect time stay
+            self._out_known = max(self._out_known, drops)
+        if budget is None:
+            return timeout
+        return max(1, budget - int((time.monotonic() - started) * 1000))
+
+    def _call(self, items: Sequence[Any], shape: str, blocking: bool, timeout: int | None,
+              req_id: int | None, options: dict[str, Any] | None) -> Any:
+        """Send a request (after a HELLO if port_out dropped since the last one); return
+        its result, or with ``blocking=False`` its request id."""
+        if self._out_drops != self._out_known:
+            timeout = self._rejoin(timeout)
+        req_id = self._send_items(items, shape, timeout, req_id, options)
+        if not blocking:
+            self._unfetched.append(req_id)
+            return req_id
+        return self._result(req_id, timeout)
+
     def _send_items(self, items: Sequence[Any], shape: str, timeout: int | None,
                     req_id: int | None, options: dict[str, Any] | None = None) -> int:
         if not self._connected:
@@ -344,6 +402,8 @@ class WKRClient:
             self._check_open()
             if req_id in self._expected:
                 raise ClientUsageError(f"request id {req_id} is already in flight")
+            if self._doomed:  # a caller's own id may be that of an old, dropped request
+                self._doomed.pop(req_id, None)
             self._expected[req_id] = shape
             self._send_frames(frames)
             self.num_requests += 1
@@ -365,12 +425,15 @@ class WKRClient:
     def _command(self, name: str, args: Any = None) -> Any:
         if not self._connected:
             self._connect()
+        timeout = self.timeout
+        if self._out_drops != self._out_known:  # see _call
+            timeout = self._rejoin(timeout)
         req_id = next(self._ids)
         with self._lock:
             self._check_open()
             self._expected[req_id] = _VALUE
-            self._send_frames([command_frame(req_id, self.timeout, name, args)])
-        reply = self._wait(req_id, self._budget(None), f"command {name!r}")
+            self._send_frames([command_frame(req_id, timeout, name, args)])
+        reply = self._wait(req_id, self._budget(timeout), f"command {name!r}")
         if reply.error is not None:
             raise reply.error
         return reply.value
@@ -416,22 +479,32 @@ class WKRClient:
                 self._reading = True
                 self._lock.release()
                 arrived: list[Reply] = []
-                lost: str | None = None
                 try:
-                    slice_ms = READ_SLICE_MS if remaining is None else max(
-                        1, min(READ_SLICE_MS, int(remaining * 1000)))
-                    arrived = self._read(slice_ms)
-                    if not arrived:
-                        lost = self._disconnected()
-                        if lost is not None:  # keep what the server sent before it went
-                            arrived = self._read(0)
+                    if not self._doomed:  # else fail them now, without waiting
+                        slice_ms = READ_SLICE_MS if remaining is None else max(
+                            1, min(READ_SLICE_MS, int(remaining * 1000)))
+                        arrived = self._read(slice_ms)
                 finally:
                     self._lock.acquire()
-                    self._reading = False
-                    self._store(arrived)
-                    if lost is not None:
-                        self._fail_pending(lost)
-                    self._cond.notify_all()
+                    self._end_reading(arrived)
+
+    def _end_reading(self, arrived: list[Reply]) -> None:
+        """The reading thread's turn ends (lock held): keep what arrived; fail the requests
+        a dropped connection left unanswered, once what the server sent before the drop
+        is taken; send the HELLOs that waited for the reply socket; wake the others."""
+        try:
+            if self._doomed:
+                arrived.extend(self._read(0))
+        finally:
+            self._reading = False  # no other thread reads before the lock is released
+            self._store(arrived)
+            if self._doomed:
+                self._fail_doomed()
+            if self._hellos:
+                hellos, self._hellos = self._hellos, []
+                for frame in hellos:
+                    self._send_hello(frame)
+            self._cond.notify_all()
 
     def _read(self, timeout_ms: int) -> list[Reply]:
         """Block up to ``timeout_ms`` for replies (a timed recv: cheaper than poll+recv)."""
@@ -471,26 +544,29 @@ class WKRClient:
             if time.perf_counter() >= deadline:
                 return None
 
-    def _disconnected(self) -> str | None:
-        """Which connection dropped since the last look (None: neither)."""
-        lost = None
-        for name, monitor in zip(("port", "port_out"), self._monitors, strict=True):
-            while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    lost = name
-        return lost
+    def _on_drop(self, which: str) -> None:
+        """(The watcher thread.) Connection ``which`` dropped: the requests outstanding now
+        will not be answered (a HELLO waits on port_out only); requests sent from now on
+        are not concerned. After a port_out drop, the next call says HELLO again."""
+        with self._cond:
+            for req_id, shape in self._expected.items():
+                if which == "port_out" or shape != _HELLO:
+                    self._doomed.setdefault(req_id, which)
+            if which == "port_out":  # counted last: a HELLO sent on seeing it is not doomed
+                self._out_drops += 1
 
-    def _fail_pending(self, which: str) -> None:
-        """Fail every request still waiting (lock held): its connection dropped, so the
-        server will never answer it."""
-        address = self.options.address_in if which == "port" else self.options.address_out
-        for req_id in list(self._expected):
-            del self._expected[req_id]
+    def _fail_doomed(self) -> None:
+        """Fail the requests still unanswered that were outstanding when a connection
+        dropped (lock held): the server will never answer them."""
+        for req_id, which in self._doomed.items():
+            if self._expected.pop(req_id, None) is None:  # answered, or its caller gave up
+                continue
+            address = self.options.address_in if which == "port" else self.options.address_out
             self._replies[req_id] = Reply(req_id, None, ConnectionLost(
                 f"the connection to {address} dropped while request {req_id} was pending "
                 "(the server stopped or crashed, or refused a frame over its "
                 "-max_msg_size); its result is lost", "", req_id))
+        self._doomed.clear()
 
     def _store(self, replies: list[Reply]) -> None:
         """Keep replies someone is waiting for (lock held); drop late or unknown ones."""
