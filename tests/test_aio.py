@@ -129,8 +129,9 @@ def test_protocol_mismatch(numpy_server):
 
 
 def test_pending_calls_fail_with_connection_lost_when_the_sink_dies(tmp_path):
-    """A crashed sink takes the server down; an awaiting call fails with ConnectionLost
-    at once instead of waiting out its timeout."""
+    """A crashed sink: an awaiting call fails with ConnectionLost at once instead of
+    waiting out its timeout; the supervisor starts another sink on the same port, and
+    the same client carries on."""
     import os
     import signal
 
@@ -153,10 +154,13 @@ def test_pending_calls_fail_with_connection_lost_when_the_sink_dies(tmp_path):
                 os.kill(sink_pid, signal.SIGKILL)
                 with pytest.raises(ConnectionLost, match="dropped"):
                     await call
-                return time.monotonic() - t0
+                waited = time.monotonic() - t0
+                with open(release, "w", encoding="utf-8"):
+                    pass  # let the held worker finish (its answer goes to the dead sink)
+                assert await client.encode("after the crash") == "after the crash"
+                assert (await client.server_status())["sink_pid"] != sink_pid
+                return waited
 
         waited = run(main())
         assert waited < 10, f"ConnectionLost took {waited:.2f}s"
-        server.join(30)
-        assert server.exit_code == 1, "a dead sink must stop the server with an error"
-        assert "sink" in (server.supervisor.failure or "")
+        assert server.is_alive() and server.supervisor.failure is None
