@@ -26,13 +26,16 @@ import threading
 from collections import Counter
 from typing import Any
 
+from .base import DEFAULT_PORT, DEFAULT_PORT_OUT
+
 __all__ = ["WKRWorker"]
 
 
 class WKRWorker:
     """Base class of a pool's processing unit. Override the three lifecycle methods."""
 
-    def __init__(self, index: int = 0, server: tuple[str, int, int] = ("localhost", 5555, 5556),
+    def __init__(self, index: int = 0,
+                 server: tuple[str, int, int] = ("localhost", DEFAULT_PORT, DEFAULT_PORT_OUT),
                  options: argparse.Namespace | None = None) -> None:
         #: This unit's number in the pool (0-based, unique while the pool runs).
         self.index = index

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from wkr_serving.client.base import DEFAULT_PORT, DEFAULT_PORT_OUT
 from wkr_serving.client.protocol import PROTOCOL_NAMES, normalize_protocol
 from wkr_serving.client.version import __version__
 
@@ -48,9 +49,9 @@ class ServerConfig:
         "tmp_wkr", "the workers' scratch folder (their tmp_dir): a name is made inside a "
         "directory of this server under the system temp dir, removed when it stops; an "
         "absolute path is used as is (created if missing, never removed)")
-    port: int = _opt(5555, "port receiving requests from clients (0: any free port)",
+    port: int = _opt(DEFAULT_PORT, "port receiving requests from clients (0: any free port)",
                      "-port_in", "-port_data", kind=int)
-    port_out: int = _opt(5556, "port returning results to clients (0: any free port)",
+    port_out: int = _opt(DEFAULT_PORT_OUT, "port returning results to clients (0: any free port)",
                          "-port_result", kind=int)
     bind: str = _opt("0.0.0.0", "address the public ports bind to")
     protocol: str = _opt("obj", "wire protocol: 'obj' (any msgpack-able value) or 'numpy' "

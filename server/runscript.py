@@ -44,6 +44,7 @@ from typing import Any
 
 import psutil
 from wkr_serving.client import WKRClient
+from wkr_serving.client.base import DEFAULT_PORT, DEFAULT_PORT_OUT
 from wkr_serving.client.errors import (
     ClientUsageError,
     ConnectionLost,
@@ -903,8 +904,9 @@ def main_terminate(argv: Sequence[str] | None = None) -> int:
         "runs on this host, and its ports no longer accept connections. Exit status: 0 "
         "stopped, 1 still running after -timeout, 2 usage error, refused or unreachable.")
     parser.add_argument("-ip", default="localhost", help="server address")
-    parser.add_argument("-port", type=int, default=5555, help="the server's -port")
-    parser.add_argument("-port_out", type=int, default=5556, help="the server's -port_out")
+    parser.add_argument("-port", type=int, default=DEFAULT_PORT, help="the server's -port")
+    parser.add_argument("-port_out", type=int, default=DEFAULT_PORT_OUT,
+                        help="the server's -port_out")
     parser.add_argument("-timeout", type=float, default=60.0,
                         help="seconds to wait for the server to confirm it stopped")
     parser.add_argument("-token", default=os.environ.get("WKR_AUTH_TOKEN"),

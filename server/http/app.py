@@ -37,6 +37,7 @@ from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from wkr_serving.client import AsyncWKRClient
 from wkr_serving.client import errors as E
+from wkr_serving.client.base import DEFAULT_TIMEOUT_MS
 from wkr_serving.client.protocol import MAX_OPTION_CHARS
 from wkr_serving.client.version import __version__
 
@@ -82,7 +83,7 @@ class Backend:
         self.protocol = config.protocol
         self.limits = Limits(config.max_request_items, config.max_msg_size)
         self.options = {"ip": host, "port": port, "port_out": port_out,
-                        "protocol": config.protocol, "timeout": 60_000,
+                        "protocol": config.protocol, "timeout": DEFAULT_TIMEOUT_MS,
                         **(client_options or {})}
         self.started_at = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
