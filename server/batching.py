@@ -71,10 +71,11 @@ class BatchQueue:
 
     def oldest(self) -> float | None:
         """Arrival time of the oldest queued item, or None when empty."""
-        times = [self._requests[0].t_recv] if self._requests else []
-        if self._retries:
-            times.append(self._retries[0][0].t_recv)
-        return min(times) if times else None
+        oldest = self._requests[0].t_recv if self._requests else None
+        if self._retries:  # rare: only after a worker died
+            retry = self._retries[0][0].t_recv
+            return retry if oldest is None or retry < oldest else oldest
+        return oldest
 
     def take(self, limit: int) -> list[Slice]:
         """Remove up to ``limit`` items, oldest first, as slices; a retry leaves alone."""

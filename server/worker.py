@@ -152,6 +152,7 @@ class WorkerProcess(Role):
         self.predlog: PredictionLog | None = None
         self._lost_lines = 0  # prediction-log lines lost and not yet reported
         self._ready_frame = b""
+        self.pid = 0  # this process's id, known in boot
         self._control_handlers: dict[str, Callable[[Any], None]] = {}
         #: Requests answered, and the count after which this worker asks to be recycled.
         self.answered = 0
@@ -196,7 +197,8 @@ class WorkerProcess(Role):
         self.logger.info("model ready in %.2fs", time.perf_counter() - started)
         self.stack = self.config.protocol == "numpy"
         self.allow_pickle = self.config.allow_pickle
-        self._ready_frame = M.ready(self.index, os.getpid(), self.device_id)
+        self.pid = os.getpid()  # once: getpid is a system call, and DONE carries it
+        self._ready_frame = M.ready(self.index, self.pid, self.device_id)
         if self.config.log_predictions:
             assert self.config.log_dir is not None  # checked by ServerConfig
             self.predlog = PredictionLog(log_path(self.config.log_dir, self.config.log_name),
@@ -270,7 +272,7 @@ class WorkerProcess(Role):
         first)."""
         assert self.vent is not None
         self.retiring = time.monotonic()
-        self.vent.send(M.retire(self.index, os.getpid()))
+        self.vent.send(M.retire(self.index, self.pid))
 
     def _on_reannounce(self, value: Any) -> None:
         """A restarted ventilator does not know this idle worker: say READY again (the
@@ -301,7 +303,7 @@ class WorkerProcess(Role):
         if reason is not None:
             self.recycling = True
             self.logger.info("asking to be recycled: %s", reason)
-            self.event(M.Event.RECYCLE, {"index": self.index, "pid": os.getpid(),
+            self.event(M.Event.RECYCLE, {"index": self.index, "pid": self.pid,
                                          "reason": reason})
 
     # -- one batch ----------------------------------------------------------------------
@@ -339,7 +341,7 @@ class WorkerProcess(Role):
         stats = self.worker._take_statistics()
         if self.predlog is not None:
             self._count_lost_lines(stats)
-        self.sink.send_multipart([M.done(batch.batch_id, self.index, os.getpid(), parts,
+        self.sink.send_multipart([M.done(batch.batch_id, self.index, self.pid, parts,
                                          stats, busy), *result_frames], copy=False)
         if self.predlog is not None:
             self._log(batch.segments, payload, parts, result_frames)
