@@ -32,6 +32,7 @@ from .logs import log_base, set_logger
 from .process import EXIT_BOOT_FAILED, Role, bind_internal, run_role
 from .scratch import ServerDirs
 from .sink import Sink
+from .status import WorkerHistory
 from .ventilator import Ventilator
 from .worker import WKRHardWorker, WorkerProcess
 
@@ -107,6 +108,8 @@ class Supervisor(StoppableLoop):
         self.generations: dict[int, int] = {}  # worker slot -> its latest generation
         self.idle_deaths: list[float] = []  # when workers died with nothing in hand
         self.recycle_queue: deque[str] = deque()  # workers waiting to be recycled
+        #: Worker slot -> its restarts and last error, for a restarted ventilator's status.
+        self.worker_history: dict[int, WorkerHistory] = {}
         self._hangups_seen = 0
         self._event_handlers: dict[str, Callable[[str, _Child, Any], None]] = {
             M.Event.READY: self._event_ready,
@@ -412,7 +415,8 @@ class Supervisor(StoppableLoop):
             self.ventilator_generation += 1
             self._respawn(child, reason, Ventilator(
                 self._public_config(), self.endpoints, self.started_at,
-                self.ventilator_generation), " on the same port (workers stay loaded)")
+                self.ventilator_generation, self.worker_history),
+                " on the same port (workers stay loaded)")
         elif isinstance(role, Sink):
             self._respawn(child, reason, Sink(self._public_config(), self.endpoints),
                           " on the same port (workers stay loaded)")
@@ -461,6 +465,8 @@ class Supervisor(StoppableLoop):
         role = child.role
         assert isinstance(role, WorkerProcess)
         name = role.identity
+        self.worker_history[role.index] = {"restarts": child.total_restarts + 1,
+                                           "last_error": reason}
         if child.ready:
             self._send("ventilator", M.Control.WORKER_LOST, {
                 "index": role.index, "pid": child.process.pid, "reason": reason,

@@ -132,7 +132,8 @@ class Ventilator(Role):
     color = "magenta"
 
     def __init__(self, config: ServerConfig, endpoints: Endpoints, started_at: float,
-                 generation: int = 0) -> None:
+                 generation: int = 0, history: dict[int, WorkerHistory] | None = None,
+                 ) -> None:
         super().__init__(config, endpoints)
         self.started_at = started_at
         #: How many ventilators of this server came before this one (restarts): its
@@ -153,7 +154,9 @@ class Ventilator(Role):
         self.retried = 0  # items retried after their worker died
         self.poisoned = 0  # requests answered PoisonInput
         self.batch_sizes = Histogram()
-        self.history: dict[int, WorkerHistory] = {}  # worker index -> restarts, last error
+        # worker index -> restarts, last error (a restarted ventilator is given its
+        # predecessor's by the supervisor)
+        self.history: dict[int, WorkerHistory] = dict(history or {})
         self.congested: set[bytes] = set()  # clients whose results wait unread in the sink
         #: Batches of dead workers, until the sink says whether to retry them:
         #: (worker index, pid, batch id) -> (their slices, the error of the death).

@@ -119,3 +119,30 @@ def test_a_recycled_worker_killed_while_retiring_loses_nothing(tmp_path):
         assert results == [{"after": n} for n in range(10)]
         assert server.supervisor.failure is None
         assert wait_idle(client)["workers"][0]["pid"] != first
+
+
+def test_a_restarted_ventilator_keeps_the_workers_history(tmp_path):
+    """A worker killed, then the ventilator: the new ventilator's status still shows that
+    worker's restart and last error (the supervisor hands them over)."""
+    args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-graceful_timeout", "3")
+    with running_server(args, LifecycleWorker) as server, connect(server) as client:
+        first = client.encode({"cmd": "whoami"})["pid"]
+        os.kill(first, signal.SIGKILL)
+        row = wait_until(lambda: (lambda r: r["pid"] not in (None, first) and r)(
+            client.server_status["workers"][0]), 60, "the worker to be restarted")
+        assert row["restarts"] == 1 and "SIGKILL" in row["last_error"]
+        ventilator = client.server_status["ventilator_pid"]
+        os.kill(ventilator, signal.SIGKILL)
+
+        def new_ventilator() -> Any:
+            try:
+                status = client.server_status
+            except Exception:  # ConnectionLost while it restarts: ask again
+                return None
+            return (status["ventilator_pid"] != ventilator and status["ready"]
+                    and status)
+
+        status = wait_until(new_ventilator, 60, "a new ventilator")
+        (row,) = status["workers"]
+        assert row["restarts"] == 1 and "SIGKILL" in row["last_error"], row
+        assert status["ventilator_generation"] == 1
