@@ -31,15 +31,17 @@ import psutil
 from .config import ConfigError, ServerConfig
 from .process import ABSTRACT_IPC, BootError, Endpoints
 
-__all__ = ["IPC_KIND", "SCRATCH_KIND", "ServerDirs", "prepare_worker_dirs", "remove_stale"]
+__all__ = ["HTTP_KIND", "IPC_KIND", "SCRATCH_KIND", "ServerDirs", "make_private_dir",
+           "prepare_worker_dirs", "remove_stale"]
 
 #: Directory kinds: the second word of a directory name ``wkr-<kind>-<pid>-<hex>``.
 IPC_KIND = "ipc"
 SCRATCH_KIND = "scratch"
+HTTP_KIND = "http"  # the HTTP bridge's state directory (server/http/state.py)
 #: Random bytes in a directory name (written as twice as many hex digits).
 NAME_RANDOM_BYTES = 4
 #: Exactly the names :func:`make_private_dir` gives; nothing else is ever removed.
-OWN_NAME = re.compile(rf"wkr-(?:{IPC_KIND}|{SCRATCH_KIND})-([1-9][0-9]*)-"
+OWN_NAME = re.compile(rf"wkr-(?:{IPC_KIND}|{SCRATCH_KIND}|{HTTP_KIND})-([1-9][0-9]*)-"
                       rf"[0-9a-f]{{{2 * NAME_RANDOM_BYTES}}}")
 #: Attempts at a directory name not taken yet (a clash needs equal random bytes).
 MAKE_TRIES = 100

@@ -144,6 +144,32 @@ def test_no_socket_files_and_a_killed_servers_scratch_goes_at_the_next_start(
     assert wkr_entries(systmp) == set(), "a clean stop left its scratch directory"
 
 
+def test_a_killed_servers_http_state_goes_at_the_next_start(cli_server, tmp_path):
+    """With an HTTP bridge, kill -9 of the tree also leaves the bridge's state directory
+    (``wkr-http-<pid>-<hex>``); the next server removes it with the scratch directory."""
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    env = {"TMPDIR": str(systmp)}
+    first = cli_server(["workers.EchoWorker", "-cpu", "-http_port", "0"], env=env)
+    assert first.http_port
+    with first.client() as client:
+        assert client.encode("x") == "x"
+    http_dirs = {n for n in wkr_entries(systmp) if n.startswith(f"wkr-http-{first.proc.pid}-")}
+    assert len(http_dirs) == 1, wkr_entries(systmp)
+
+    kill_tree(first.proc.pid)
+    assert http_dirs <= wkr_entries(systmp), "the killed server's state directory is gone"
+
+    second = cli_server(["workers.EchoWorker", "-cpu"], env=env)
+    with second.client() as client:
+        assert client.encode("y") == "y"
+    assert not any(n.startswith(f"wkr-{kind}-{first.proc.pid}-")
+                   for n in wkr_entries(systmp) for kind in ("http", "scratch")), \
+        wkr_entries(systmp)
+    second.close()
+    assert wkr_entries(systmp) == set()
+
+
 def test_scratch_folder_is_outside_model_dir_and_goes_at_a_clean_stop(tmp_path, monkeypatch):
     """Every hook gets one tmp_dir, a folder that exists, in the server's own directory
     under the temp dir; the model directory is left untouched; a clean stop removes it."""
@@ -224,14 +250,15 @@ def test_remove_stale_takes_only_dirs_of_dead_servers_of_this_user(tmp_path):
     """Exactly the names a server gives, real directories of this user, pid not running:
     everything else in the temp dir stays, including what a link points to."""
     dead, live = dead_pid(), os.getpid()
-    stale = [tmp_path / f"wkr-scratch-{dead}-0123abcd", tmp_path / f"wkr-ipc-{dead}-89abcdef"]
+    stale = [tmp_path / f"wkr-scratch-{dead}-0123abcd", tmp_path / f"wkr-ipc-{dead}-89abcdef",
+             tmp_path / f"wkr-http-{dead}-0123abcd"]
     for path in stale:
         (path / "tmp_wkr").mkdir(parents=True)
         (path / "tmp_wkr" / "cache.bin").write_bytes(b"x")
     kept = [tmp_path / name for name in (
         f"wkr-scratch-{live}-0123abcd",  # a running server's
         f"wkr-scratch-{dead}-0123abcd0", f"wkr-scratch-{dead}-0123ABCD",
-        f"wkr-scratch-{dead}", f"wkr-http-{dead}-0123abcd", f"wkr-{dead}-0123abcd",
+        f"wkr-scratch-{dead}", f"wkr-http-{dead}-0123abc", f"wkr-{dead}-0123abcd",
         f"xwkr-scratch-{dead}-0123abcd", "wkr-scratch-0-0123abcd")]
     for path in kept:
         path.mkdir()

@@ -20,6 +20,8 @@ import threading
 
 import psutil
 
+from ..scratch import HTTP_KIND, make_private_dir
+
 __all__ = ["PROCESSES_ENV", "STATE_DIR_ENV", "create", "gone", "process_key", "processes",
            "remove", "shared", "state_dir", "this_process"]
 
@@ -27,15 +29,16 @@ __all__ = ["PROCESSES_ENV", "STATE_DIR_ENV", "create", "gone", "process_key", "p
 STATE_DIR_ENV = "WKR_HTTP_STATE_DIR"
 #: Environment variable with the number of the bridge's processes.
 PROCESSES_ENV = "WKR_HTTP_PROCESSES"
-PREFIX = "wkr-http-"
 
 _lock = threading.Lock()
 _private: str | None = None
 
 
 def create() -> str:
-    """A new state directory (mode 0700) for a bridge about to start."""
-    return tempfile.mkdtemp(prefix=PREFIX)
+    """A new state directory (mode 0700) for a bridge about to start, named
+    ``wkr-http-<pid>-<hex>`` like the server's other directories, so that the next
+    server removes it if this one is killed (:func:`..scratch.remove_stale`)."""
+    return make_private_dir(HTTP_KIND, tempfile.gettempdir())
 
 
 def remove(path: str | None) -> None:
@@ -65,7 +68,7 @@ def state_dir() -> str:
         return given
     with _lock:
         if _private is None:
-            _private = tempfile.mkdtemp(prefix=PREFIX)
+            _private = make_private_dir(HTTP_KIND, tempfile.gettempdir())
             atexit.register(shutil.rmtree, _private, True)
         return _private
 
