@@ -230,9 +230,7 @@ class Supervisor(StoppableLoop):
         if self.hangups != self._hangups_seen:
             self._hangups_seen = self.hangups
             self.logger.info("SIGHUP: the workers reopen their prediction logs")
-            for name, child in self.children.items():
-                if isinstance(child.role, WorkerProcess) and not child.handled:
-                    self._send(name, M.Control.HANGUP)
+            self._tell_workers(M.Control.HANGUP)
 
     def _on_event(self, frames: list[bytes]) -> None:
         name = frames[0].decode(errors="replace")

@@ -159,8 +159,8 @@ class Ventilator(Role):
         self.history: dict[int, WorkerHistory] = dict(history or {})
         self.congested: set[bytes] = set()  # clients whose results wait unread in the sink
         #: Batches of dead workers, until the sink says whether to retry them:
-        #: (worker index, pid, batch id) -> (their slices, the error of the death).
-        self.dead: dict[tuple[int, int, int], tuple[list[Slice], E.ServerError | None]] = {}
+        #: (worker index, pid, batch id) -> (their slices, how the worker died).
+        self.dead: dict[tuple[int, int, int], tuple[list[Slice], str]] = {}
         self.suspects: OrderedDict[bytes, bool] = OrderedDict()  # inputs at one death
         self.quarantine: OrderedDict[bytes, bool] = OrderedDict()  # ... at two
         self.retry_prints: dict[tuple[int, int], bytes] = {}  # (serial, item) of retries
@@ -419,14 +419,15 @@ class Ventilator(Role):
     def _on_command(self, client: bytes, req_id: int, name: Any, args: Any,
                     frame: zmq.Frame) -> None:
         # Look up only strings: an ndarray (or other unhashable value) is no name.
-        handler = self._commands.get(name) if isinstance(name, str) else None
-        if handler is not None:
-            handler(client, req_id, args, frame)
-        elif not isinstance(name, str):
+        if not isinstance(name, str):
             self._reject(client, req_id, E.UnknownCommand(
                 f"a command name is a string, got {P.brief(name)}"))
-        else:
+            return
+        handler = self._commands.get(name)
+        if handler is None:
             self._reject(client, req_id, E.UnknownCommand(f"unknown command {P.brief(name)}"))
+        else:
+            handler(client, req_id, args, frame)
 
     def _command_status(self, client: bytes, req_id: int, args: Any, frame: Any) -> None:
         self._forward(client, req_id, M.Forward.STATUS, self._snapshot())
@@ -525,10 +526,15 @@ class Ventilator(Role):
         else:
             self._retired(worker)
 
+    def _forget(self, ident: bytes) -> _WorkerState | None:
+        """Stop dispatching to worker ``ident``; return its state (None: unknown)."""
+        worker = self.workers.pop(ident, None)
+        if worker is not None and ident in self.idle:
+            self.idle.remove(ident)
+        return worker
+
     def _retired(self, worker: _WorkerState) -> None:
-        del self.workers[worker.ident]
-        if worker.ident in self.idle:
-            self.idle.remove(worker.ident)
+        self._forget(worker.ident)
         self.logger.info("%s (pid %d) retired", worker.ident.decode(), worker.pid)
         with contextlib.suppress(zmq.ZMQError):  # gone already: it was leaving anyway
             self.backend.send_multipart([worker.ident, M.retired()])
@@ -542,12 +548,8 @@ class Ventilator(Role):
         """Forget a dead worker; return how many items it held. A hung worker's batch
         fails at once (WorkerDied); a dead one's is retried, unless the sink already had
         its answer (it asks the sink, see :meth:`_on_dead_batch`)."""
-        worker = self.workers.pop(ident, None)
-        if worker is None:
-            return 0
-        if ident in self.idle:
-            self.idle.remove(ident)
-        if not worker.busy:
+        worker = self._forget(ident)
+        if worker is None or not worker.busy:
             return 0
         self.busy -= 1
         slices = worker.batch or []
@@ -556,7 +558,7 @@ class Ventilator(Role):
         if hung:
             self._fail_batch(worker, slices, error)
         else:
-            self.dead[(worker.index, worker.pid, worker.batch_id)] = (slices, error)
+            self.dead[(worker.index, worker.pid, worker.batch_id)] = (slices, error.message)
             self._fail_batch(worker, slices, None)
         return sum(count for _, _, count in slices)
 
@@ -595,8 +597,8 @@ class Ventilator(Role):
         """The sink's answer about a dead worker's batch: retry its items, each alone,
         unless the worker answered it before it died. An item present at two deaths is
         quarantined: its request gets PoisonInput, now and whenever it comes again."""
-        slices, error = self.dead.pop((value["worker"], value["pid"], value["batch_id"]),
-                                      ([], None))
+        slices, death = self.dead.pop((value["worker"], value["pid"], value["batch_id"]),
+                                      ([], ""))
         if not value["retry"]:
             return
         items = [(req, k, self.retry_prints.pop((req.serial, k), b"")
@@ -608,7 +610,7 @@ class Ventilator(Role):
                 self._quarantine(fp)
                 poisoned.setdefault(req.serial, E.PoisonInput(
                     f"item {k} of this request was in the batches of two workers that died "
-                    f"({error.message if error else 'worker died'}): it is quarantined and "
+                    f"({death}): it is quarantined and "
                     "will not be computed again"))
         for req, k, fp in items:
             if req.serial in poisoned:  # the first part answers; the sink drops the rest
@@ -682,7 +684,7 @@ class Ventilator(Role):
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             # Never delivered: the items go back to the queue (as retries, ahead of it).
-            self.workers.pop(worker.ident, None)
+            self._forget(worker.ident)
             for req, offset, count in slices:
                 for k in range(offset, offset + count):
                     self.queue.retry((req, k, 1))
