@@ -227,13 +227,6 @@ class ServerConfig:
         why = "not a directory" if os.path.exists(path) else "no such directory"
         raise ConfigError(f"-model_dir {shown}: {why}")
 
-    def prepare_worker_dirs(self) -> None:
-        """Run by a worker before the user's hooks: -model_dir must be a directory and the
-        scratch folder must exist (see :func:`.scratch.prepare_worker_dirs`)."""
-        from .scratch import prepare_worker_dirs  # it imports this module
-
-        prepare_worker_dirs(self)
-
     def cors_allowed(self) -> list[str]:
         """The origins CORS allows ([]: CORS is off); ``*`` allows any."""
         value = (self.cors or "").strip()

@@ -30,6 +30,7 @@ from .logs import set_logger
 from .messages import worker_identity
 from .predlog import Entry, PredictionLog, capture, log_path
 from .process import LINGER_MS, Endpoints, Role
+from .scratch import prepare_worker_dirs
 
 __all__ = ["WKRHardWorker", "WorkerProcess", "load_worker_class"]
 
@@ -187,7 +188,7 @@ class WorkerProcess(Role):
         self.logger.info("using %s, %s BLAS/OpenMP thread(s); loading model %s from %s",
                          describe(self.device_id), threads or "default",
                          self.config.model_name, self.config.model_dir)
-        self.config.prepare_worker_dirs()  # -model_dir must exist; makes tmp_dir
+        prepare_worker_dirs(self.config)  # -model_dir must exist; makes tmp_dir
         started = time.perf_counter()
         envs = self.worker.get_env(self.device_id, self.config.tmp_dir)
         self.preprocess = self.worker.get_preprocess(envs)

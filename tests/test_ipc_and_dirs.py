@@ -43,7 +43,7 @@ from helpers import (
 from wkr_serving.server import WKRServer
 from wkr_serving.server.config import ConfigError, ServerConfig
 from wkr_serving.server.process import ABSTRACT_NAME_MAX, Endpoints, bind_internal
-from wkr_serving.server.scratch import ServerDirs, remove_stale
+from wkr_serving.server.scratch import ServerDirs, prepare_worker_dirs, remove_stale
 from wkr_serving.server.supervisor import StartupError
 from workers import EchoWorker, ScratchWorker
 
@@ -301,7 +301,7 @@ def test_server_dirs_relative_and_absolute_tmp_folder(tmp_path, monkeypatch):
     mine = tmp_path / "my scratch"
     dirs = ServerDirs.create(ServerConfig(model_dir=str(tmp_path), tmp_folder=str(mine)))
     assert dirs.owned == () and dirs.config.tmp_dir == str(mine)
-    dirs.config.prepare_worker_dirs()  # what a worker does before its hooks
+    prepare_worker_dirs(dirs.config)  # what a worker does before its hooks
     dirs.remove()
     assert mine.is_dir()
     for bad in ("..", "../elsewhere", "a/../../b", ""):
