@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -28,6 +28,7 @@ from .base import (
     DEFAULT_PORT,
     DEFAULT_PORT_OUT,
     DEFAULT_TIMEOUT_MS,
+    SWITCH_TIMEOUT_MS,
     ClientOptions,
     DropWatcher,
     Reply,
@@ -152,9 +153,32 @@ class AsyncWKRClient:
         """Ask the server to stop (see :meth:`WKRClient.terminate`)."""
         return await self._command("terminate", {"token": token})
 
-    async def _command(self, name: str, args: Any = None) -> Any:
+    async def metadata(self) -> dict[str, Any]:
+        """The served model (see :meth:`WKRClient.metadata`)."""
+        return await self._command("metadata")
+
+    async def switch_model(self, model_dir: str | None = None, model_name: str | None = None,
+                           version: str | None = None, token: str | None = None,
+                           timeout: int | None = SWITCH_TIMEOUT_MS) -> dict[str, Any]:
+        """Serve another model with no request lost (see :meth:`WKRClient.switch_model`)."""
+        return await self._command("switch_model", {
+            "model_dir": model_dir, "model_name": model_name, "version": version,
+            "token": token}, timeout=timeout)
+
+    async def evaluate(self, inputs: Sequence[Any], labels: Sequence[Any],
+                       details: bool = False, chunk_size: int | None = None,
+                       progress: Callable[[int], Any] | None = None,
+                       timeout: int | None = None) -> dict[str, Any]:
+        """Evaluate the served model (see :meth:`WKRClient.evaluate`)."""
+        from .evaluation import arun_evaluation
+
+        return await arun_evaluation(self, inputs, labels, details=details,
+                                     chunk_size=chunk_size, progress=progress,
+                                     timeout=timeout)
+
+    async def _command(self, name: str, args: Any = None, timeout: int | None = None) -> Any:
         await self.connect()
-        budget = self.options.timeout
+        budget = self.options.timeout if timeout is None else timeout
         if self._out_drops != self._out_known:  # see _request
             budget = await self._rejoin(budget)
         req_id = next(self._ids)

@@ -27,7 +27,8 @@ from .keys import load_key_pair, load_public_key
 from .version import __version__
 
 __all__ = ["CONNECTIONS", "CONNECT_TIMEOUT_MS", "DEFAULT_PORT", "DEFAULT_PORT_OUT",
-           "DEFAULT_TIMEOUT_MS", "ClientOptions", "DropWatcher", "Reply", "Response",
+           "DEFAULT_TIMEOUT_MS", "SWITCH_TIMEOUT_MS", "ClientOptions", "DropWatcher", "Reply",
+           "Response",
            "check_hello", "check_item_count", "handshake_ping_frame", "parse_replies",
            "request_frames", "request_options", "take_limits"]
 
@@ -37,6 +38,8 @@ DEFAULT_PORT = 5555
 DEFAULT_PORT_OUT = 5556
 #: Milliseconds a call waits for its reply unless told otherwise.
 DEFAULT_TIMEOUT_MS = 60_000
+#: Default wait (ms) for a model switch: each worker loads the new model in turn.
+SWITCH_TIMEOUT_MS = 600_000
 #: Longest the connection handshake may take when the call timeout is longer.
 CONNECT_TIMEOUT_MS = 10_000
 #: The names of a client's two connections, in the order of its sockets (the request

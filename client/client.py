@@ -33,6 +33,7 @@ from .base import (
     DEFAULT_PORT,
     DEFAULT_PORT_OUT,
     DEFAULT_TIMEOUT_MS,
+    SWITCH_TIMEOUT_MS,
     ClientOptions,
     DropWatcher,
     Reply,
@@ -194,6 +195,42 @@ class WKRClient:
         :class:`~wkr_serving.client.errors.Unauthorized`). Returns once the server has
         accepted, with its supervisor's pid; it keeps running until drained."""
         return self._command("terminate", {"token": token})
+
+    def metadata(self) -> dict[str, Any]:
+        """The served model: ``model_name``, ``model_version``, ``model_dir``, ``epoch``
+        (one more after each switch), the worker's own :meth:`get_metadata` as
+        ``metadata`` (labels, samples, dtypes and shapes...), and ``switch``, the state of
+        the last model switch (None: none yet)."""
+        return self._command("metadata")
+
+    def switch_model(self, model_dir: str | None = None, model_name: str | None = None,
+                     version: str | None = None, token: str | None = None,
+                     timeout: int | None = SWITCH_TIMEOUT_MS) -> dict[str, Any]:
+        """Serve another model, with no request lost: one new worker at a time loads it
+        while the others serve, then an old one finishes its batch and retires. Returns
+        once every worker serves the new model (a dict saying what was switched, and how
+        long it took); raises :class:`~wkr_serving.client.errors.SwitchFailed` with the
+        loading error if the new model fails to load (the old one keeps serving), and
+        :class:`~wkr_serving.client.errors.Unauthorized` like :meth:`terminate`.
+        Arguments left None keep their current value; ``timeout`` is in ms (the switch
+        goes on on the server if the call times out)."""
+        return self._command("switch_model", {
+            "model_dir": model_dir, "model_name": model_name, "version": version,
+            "token": token}, timeout=timeout)
+
+    def evaluate(self, inputs: Sequence[Any], labels: Sequence[Any], details: bool = False,
+                 chunk_size: int | None = None, progress: Callable[[int], Any] | None = None,
+                 timeout: int | None = None) -> dict[str, Any]:
+        """Evaluate the served model on ``inputs`` against ``labels``: the inputs are
+        computed through the normal batching path in chunks (live traffic keeps
+        flowing), then a worker scores the predictions with the model's ``evaluate``
+        (by default accuracy, macro precision/recall/F1 and a confusion matrix for class
+        labels; MAE, RMSE and R² for numbers). ``details`` adds one entry per item.
+        ``progress`` is called with the number of items computed after each chunk."""
+        from .evaluation import run_evaluation
+
+        return run_evaluation(self, inputs, labels, details=details, chunk_size=chunk_size,
+                              progress=progress, timeout=timeout)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -422,10 +459,10 @@ class WKRClient:
                                   "reading requests")
         self.sender.send_multipart(frames, copy=False)
 
-    def _command(self, name: str, args: Any = None) -> Any:
+    def _command(self, name: str, args: Any = None, timeout: int | None = None) -> Any:
         if not self._connected:
             self._connect()
-        timeout = self.timeout
+        timeout = self.timeout if timeout is None else timeout
         if self._out_drops != self._out_known:  # see _call
             timeout = self._rejoin(timeout)
         req_id = next(self._ids)

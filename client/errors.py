@@ -22,6 +22,7 @@ __all__ = [
     "ProtocolMismatch",
     "ServerError",
     "ShuttingDown",
+    "SwitchFailed",
     "Unauthorized",
     "UnknownCommand",
     "VersionMismatch",
@@ -183,6 +184,15 @@ class ShuttingDown(ServerError):
     http_status = 503
 
 
+class SwitchFailed(ServerError):
+    """A model switch stopped: the new model failed to load (the message says why), or
+    another switch is under way. The model served before keeps serving."""
+
+    code = "switch_failed"
+    #: 409 Conflict: the server's state does not allow it; the request itself was valid.
+    http_status = 409
+
+
 class JobCancelled(ServerError):
     """The queued job was cancelled (:meth:`JobQueue.cancel`) before a result existed."""
 
@@ -214,6 +224,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
         WorkerDied,
         PoisonInput,
         ShuttingDown,
+        SwitchFailed,
         JobCancelled,
         DeadLettered,
     )

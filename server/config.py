@@ -45,6 +45,9 @@ class ServerConfig:
     model_dir: str = _opt(".", "directory of the model files; must exist (the server "
                           "itself writes nothing there)")
     model_name: str | None = _opt(None, "file name of the model inside model_dir")
+    model_version: str | None = _opt(
+        None, "version of the served model, shown in status, /metadata, /metrics and the "
+        "prediction log (wkr-serving-switch sets a new one)")
     tmp_folder: str = _opt(
         "tmp_wkr", "the workers' scratch folder (their tmp_dir): a name is made inside a "
         "directory of this server under the system temp dir, removed when it stops; an "
@@ -78,6 +81,8 @@ class ServerConfig:
                                "instead of stderr")
     log_name: str | None = _opt(None, "base name of the log files (default: WKRServer)")
     verbose: bool = _opt(False, "debug logging", kind=bool)
+    log_format: str = _opt("text", "system log lines: 'text' (default) or 'json' (one JSON "
+                           "object per line, for log collectors)", choices=("text", "json"))
     log_predictions: bool = _opt(
         False, "write one JSON line per request (time, ids, latency, batch, worker, outcome, "
         "input and output) to <log_dir>/<log_name>.predictions.jsonl; needs -log_dir",

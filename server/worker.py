@@ -53,7 +53,7 @@ class WKRHardWorker:
     """Base class of a served model. Override the hooks; the server calls them in order.
 
     Attributes available in every hook: ``worker_id``, ``device_id`` (``-1`` for CPU),
-    ``model_dir``, ``model_name``, ``batch_size``, ``tmp_dir``, ``gpu_memory_fraction``,
+    ``model_dir``, ``model_name``, ``model_version``, ``batch_size``, ``tmp_dir``, ``gpu_memory_fraction``,
     ``protocol`` and ``config``.
     """
 
@@ -68,8 +68,12 @@ class WKRHardWorker:
         self.tmp_dir = config.tmp_dir
         self.gpu_memory_fraction = config.gpu_memory_fraction
         self.protocol = config.protocol
+        self.model_version = config.model_version
         self._logger = logger or logging.getLogger("wkr_serving")
         self._statistics: list[tuple[str, float]] = []
+        #: ``get_metadata()["labels"]``, once known: the default evaluate names classes
+        #: with it when the model outputs scores per class.
+        self._labels: Any = None
 
     # -- hooks to override ---------------------------------------------------------------
 
@@ -96,6 +100,26 @@ class WKRHardWorker:
         ndarray of shape ``(n, *item_shape)``; otherwise it is a list of items.
         """
         return input
+
+    def get_metadata(self, model: Any) -> dict[str, Any]:
+        """Describe the loaded model, for ``GET /metadata`` and
+        :meth:`WKRClient.metadata <wkr_serving.client.WKRClient.metadata>`. Any
+        msgpack-able mapping; the server uses these keys when present: ``labels`` (a
+        list, or a mapping from class index to name: ``GET /label``), ``data_sample``
+        (a list of inputs: ``GET /predict/test`` computes them), ``prediction_sample``,
+        ``data_type``, ``data_structure``, ``prediction_type``, ``prediction_structure``.
+        Called once per worker, after ``get_model``."""
+        return {}
+
+    def evaluate(self, predictions: list[Any], labels: list[Any]) -> dict[str, Any]:
+        """Score the model's ``predictions`` (its own outputs for the evaluated inputs,
+        in order) against ``labels``; return a msgpack-able mapping. The default
+        computes accuracy, macro precision/recall/F1 and a confusion matrix when the
+        labels are classes (strings, booleans, integers), and MAE, RMSE and R² when they
+        are numbers (see :func:`wkr_serving.client.evaluation.default_evaluate`)."""
+        from wkr_serving.client.evaluation import default_evaluate
+
+        return default_evaluate(predictions, labels, self._labels)
 
     def teardown(self, model: Any) -> None:
         """Release the model's resources when the worker stops."""

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import wait_until
 from wkr_serving.client import ClientUsageError
 from wkr_serving.client.helper import RedisHandler
 
@@ -73,7 +74,9 @@ def test_close_really_closes(redis_server):
         assert len(names) == 2  # the handler's connection and this one
         h.close()
         h.close()  # twice is fine
-        assert len(raw.client_list()) == 1
+        # redis-server sees the close on its next read of that socket, not at once.
+        wait_until(lambda: len(raw.client_list()) == 1, 10,
+                   "redis-server to drop the handler's connection")
     finally:
         raw.close()
 
