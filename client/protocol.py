@@ -154,7 +154,7 @@ HEADER_FIELDS = {
     REPLY: 2,
     REPLIES: 1,
     BATCH: 2,
-    READY: 3,
+    READY: 4,
     DONE: 6,
     FORWARD: 4,
     RETIRE: 2,

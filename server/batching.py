@@ -9,6 +9,7 @@ before the queue and each alone in its batch (so a second death names its input)
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,10 @@ class Request:
     serial: int = field(default=0)
     #: The request's options for the prediction log (None: none, or no log).
     options: dict[str, Any] | None = field(default=None)
+    #: The model epoch of the worker that took its first items (-1: none yet). The rest
+    #: of its items go only to workers of that epoch while one is left, so a request
+    #: split over several batches during a model switch is answered by one model.
+    epoch: int = field(default=-1)
 
     @property
     def total(self) -> int:
@@ -77,24 +82,53 @@ class BatchQueue:
             return retry if oldest is None or retry < oldest else oldest
         return oldest
 
-    def take(self, limit: int) -> list[Slice]:
-        """Remove up to ``limit`` items, oldest first, as slices; a retry leaves alone."""
+    def take(self, limit: int, epoch: int = 0, live: Container[int] = (),
+             pinned_only: bool = False) -> list[Slice]:
+        """Remove up to ``limit`` items, oldest first, as slices, for a worker of model
+        ``epoch``; a retry leaves alone. A request whose first items went to a worker of
+        another epoch that is still in ``live`` is left for that epoch's workers (only a
+        request being split can be, and those stay at the front). ``pinned_only``: take
+        only such requests of ``epoch`` (a retiring worker finishing its model's share)."""
         if self._retries:
-            item = self._retries.popleft()
-            self.items -= item[2]
-            return [item]
+            for k, item in enumerate(self._retries):
+                pin = item[0].epoch
+                if pin == epoch or (not pinned_only and (pin < 0 or pin not in live)):
+                    del self._retries[k]
+                    self.items -= item[2]
+                    item[0].epoch = epoch
+                    return [item]
         segments: list[Slice] = []
+        skipped: list[Request] = []
+        requests = self._requests
         room = limit
-        while room and self._requests:
-            req = self._requests[0]
+        while room and requests:
+            req = requests[0]
+            if req.taken and req.epoch != epoch and req.epoch in live:
+                skipped.append(requests.popleft())  # another model's share: left in place
+                continue
+            if pinned_only and (not req.taken or req.epoch != epoch):
+                break
+            if not req.taken:
+                req.epoch = epoch
             count = min(room, req.total - req.taken)
             segments.append((req, req.taken, count))
             req.taken += count
             room -= count
             if req.taken == req.total:
-                self._requests.popleft()
+                requests.popleft()
+        for req in reversed(skipped):
+            requests.appendleft(req)
         self.items -= limit - room
         return segments
+
+    def pinned(self, epoch: int) -> bool:
+        """Whether a request split by a worker of ``epoch`` still has items queued."""
+        for req in self._requests:
+            if not req.taken:
+                return False  # the split requests are all at the front
+            if req.epoch == epoch:
+                return True
+        return any(item[0].epoch == epoch for item in self._retries)
 
     def take_all(self) -> list[Slice]:
         """Remove everything queued, retries included (the server is stopping)."""

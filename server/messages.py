@@ -73,6 +73,7 @@ class Event(str, Enum):
     WORKER_HUNG = "worker_hung"  # ventilator: kill this worker (-worker_timeout)
     WORKER_LOST = "worker_lost"  # ventilator: what a dead worker held
     RECYCLE = "recycle"  # worker: replace me (-max_requests, -max_worker_rss)
+    SWITCH = "switch"  # ventilator: an authorised client asked to switch the model
 
 
 class Control(str, Enum):
@@ -85,6 +86,8 @@ class Control(str, Enum):
     REANNOUNCE = "reannounce"  # worker: the ventilator restarted; say READY again
     SINK_RESTARTED = "sink_restarted"  # ventilator: the sink restarted
     HANGUP = "hangup"  # worker: reopen the prediction log (SIGHUP)
+    MODEL = "model"  # ventilator: the models served (current, by epoch) and the switch
+    SWITCH_RESULT = "switch_result"  # ventilator: how the switch a client asked for ended
 
 
 class Forward(str, Enum):
@@ -177,6 +180,7 @@ class Ready(NamedTuple):
     worker: int  # slot index
     pid: int
     device_id: int
+    epoch: int  # the model it serves: 0 at start, one more for each model switch
 
 
 class Done(NamedTuple):
@@ -205,8 +209,8 @@ def batch(batch_id: int, segments: list[Segment]) -> bytes:
     return P.pack([V, P.BATCH, batch_id, segments])
 
 
-def ready(index: int, pid: int, device_id: int) -> bytes:
-    return P.pack([V, P.READY, index, pid, device_id])
+def ready(index: int, pid: int, device_id: int, epoch: int = 0) -> bytes:
+    return P.pack([V, P.READY, index, pid, device_id, epoch])
 
 
 def retire(index: int, pid: int) -> bytes:
@@ -258,7 +262,7 @@ def parse_ready(buf: Any) -> Ready | tuple[int, int]:
         return header[2], header[3]
     if header[1] != P.READY:
         raise ProtocolError(f"unexpected message kind {header[1]} from a worker")
-    return Ready(header[2], header[3], header[4])
+    return Ready(header[2], header[3], header[4], header[5])
 
 
 def parse_done(header: list[Any]) -> Done:

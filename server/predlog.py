@@ -98,6 +98,8 @@ class Entry(NamedTuple):
     error: Any  # None, or the wire error [code, message, traceback]
     inputs: list[Item] | None  # None: suppressed by the request
     outputs: list[Item] | None  # None: the part failed
+    model_name: str | None = None  # the model that computed it (-model_name)
+    model_version: str | None = None  # ... and its version (-model_version)
 
 
 def capture(meta: Any, buf: Any) -> Item:
@@ -143,6 +145,8 @@ def format_entry(entry: Entry) -> bytes:
         "latency_ms": round(entry.latency_s * 1000.0, 3),
         "batch_size": entry.batch_size,
         "worker": entry.worker,
+        "model": entry.model_name,
+        "model_version": entry.model_version,
         "outcome": "ok" if entry.error is None else _error_code(entry.error),
         "offset": entry.offset,
         "count": entry.n_items,

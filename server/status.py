@@ -17,9 +17,24 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict, get_args
 
-__all__ = ["LATENCY_BUCKETS_S", "WORKER_STATES", "BatchSizes", "LatencyHistogram",
-           "LatencyMs", "ServerStatus", "StatSummary", "Throughput", "VentilatorStatus",
-           "Versions", "WorkerHistory", "WorkerRow", "WorkerState", "WorkerStats"]
+__all__ = [
+    "LATENCY_BUCKETS_S",
+    "WORKER_STATES",
+    "BatchSizes",
+    "LatencyHistogram",
+    "LatencyMs",
+    "ModelInfo",
+    "ServerStatus",
+    "StatSummary",
+    "SwitchState",
+    "Throughput",
+    "VentilatorStatus",
+    "Versions",
+    "WorkerHistory",
+    "WorkerRow",
+    "WorkerState",
+    "WorkerStats",
+]
 
 #: Upper bounds (s) of the request latency histogram's buckets (``latency_histogram``,
 #: ``/metrics``); one more bucket counts the slower requests. Its one home: the sink
@@ -73,6 +88,8 @@ class _WorkerRowBase(WorkerHistory):
     state: WorkerState
     batches: int  # batches dispatched to its current process
     items: int  # items in those batches
+    epoch: int  # the model its process serves: 0 at start, one more per model switch
+    model_version: str | None  # ... that model's version (-model_version)
 
 
 class WorkerRow(_WorkerRowBase, total=False):
@@ -121,6 +138,27 @@ class StatSummary(_StatCount, total=False):
     p50: float  # over the most recent values (at most 1024)
 
 
+class ModelInfo(TypedDict):
+    """The model served (``status["model"]``); during a switch, the one switched from."""
+
+    name: str | None  # -model_name
+    version: str | None  # -model_version
+    dir: str  # -model_dir
+    epoch: int  # 0 at start, one more for each model switch begun
+
+
+class SwitchState(TypedDict):
+    """The last model switch (``status["switch"]``; None before the first)."""
+
+    state: str  # "switching", "done" or "failed"
+    to: dict[str, Any]  # the model switched to: name, version, dir
+    error: str | None  # why it failed
+    started_at: float  # unix time
+    seconds: float | None  # how long it took, once ended
+    switched: int  # workers serving the new model
+    total: int  # workers to switch
+
+
 class VentilatorStatus(TypedDict):
     """The ventilator's half (``Ventilator._snapshot``), sent to the sink to complete."""
 
@@ -150,6 +188,8 @@ class VentilatorStatus(TypedDict):
     num_poisoned: int  # requests answered PoisonInput (poison_input), on arrival or not
     quarantined_inputs: int  # inputs quarantined: present at two worker deaths
     ventilator_generation: int  # times the ventilator was restarted after a crash
+    model: ModelInfo
+    switch: SwitchState | None
     batch_size: BatchSizes
     workers: list[WorkerRow]  # one per slot, by index
 

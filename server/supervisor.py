@@ -75,6 +75,7 @@ class _Child:
     boot_failures: int = 0  # restarts in a row that failed to boot
     replaces: str | None = None  # a recycled worker's replacement: the one it replaces
     replaced_by: str | None = None  # a recycled worker: its replacement
+    switching: bool = False  # a replacement loading the model switched to
 
     def retiring_done(self, code: int) -> bool:
         """Whether this exit is a recycled worker leaving as told, not a crash."""
@@ -90,7 +91,7 @@ class Supervisor(StoppableLoop):
         self.config = config
         self.worker_class = worker_class
         self.logger = logger or set_logger("SUPERVISOR", config.log_dir, config.log_name,
-                                           config.verbose, "cyan")
+                                           config.verbose, "cyan", config.log_format)
         self.mp = multiprocessing.get_context("spawn")
         self.children: dict[str, _Child] = {}
         self.failure: str | None = None
@@ -111,6 +112,16 @@ class Supervisor(StoppableLoop):
         #: Worker slot -> its restarts and last error, for a restarted ventilator's status.
         self.worker_history: dict[int, WorkerHistory] = {}
         self._hangups_seen = 0
+        #: The models served, by epoch (0: the first; one more per switch begun):
+        #: name, version, dir, epoch and the workers' get_metadata().
+        self.models: dict[int, dict[str, Any]] = {0: {
+            "name": config.model_name, "version": config.model_version,
+            "dir": config.model_dir, "epoch": 0, "metadata": None}}
+        self.epoch = 0  # the model every worker serves (the one switched from, meanwhile)
+        self.switch: dict[str, Any] | None = None  # the last switch's state (status)
+        self.switch_target: tuple[ServerConfig, int] | None = None  # its config and epoch
+        self.switch_queue: deque[str] = deque()  # workers still to switch
+        self._switch_started = 0.0  # monotonic
         self._event_handlers: dict[str, Callable[[str, _Child, Any], None]] = {
             M.Event.READY: self._event_ready,
             M.Event.BOOT_FAILED: self._event_boot_failed,
@@ -120,6 +131,7 @@ class Supervisor(StoppableLoop):
             M.Event.WORKER_HUNG: self._event_worker_hung,
             M.Event.WORKER_LOST: self._event_worker_lost,
             M.Event.RECYCLE: self._event_recycle,
+            M.Event.SWITCH: self._event_switch,
         }
 
     # -- public -------------------------------------------------------------------------
@@ -250,16 +262,26 @@ class Supervisor(StoppableLoop):
         self._maybe_start_bridge()
         if name == "http-0":
             self._start_more_bridges()
-        if child.total_restarts and isinstance(child.role, Ventilator):
-            self._tell_workers(M.Control.REANNOUNCE)  # it knows no idle worker yet
+        if isinstance(child.role, Ventilator):
+            self._tell_model()
+            if child.total_restarts:
+                self._tell_workers(M.Control.REANNOUNCE)  # it knows no idle worker yet
         elif child.total_restarts and isinstance(child.role, Sink):
             self._send("ventilator", M.Control.SINK_RESTARTED)
-        elif isinstance(child.role, WorkerProcess) and child.replaces:
-            self._send(child.replaces, M.Control.RETIRE)  # the recycled one may go now
+        elif isinstance(child.role, WorkerProcess):
+            model = self.models.get(child.role.epoch)
+            if model is not None and model["metadata"] is None:
+                model["metadata"] = child.info.get("metadata") or {}
+                self._tell_model()
+            if child.replaces:
+                self._send(child.replaces, M.Control.RETIRE)  # the old one may go now
+            elif child.switching:  # the worker it replaced died meanwhile
+                child.switching = False
+                self._slot_switched()
 
     def _event_boot_failed(self, name: str, child: _Child, value: Any) -> None:
         error = str(value.get("error") or "unknown error")
-        if child.total_restarts:
+        if child.total_restarts or child.replaces:
             # A restarted role that cannot start again: its exit is one more restart
             # (repeated failure stops the server, with this error).
             child.info = {"boot_error": error}
@@ -311,26 +333,181 @@ class Supervisor(StoppableLoop):
         self._next_recycle()
 
     def _next_recycle(self) -> None:
-        """Start the replacement of the next worker waiting to be recycled, unless one
-        is being recycled now."""
+        """Start the next replacement, unless a worker is being replaced now: one for
+        the model switch under way, else for the next worker waiting to be recycled
+        (its replacement serves the same model)."""
         if any(c.replaced_by for c in self.children.values() if not c.handled):
+            return
+        if self.switch_target is not None and self._next_switch():
             return
         while self.recycle_queue:
             name = self.recycle_queue.popleft()
             child = self.children.get(name)
             if child is None or child.handled or not isinstance(child.role, WorkerProcess):
                 continue
-            role = child.role
-            generation = self.generations.get(role.index, 0) + 1
-            self.generations[role.index] = generation
-            replacement = WorkerProcess(self.config, self.endpoints, role.index,
-                                        role.device_id, self.worker_class, generation)
-            self.logger.info("recycling %s (pid %s): starting %s", name, child.process.pid,
-                             replacement.identity)
-            self._spawn(replacement)
-            self.children[replacement.identity].replaces = name
-            child.replaced_by = replacement.identity
+            self._replace(child, child.role.config, child.role.epoch, "recycling")
             return
+
+    def _replace(self, child: _Child, config: ServerConfig, epoch: int, why: str) -> _Child:
+        """Start a new process for ``child``'s slot, serving the model of ``config``
+        (model ``epoch``); ``child`` retires once it is ready."""
+        role = child.role
+        assert isinstance(role, WorkerProcess)
+        generation = self.generations.get(role.index, 0) + 1
+        self.generations[role.index] = generation
+        replacement = WorkerProcess(config, self.endpoints, role.index, role.device_id,
+                                    self.worker_class, generation, epoch)
+        self.logger.info("%s %s (pid %s): starting %s", why, role.identity,
+                         child.process.pid, replacement.identity)
+        self._spawn(replacement)
+        new = self.children[replacement.identity]
+        new.replaces = role.identity
+        child.replaced_by = replacement.identity
+        return new
+
+    # -- model switch -------------------------------------------------------------------
+
+    def _event_switch(self, name: str, child: _Child, value: Any) -> None:
+        """An authorised client asked (through the ventilator) to serve another model:
+        one worker at a time is replaced by one that loads it, so the server never has
+        fewer serving workers than before (and one more process while one loads)."""
+        if name != "ventilator":
+            return
+        if self.switch_target is not None:
+            self._send("ventilator", M.Control.SWITCH_RESULT, {
+                "error": "another model switch is under way: wait for it to end"})
+            return
+        current = self.models[self.epoch]
+        changes = {"model_dir": value.get("model_dir") or current["dir"],
+                   "model_name": value.get("model_name") or current["name"],
+                   "model_version": value.get("version") or current["version"]}
+        if not os.path.isdir(changes["model_dir"]):
+            self._send("ventilator", M.Control.SWITCH_RESULT, {
+                "error": f"model_dir {changes['model_dir']!r} is not a directory",
+                "code": "bad_input"})
+            return
+        self._begin_switch(changes)
+
+    def _begin_switch(self, changes: dict[str, Any], rollback: bool = False) -> None:
+        epoch = max(self.models) + 1
+        config = self.models_config(changes)
+        self.models[epoch] = {"name": changes["model_name"],
+                              "version": changes["model_version"],
+                              "dir": changes["model_dir"], "epoch": epoch, "metadata": None}
+        workers = [n for n, c in self.children.items()
+                   if isinstance(c.role, WorkerProcess) and not c.handled
+                   and not c.replaces and c.role.epoch != epoch]
+        self.switch_target = (config, epoch)
+        self.switch_queue = deque(sorted(workers))
+        self._switch_started = time.monotonic()
+        self.switch = {"state": "switching", "rollback": rollback,
+                       "to": {"name": changes["model_name"],
+                              "version": changes["model_version"],
+                              "dir": changes["model_dir"]},
+                       "error": None, "started_at": time.time(), "seconds": None,
+                       "switched": 0, "total": len(workers)}
+        self.logger.warning("%s the model to %s (version %s, dir %s): %d worker(s), one at "
+                            "a time", "switching back" if rollback else "switching",
+                            changes["model_name"], changes["model_version"],
+                            changes["model_dir"], len(workers))
+        self._tell_model()
+        self._next_recycle()
+
+    def models_config(self, changes: dict[str, Any]) -> ServerConfig:
+        """The workers' config for a model: this server's, with its dir, name, version."""
+        return self.config.replace(**changes)
+
+    def _next_switch(self) -> bool:
+        """Replace the next worker of the switch; False when none is left to replace
+        (the switch then ends)."""
+        assert self.switch_target is not None
+        config, epoch = self.switch_target
+        while self.switch_queue:
+            name = self.switch_queue.popleft()
+            child = self.children.get(name)
+            if (child is None or child.handled or not isinstance(child.role, WorkerProcess)
+                    or child.role.epoch == epoch):
+                continue  # gone, or restarted on the new model already
+            self._replace(child, config, epoch, "switching").switching = True
+            return True
+        self._end_switch(None)
+        return False
+
+    def _slot_switched(self) -> None:
+        if self.switch is not None:
+            self.switch["switched"] += 1
+            self._tell_model()
+
+    def _end_switch(self, error: str | None) -> None:
+        """The switch ended: every worker serves the new model, or (``error``) a new
+        worker failed to load it."""
+        assert self.switch is not None and self.switch_target is not None
+        _, epoch = self.switch_target
+        previous = self.models[self.epoch]
+        seconds = time.monotonic() - self._switch_started
+        self.switch_target = None
+        self.switch_queue.clear()
+        state = self.switch
+        state["seconds"] = seconds
+        rollback = bool(state.get("rollback"))
+        if error is None:
+            self.epoch = epoch
+            state["state"] = "done"
+            current = self.models[epoch]
+            self.logger.warning("model switch done in %.2fs: serving %s version %s", seconds,
+                                current["name"], current["version"])
+            self._tell_model()
+            if not rollback:
+                self._send("ventilator", M.Control.SWITCH_RESULT, {"result": {
+                    "model_name": current["name"], "model_version": current["version"],
+                    "model_dir": current["dir"], "epoch": epoch, "seconds": seconds,
+                    "workers": state["total"],
+                    "previous": {"model_name": previous["name"],
+                                 "model_version": previous["version"],
+                                 "model_dir": previous["dir"], "epoch": previous["epoch"]}}})
+            return
+        state["state"] = "failed"
+        state["error"] = error
+        switched = state["switched"]
+        self.logger.error("model switch failed after %.2fs: %s", seconds, error)
+        message = f"the new model failed to load: {error}"
+        if switched and not rollback:
+            message += (f"; the {switched} worker(s) already switched are switched back to "
+                        f"{previous['name']} version {previous['version']}")
+        self._tell_model()
+        if not rollback:
+            self._send("ventilator", M.Control.SWITCH_RESULT, {"error": message})
+        if switched and not rollback:
+            self._begin_switch({"model_dir": previous["dir"], "model_name": previous["name"],
+                                "model_version": previous["version"]}, rollback=True)
+            self.switch["error"] = message
+
+    def _switch_failed(self, child: _Child, code: int) -> None:
+        """A worker loading the switched-to model exited before it was ready: the
+        switch stops; the worker it was to replace keeps serving."""
+        name = child.role.identity
+        deadline = time.monotonic() + BOOT_EVENT_WAIT
+        while "boot_error" not in child.info and time.monotonic() < deadline:
+            if not self.control.poll(50, zmq.POLLIN):
+                continue
+            self._read_events()
+        reason = child.info.get("boot_error") or describe_exit(code)
+        old = self.children.get(child.replaces or "")
+        if old is not None:
+            old.replaced_by = None
+        del self.children[name]
+        self._end_switch(f"{name} {reason}")
+        self._next_recycle()
+
+    def _tell_model(self) -> None:
+        """Tell the ventilator the models served and the switch state (status, the
+        metadata command)."""
+        current = self.models[self.epoch]
+        if current["metadata"] is None:
+            return  # no worker of it ready yet: said when the first one is
+        self._send("ventilator", M.Control.MODEL, {
+            "current": current, "switch": self.switch,
+            "versions": {e: m["version"] for e, m in self.models.items()}})
 
     def _maybe_start_bridge(self) -> None:
         """Start the first HTTP bridge process once the ports it connects to are bound
@@ -383,6 +560,9 @@ class Supervisor(StoppableLoop):
         if self.stop_reason is not None or self.failure is not None:
             return
         self._read_events()  # what it said before it went (boot_failed, ready...)
+        if child.switching and not child.ready:
+            self._switch_failed(child, code)
+            return
         if not child.ready and not child.total_restarts and not child.replaces:
             # A role of the first start (or a first bridge) that could not boot: the
             # server cannot start as configured.
@@ -391,8 +571,12 @@ class Supervisor(StoppableLoop):
             self.failure = self.failure or f"{name} {describe_exit(code)}"
             return
         if child.retiring_done(code):
-            self.logger.info("%s (pid %s) retired (recycled)", name, child.process.pid)
+            self.logger.info("%s (pid %s) retired (replaced)", name, child.process.pid)
+            replacement = self.children.get(child.replaced_by or "")
             del self.children[name]
+            if replacement is not None and replacement.switching:
+                replacement.switching = False
+                self._slot_switched()
             self._next_recycle()
             return
         self._restart(child, code)
@@ -476,15 +660,19 @@ class Supervisor(StoppableLoop):
             self.boot_error = self.boot_error or self.failure
             return
         if child.replaced_by:  # it was being recycled: its replacement takes the slot
-            self.children[child.replaced_by].replaces = None
+            replacement = self.children[child.replaced_by]
+            replacement.replaces = None
+            if replacement.switching and replacement.ready:
+                replacement.switching = False
+                self._slot_switched()
             self.logger.error("%s (pid %s) %s while being recycled", name, child.process.pid,
                               reason)
             del self.children[name]
             self._next_recycle()
             return
         self.logger.error("%s (pid %s) %s; restarting it", name, child.process.pid, reason)
-        self._spawn(WorkerProcess(self.config, self.endpoints, role.index, role.device_id,
-                                  self.worker_class, role.generation))
+        self._spawn(WorkerProcess(role.config, self.endpoints, role.index, role.device_id,
+                                  self.worker_class, role.generation, role.epoch))
         replacement = self.children[name]
         replacement.total_restarts = child.total_restarts + 1
         replacement.boot_failures = boot_failures

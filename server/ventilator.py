@@ -61,6 +61,8 @@ QUARANTINE_MAX = 10_000
 #: Bits of a serial number or batch id below the ventilator's generation: a restarted
 #: ventilator numbers on from where no earlier one can have reached.
 GENERATION_SHIFT = 40
+#: Longest model_dir, model_name or version a switch_model command may carry.
+MAX_MODEL_ARG_CHARS = 4096
 
 
 @dataclass(slots=True)
@@ -69,6 +71,7 @@ class _WorkerState:
     index: int  # its slot
     pid: int
     device_id: int
+    epoch: int = 0  # the model it serves (see Request.epoch)
     busy: bool = False
     retiring: bool = False  # being recycled: no more work once its batch is done
     batch: list[Slice] | None = None
@@ -79,7 +82,7 @@ class _WorkerState:
 
 
 #: The REQUEST options the server uses, with the type of each value.
-KNOWN_OPTIONS = {"suppress_log_input": bool, "request_id": str}
+KNOWN_OPTIONS = {"suppress_log_input": bool, "request_id": str, "evaluate": bool}
 
 
 def _request_options(value: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -166,6 +169,17 @@ class Ventilator(Role):
         self.retry_prints: dict[tuple[int, int], bytes] = {}  # (serial, item) of retries
         self.draining = False
         self.drained_reported = False
+        #: Model epoch -> how many workers of it are known: a request split by one epoch
+        #: waits for that epoch's workers while any is left (BatchQueue.take).
+        self.epochs: dict[int, int] = {}
+        #: What the supervisor says is served: {"current": {name, version, dir, epoch,
+        #: metadata}, "versions": {epoch: version}, "switch": state or None}.
+        self.model: dict[str, Any] = {"current": {
+            "name": self.config.model_name, "version": self.config.model_version,
+            "dir": self.config.model_dir, "epoch": 0, "metadata": {}},
+            "versions": {0: self.config.model_version}, "switch": None}
+        #: The client waiting for the model switch it asked for: (client, request id).
+        self.switch_waiter: tuple[bytes, int] | None = None
         self.max_header_bytes = HEADER_BASE_BYTES + HEADER_ITEM_BYTES * \
             self.config.max_request_items
         # -max_msg_size (or None: no limit) also caps what a request's metas declare.
@@ -178,12 +192,16 @@ class Ventilator(Role):
             M.Control.DRAIN: self._on_drain,
             M.Control.SINK_RESTARTED: self._on_sink_restarted,
             M.Control.STOP: self._on_stop,
+            M.Control.MODEL: self._on_model,
+            M.Control.SWITCH_RESULT: self._on_switch_result,
         }
         #: The client commands, by name.
         self._commands: dict[str, Callable[[bytes, int, Any, Any], None]] = {
             "status": self._command_status,
             "ping": self._command_ping,
             "terminate": self._command_terminate,
+            "metadata": self._command_metadata,
+            "switch_model": self._command_switch_model,
         }
 
     # -- boot ---------------------------------------------------------------------------
@@ -413,7 +431,8 @@ class Ventilator(Role):
         self.requests += 1
         self.queue.push(Request(client, req_id, now, deadline, metas, frames,
                                 serial=self.serial_base + self.requests,
-                                options=options if self.config.log_predictions else None))
+                                options=options if self.config.log_predictions or (
+                                    options and options.get("evaluate")) else None))
         self.items += n
 
     def _on_command(self, client: bytes, req_id: int, name: Any, args: Any,
@@ -451,6 +470,43 @@ class Ventilator(Role):
         self._forward(client, req_id, M.Forward.REPLY, {"stopping": True,
                                                         "supervisor_pid": os.getppid()})
         self.event(M.Event.TERMINATE, {"peer": peer})
+
+    def _command_metadata(self, client: bytes, req_id: int, args: Any, frame: Any) -> None:
+        current = self.model["current"]
+        self._forward(client, req_id, M.Forward.REPLY, {
+            "model_name": current["name"], "model_version": current["version"],
+            "model_dir": current["dir"], "epoch": current["epoch"],
+            "metadata": current.get("metadata") or {}, "switch": self.model["switch"]})
+
+    def _command_switch_model(self, client: bytes, req_id: int, args: Any,
+                              frame: zmq.Frame) -> None:
+        """Ask the supervisor to switch the model (it answers with SWITCH_RESULT, which
+        is forwarded to this client). Needs the token or a loopback peer."""
+        peer = peer_address(frame)
+        refusal = self._authorize(args, peer)
+        if refusal is not None:
+            self.logger.warning("refused switch_model from %s (client %r): %s", peer,
+                                client, refusal)
+            self._forward(client, req_id, M.Forward.ERROR, E.Unauthorized(refusal).to_wire())
+            return
+        target: dict[str, str | None] = {}
+        for key in ("model_dir", "model_name", "version"):
+            value = args.get(key) if args.__class__ is dict else None
+            if value is not None and (value.__class__ is not str or not value
+                                      or len(value) > MAX_MODEL_ARG_CHARS):
+                self._forward(client, req_id, M.Forward.ERROR, E.BadInput(
+                    f"switch_model: {key} must be a non-empty string of at most "
+                    f"{MAX_MODEL_ARG_CHARS} characters, got {P.brief(value)}").to_wire())
+                return
+            target[key] = value
+        if self.switch_waiter is not None or self.draining:
+            self._forward(client, req_id, M.Forward.ERROR, E.SwitchFailed(
+                "the server is stopping" if self.draining else
+                "another model switch is under way: wait for it to end").to_wire())
+            return
+        self.logger.warning("switch_model from %s (client %r): %s", peer, client, target)
+        self.switch_waiter = (client, req_id)
+        self.event(M.Event.SWITCH, target)
 
     def _limits(self) -> dict[str, Any]:
         """What a client checks before sending a request (the handshake ping's answer)."""
@@ -499,16 +555,17 @@ class Ventilator(Role):
             worker = None
         if worker is None:
             worker = self.workers[ident] = _WorkerState(ident, message.worker, message.pid,
-                                                        message.device_id)
-            self.logger.info("%s (pid %d, %s) is ready", ident.decode(), message.pid,
-                             describe(message.device_id))
+                                                        message.device_id, message.epoch)
+            self.epochs[message.epoch] = self.epochs.get(message.epoch, 0) + 1
+            self.logger.info("%s (pid %d, %s, model epoch %d) is ready", ident.decode(),
+                             message.pid, describe(message.device_id), message.epoch)
             self._report_workers()
         elif worker.busy:  # its batch is done: it did not die of it
             self._batch_survived(worker)
             worker.busy = False
             worker.batch = None
             self.busy -= 1
-            if worker.retiring:
+            if worker.retiring and not self._owes_share(worker):
                 self._retired(worker)
                 return
         else:
@@ -521,16 +578,28 @@ class Ventilator(Role):
         worker = self.workers.get(ident)
         if worker is None:
             self.backend.send_multipart([ident, M.retired()])
-        elif worker.busy:
+        elif worker.busy or self._owes_share(worker):
             worker.retiring = True
         else:
             self._retired(worker)
 
+    def _owes_share(self, worker: _WorkerState) -> bool:
+        """Whether a retiring worker must first compute the queued rest of a request its
+        model's workers began (it is the last of its model epoch): a request is answered
+        by one model, even across a model switch."""
+        return self.epochs.get(worker.epoch, 0) <= 1 and self.queue.pinned(worker.epoch)
+
     def _forget(self, ident: bytes) -> _WorkerState | None:
         """Stop dispatching to worker ``ident``; return its state (None: unknown)."""
         worker = self.workers.pop(ident, None)
-        if worker is not None and ident in self.idle:
-            self.idle.remove(ident)
+        if worker is not None:
+            if ident in self.idle:
+                self.idle.remove(ident)
+            left = self.epochs.get(worker.epoch, 0) - 1
+            if left > 0:
+                self.epochs[worker.epoch] = left
+            else:
+                self.epochs.pop(worker.epoch, None)
         return worker
 
     def _retired(self, worker: _WorkerState) -> None:
@@ -652,28 +721,38 @@ class Ventilator(Role):
         batch_size = self.config.batch_size
         if self.idle and self.queue.items:
             self._expire(now)
+        passed: list[bytes] = []  # idle workers for which nothing queued is theirs
+        wait = None
         while self.idle and self.queue.items:
             oldest = self.queue.oldest()
             waited = now - oldest if oldest is not None else 0.0
             if not self.queue.retries and not should_dispatch(
                     self.queue.items, waited, self.busy, batch_size, group_timeout):
-                return dispatch_wait(waited, group_timeout)
+                wait = dispatch_wait(waited, group_timeout)
+                break
             ident = self.idle.popleft()
             worker = self.workers.get(ident)
             if worker is None:
                 continue
-            self._send_batch(worker, self.queue.take(batch_size))
-        return None
+            slices = self.queue.take(batch_size, worker.epoch, self.epochs, worker.retiring)
+            if slices:
+                self._send_batch(worker, slices)
+            elif worker.retiring:
+                self._retired(worker)  # its model's share is done
+            else:  # all that is queued is the rest of requests another model began
+                passed.append(ident)
+        if passed:
+            self.idle.extendleft(reversed(passed))
+        return wait
 
     def _send_batch(self, worker: _WorkerState, slices: list[Slice]) -> None:
         segments: list[M.Segment] = []
         frames: list[Any] = []
-        log = self.config.log_predictions  # the worker writes each request's options
-        for req, offset, count in slices:
+        for req, offset, count in slices:  # options: for the log, and evaluate requests
             end = offset + count
             segments.append(M.Segment(req.client, req.req_id, offset, req.total, count,
                                       req.t_recv, req.deadline, req.metas[offset:end],
-                                      req.serial, req.options if log else None))
+                                      req.serial, req.options))
             frames.extend(req.frames[offset:end])
         self.batch_id += 1
         worker.batch_id = self.batch_id
@@ -730,8 +809,26 @@ class Ventilator(Role):
         self.dead.clear()
         self.sink.send(M.forward(b"", 0, M.Forward.FORGET, self.serial_base + self.requests + 1))
 
+    def _on_model(self, value: Any) -> None:
+        """The supervisor's word on the models served (at start, and as a switch goes)."""
+        self.model = value
+
+    def _on_switch_result(self, value: Any) -> None:
+        """A model switch ended: answer the client that asked for it."""
+        waiter, self.switch_waiter = self.switch_waiter, None
+        if waiter is None:
+            return
+        client, req_id = waiter
+        if value.get("error") is None:
+            self._forward(client, req_id, M.Forward.REPLY, value.get("result"))
+        else:
+            error_class = E.BadInput if value.get("code") == E.BadInput.code else E.SwitchFailed
+            self._forward(client, req_id, M.Forward.ERROR,
+                          error_class(str(value["error"])).to_wire())
+
     def _on_stop(self, value: Any) -> bool:
         self._abandon_all()
+        self._on_switch_result({"error": "the server stopped before the switch ended"})
         return True
 
     def _on_feedback(self, frames: list[zmq.Frame]) -> None:
@@ -767,6 +864,7 @@ class Ventilator(Role):
         in_flight = sum(count for w in self.workers.values() if w.batch
                         for _, _, count in w.batch)
         in_flight += sum(count for slices, _ in self.dead.values() for _, _, count in slices)
+        current = self.model["current"]
         return {
             "server_version": __version__,
             "protocol": self.config.protocol,
@@ -796,6 +894,9 @@ class Ventilator(Role):
             "num_poisoned": self.poisoned,
             "quarantined_inputs": len(self.quarantine),
             "ventilator_generation": self.generation,
+            "model": {"name": current["name"], "version": current["version"],
+                      "dir": current["dir"], "epoch": current["epoch"]},
+            "switch": self.model["switch"],
             "batch_size": self.batch_sizes.snapshot(),
             "workers": self._worker_rows(),
         }
@@ -812,9 +913,11 @@ class Ventilator(Role):
             if w is None:
                 rows.append({"index": index, "pid": None, "device": None,
                              "state": "restarting" if history["restarts"] else "starting",
-                             "batches": 0, "items": 0, **history})
+                             "batches": 0, "items": 0, "epoch": -1, "model_version": None,
+                             **history})
                 continue
             rows.append({"index": index, "pid": w.pid, "device": describe(w.device_id),
                          "state": "busy" if w.busy else "idle", "batches": w.batches,
-                         "items": w.items, **history})
+                         "items": w.items, "epoch": w.epoch,
+                         "model_version": self.model["versions"].get(w.epoch), **history})
         return rows

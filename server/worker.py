@@ -53,8 +53,8 @@ class WKRHardWorker:
     """Base class of a served model. Override the hooks; the server calls them in order.
 
     Attributes available in every hook: ``worker_id``, ``device_id`` (``-1`` for CPU),
-    ``model_dir``, ``model_name``, ``model_version``, ``batch_size``, ``tmp_dir``, ``gpu_memory_fraction``,
-    ``protocol`` and ``config``.
+    ``model_dir``, ``model_name``, ``model_version``, ``batch_size``, ``tmp_dir``,
+    ``gpu_memory_fraction``, ``protocol`` and ``config``.
     """
 
     def __init__(self, worker_id: int, device_id: int, config: ServerConfig,
@@ -158,13 +158,16 @@ class WorkerProcess(Role):
 
     def __init__(self, config: ServerConfig, endpoints: Endpoints, index: int,
                  device_id: int, worker_class: type[WKRHardWorker], generation: int = 0,
-                 ) -> None:
+                 epoch: int = 0) -> None:
         super().__init__(config, endpoints)
         self.index = index
         self.device_id = device_id
         self.worker_class = worker_class
         #: Tells apart the processes of one slot while a worker is recycled.
         self.generation = generation
+        #: The model it serves: 0 for the first, one more for each model switch (its
+        #: config names that model).
+        self.epoch = epoch
         # Made in boot (in the child process):
         self.vent: zmq.Socket | None = None
         self.sink: zmq.Socket | None = None
@@ -207,7 +210,8 @@ class WorkerProcess(Role):
         self.sink.connect(self.endpoints.sink)
 
         user_logger = set_logger(self.identity.upper(), self.config.log_dir,
-                                 self.config.log_name, self.config.verbose, self.color)
+                                 self.config.log_name, self.config.verbose, self.color,
+                                 self.config.log_format)
         self.worker = self.worker_class(self.index, self.device_id, self.config, user_logger)
         self.logger.info("using %s, %s BLAS/OpenMP thread(s); loading model %s from %s",
                          describe(self.device_id), threads or "default",
@@ -220,10 +224,11 @@ class WorkerProcess(Role):
         self.model = self.worker.get_model(envs, self.config.model_dir, self.config.model_name,
                                            self.config.tmp_dir)
         self.logger.info("model ready in %.2fs", time.perf_counter() - started)
+        metadata = self._metadata()
         self.stack = self.config.protocol == "numpy"
         self.allow_pickle = self.config.allow_pickle
         self.pid = os.getpid()  # once: getpid is a system call, and DONE carries it
-        self._ready_frame = M.ready(self.index, self.pid, self.device_id)
+        self._ready_frame = M.ready(self.index, self.pid, self.device_id, self.epoch)
         if self.config.log_predictions:
             assert self.config.log_dir is not None  # checked by ServerConfig
             self.predlog = PredictionLog(log_path(self.config.log_dir, self.config.log_name),
@@ -238,7 +243,25 @@ class WorkerProcess(Role):
             M.Control.HANGUP: self._on_hangup,
         }
         return {"index": self.index, "device_id": self.device_id,
-                "generation": self.generation}
+                "generation": self.generation, "epoch": self.epoch, "metadata": metadata}
+
+    def _metadata(self) -> dict[str, Any]:
+        """The model's own description (``get_metadata``), checked to be a mapping that
+        travels (msgpack): a bad one fails the boot, with the reason."""
+        assert self.worker is not None
+        metadata = self.worker.get_metadata(self.model)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"get_metadata must return a dict, got {type(metadata).__name__}")
+        metadata = dict(metadata)
+        try:
+            P.pack(metadata)
+        except Exception as exc:
+            raise TypeError(f"get_metadata returned a value that cannot be sent: "
+                            f"{type(exc).__name__}: {exc}") from None
+        self.worker._labels = metadata.get("labels")
+        return metadata
 
     def serve(self) -> None:
         # A timed blocking recv costs less per batch than polling two sockets; the
@@ -339,6 +362,7 @@ class WorkerProcess(Role):
         live: list[M.Segment] = []  # segments whose items are valid
         items: list[Any] = []  # raw items stay frames; msgpack items are decoded here
         metas: list[Any] = []
+        result_frames: list[Any] = []
         pos = 0
         now = time.monotonic()
         for seg in batch.segments:
@@ -353,11 +377,13 @@ class WorkerProcess(Role):
             except E.ProtocolError as exc:
                 parts.append(M.Part.of(seg, None, E.BadInput(str(exc)).to_wire()))
                 continue
+            if seg.options and seg.options.get("evaluate"):
+                self._evaluate(seg, decoded, parts, result_frames)
+                continue
             items.extend(decoded)
             metas.extend(seg.metas)
             live.append(seg)
         started = time.perf_counter()
-        result_frames: list[Any] = []
         if live:
             self._run_batch(live, items, metas, parts, result_frames)
         busy = time.perf_counter() - started
@@ -413,7 +439,33 @@ class WorkerProcess(Role):
             self.predlog.put(Entry(
                 wall, now - part.t_recv, part.client, part.req_id,
                 options.get("request_id") if options else None, part.offset, part.n_items,
-                part.total, batch_size, self.index, part.error, inputs, outputs))
+                part.total, batch_size, self.index, part.error, inputs, outputs,
+                self.config.model_name, self.config.model_version))
+
+    def _evaluate(self, seg: M.Segment, decoded: list[Any], parts: list[M.Part],
+                  result_frames: list[Any]) -> None:
+        """An evaluate request (option ``evaluate``): one item, ``{"predictions": [...],
+        "labels": [...]}``, scored by the model's ``evaluate``; its result is the dict."""
+        assert self.worker is not None
+        item = decoded[0] if len(decoded) == 1 else None
+        if (not isinstance(item, dict) or not isinstance(item.get("predictions"), list)
+                or not isinstance(item.get("labels"), list)):
+            parts.append(M.Part.of(seg, None, E.BadInput(
+                "an evaluate request is one item: a map with the lists 'predictions' and "
+                "'labels'").to_wire()))
+            return
+        try:
+            result = self.worker.evaluate(item["predictions"], item["labels"])
+            meta, buf = P.encode_item(result, "obj", self.allow_pickle)
+        except Exception as exc:
+            error = E.ModelError(f"evaluate failed: {type(exc).__name__}: {exc}",
+                                 traceback.format_exc())
+            self.logger.error("evaluate request %s failed: %s", seg.req_id, error.message,
+                              extra={"request_id": _request_id(seg)})
+            parts.append(M.Part.of(seg, None, error.to_wire()))
+            return
+        parts.append(M.Part.of(seg, [meta], None))
+        result_frames.append(buf)
 
     def _run_batch(self, live: list[M.Segment], items: list[Any], metas: list[Any],
                    parts: list[M.Part], result_frames: list[Any]) -> None:
@@ -445,7 +497,8 @@ class WorkerProcess(Role):
                 return
             error = E.ModelError(f"{type(exc).__name__}: {exc}", traceback.format_exc())
             self.logger.error("request %s (%d items) failed: %s", group[0][0].req_id,
-                              hi - lo, error.message)
+                              hi - lo, error.message,
+                              extra={"request_id": _request_id(group[0][0])})
             parts.append(M.Part.of(group[0][0], None, error.to_wire()))
             return
         for seg, start, end in group:
@@ -474,6 +527,13 @@ class WorkerProcess(Role):
         if self.postprocess is not None:
             outputs = self.postprocess(outputs)
         return outputs
+
+
+def _request_id(seg: M.Segment) -> str:
+    """A request's id for log lines: the caller's ``request_id`` option, else
+    ``<client hex>:<req id>`` (as the prediction log writes it)."""
+    given = seg.options.get("request_id") if seg.options else None
+    return given if isinstance(given, str) else f"{seg.client.hex()}:{seg.req_id}"
 
 
 #: Environment variables read by the common BLAS/OpenMP runtimes when they load.

@@ -245,7 +245,7 @@ VENTILATOR_CASES = [
     pytest.param([hdr(P.COMMAND, 18, 0, "status")], -1, B, id="command-too-few-fields"),
     # kinds that are not for this port
     pytest.param([hdr(P.BATCH, 19, [])], 19, B, id="internal-BATCH"),
-    pytest.param([hdr(P.READY, 20, 1234, -1)], 20, B, id="internal-READY"),
+    pytest.param([hdr(P.READY, 20, 1234, -1, 0)], 20, B, id="internal-READY"),
     pytest.param([hdr(P.DONE, 21, 0, 1234, [], {}, 0.0)], 21, B, id="internal-DONE"),
     pytest.param([hdr(P.FORWARD, b"victim", 22, "reply", "spoofed")], -1, B,
                  id="internal-FORWARD"),

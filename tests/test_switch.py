@@ -1,0 +1,180 @@
+"""Switching the served model with no request lost (WKRClient.switch_model).
+
+One new worker at a time loads the new model while the others serve; then an old one
+finishes its batch and retires. Every request is answered, by exactly one model, and
+a new model that fails to load leaves the old one serving.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from helpers import connect, running_server, server_args, wait_idle, wait_until
+from switch_workers import FactorWorker
+from wkr_serving.client import BadInput, SwitchFailed, Unauthorized
+from wkr_serving.server.worker import WorkerProcess
+
+#: Bounds of the load kept up during a switch: requests per thread, and seconds.
+MAX_CALLS = 20_000
+LOAD_LIMIT_S = 120.0
+
+
+def write_models(tmp_path: Any) -> None:
+    (tmp_path / "a.txt").write_text("10")
+    (tmp_path / "b.txt").write_text("20")
+
+
+class Load:
+    """Threads calling ``encode_batch`` (sizes 1..7, so requests split over batches of 3)
+    until stopped; every answer is kept with the model each item came from."""
+
+    def __init__(self, server: Any, threads: int = 3) -> None:
+        self.server = server
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.answers: list[tuple[float, list[Any]]] = []  # (time answered, result)
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(k,)) for k in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(LOAD_LIMIT_S)
+        assert not any(t.is_alive() for t in self.threads)
+
+    def _run(self, k: int) -> None:
+        deadline = time.monotonic() + LOAD_LIMIT_S
+        with connect(self.server, timeout=30_000) as client:
+            for n in range(MAX_CALLS):
+                if self.stop.is_set() or time.monotonic() > deadline:
+                    return
+                size = 1 + (n + k) % 7
+                try:
+                    result = client.encode_batch(list(range(1, size + 1)))
+                except BaseException as exc:  # every failure is a test failure
+                    with self.lock:
+                        self.errors.append(exc)
+                    return
+                with self.lock:
+                    self.answers.append((time.monotonic(), result))
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.answers)
+
+
+def versions_of(result: list[Any]) -> set[str]:
+    return {version for _, version in result}
+
+
+def test_switch_under_load_loses_nothing(tmp_path):
+    write_models(tmp_path)
+    args = server_args(tmp_path, "-num_worker", "2", "-batch_size", "3", "-cpu",
+                       "-model_name", "a.txt", "-model_version", "v1")
+    with running_server(args, FactorWorker) as server, connect(server) as client:
+        meta = client.metadata()
+        assert (meta["model_name"], meta["model_version"], meta["epoch"]) == ("a.txt", "v1", 0)
+        assert meta["metadata"]["factor"] == 10 and meta["switch"] is None
+        most = 0
+
+        def count_workers() -> int:
+            return sum(1 for c in list(server.supervisor.children.values())
+                       if isinstance(c.role, WorkerProcess) and c.process.is_alive())
+
+        with Load(server) as load:
+            wait_until(lambda: load.count() >= 50, 60, "load before the switch")
+            watching = threading.Event()
+
+            def watch() -> None:
+                nonlocal most
+                while not watching.is_set():
+                    most = max(most, count_workers())
+                    watching.wait(0.01)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                result = client.switch_model(model_name="b.txt", version="v2", timeout=120_000)
+            finally:
+                watching.set()
+                watcher.join(10)
+            switched_at = time.monotonic()
+            seen = load.count()
+            wait_until(lambda: load.count() >= seen + 50, 60, "load after the switch")
+        assert load.errors == [], load.errors[:3]
+        assert result["model_version"] == "v2" and result["epoch"] == 1
+        assert result["previous"]["model_version"] == "v1" and result["workers"] == 2
+        assert most <= 3, f"{most} worker processes at once (2 workers, one extra)"
+        for _, answer in load.answers:  # each request: one model, the right values
+            (version,) = versions_of(answer)
+            factor = 10 if version == "v1" else 20
+            assert [v for v, _ in answer] == [factor * x for x in range(1, len(answer) + 1)]
+        before = [a for t, a in load.answers if t < switched_at]
+        after = [a for t, a in load.answers if t > switched_at]
+        assert versions_of(before[0]) == {"v1"}
+        assert after and all(versions_of(a) == {"v2"} for a in after)
+        status = wait_idle(client)
+        assert status["model"] == {"name": "b.txt", "version": "v2", "dir": str(tmp_path),
+                                   "epoch": 1}
+        assert status["switch"]["state"] == "done"
+        assert status["switch"]["switched"] == 2 == status["switch"]["total"]
+        assert [row["model_version"] for row in status["workers"]] == ["v2", "v2"]
+        assert status["num_errors"] == {}, status["num_errors"]
+        meta = client.metadata()
+        assert meta["metadata"]["factor"] == 20 and meta["model_version"] == "v2"
+        assert client.encode(2) == [40, "v2"]
+
+
+def test_a_model_that_fails_to_load_leaves_the_old_one_serving(tmp_path):
+    write_models(tmp_path)
+    args = server_args(tmp_path, "-num_worker", "2", "-batch_size", "3", "-cpu",
+                       "-model_name", "a.txt", "-model_version", "v1")
+    with running_server(args, FactorWorker) as server, connect(server) as client:
+        with Load(server, threads=2) as load:
+            wait_until(lambda: load.count() >= 20, 60, "load before the switch")
+            with pytest.raises(SwitchFailed) as info:
+                client.switch_model(model_name="missing.txt", version="v2", timeout=120_000)
+            seen = load.count()
+            wait_until(lambda: load.count() >= seen + 20, 60, "load after the failed switch")
+        assert "FileNotFoundError" in info.value.message, info.value.message
+        assert "missing.txt" in info.value.message
+        assert load.errors == [], load.errors[:3]
+        assert all(versions_of(a) == {"v1"} for _, a in load.answers)
+        assert server.is_alive() and server.supervisor.failure is None
+        status = wait_idle(client)
+        assert status["switch"]["state"] == "failed"
+        assert "missing.txt" in status["switch"]["error"]
+        assert status["model"]["version"] == "v1" and status["model"]["epoch"] == 0
+        assert [row["model_version"] for row in status["workers"]] == ["v1", "v1"]
+        assert [row["restarts"] for row in status["workers"]] == [0, 0]
+        # ... and a later switch to a good model works.
+        assert client.switch_model(model_name="b.txt", version="v3")["model_version"] == "v3"
+        assert client.encode(1) == [20, "v3"]
+
+
+def test_switch_arguments_and_authorisation(tmp_path):
+    write_models(tmp_path)
+    args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-model_name", "a.txt",
+                       "-auth_token", "s3cret")
+    with running_server(args, FactorWorker) as server, connect(server) as client:
+        with pytest.raises(Unauthorized):
+            client.switch_model(model_name="b.txt")
+        with pytest.raises(Unauthorized):
+            client.switch_model(model_name="b.txt", token="wrong")
+        with pytest.raises(BadInput, match="not a directory"):
+            client.switch_model(model_dir=str(tmp_path / "nowhere"), token="s3cret")
+        with pytest.raises(BadInput, match="model_name must be a non-empty string"):
+            client._command("switch_model", {"model_name": 5, "token": "s3cret"})
+        assert client.encode(3) == [30, None]
+        done = client.switch_model(model_name="b.txt", token="s3cret")
+        # version None keeps the current one (none here)
+        assert (done["model_name"], done["model_version"]) == ("b.txt", None)
+        assert client.encode(3) == [60, None]
