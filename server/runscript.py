@@ -44,19 +44,16 @@ from typing import Any
 
 import psutil
 from wkr_serving.client import WKRClient
-from wkr_serving.client.base import DEFAULT_PORT, DEFAULT_PORT_OUT
+from wkr_serving.client.cli_common import add_connection_args, connect_any
 from wkr_serving.client.errors import (
-    ClientUsageError,
     ConnectionLost,
     ConnectTimeout,
-    ProtocolMismatch,
     ServerError,
     ShuttingDown,
     Unauthorized,
     WKRError,
     WKRTimeoutError,
 )
-from wkr_serving.client.protocol import PROTOCOL_NAMES, PROTOCOLS, normalize_protocol
 from wkr_serving.client.version import __version__
 
 from .config import ConfigError, ServerConfig, load_config
@@ -872,26 +869,6 @@ def _local_server(status: ServerStatus, ports: tuple[int, int]) -> list[psutil.P
     return []
 
 
-def _connect_any(args: argparse.Namespace, connect_ms: int) -> WKRClient:
-    """A client of the server, whatever protocol it speaks."""
-    order = [normalize_protocol(args.protocol)] if args.protocol else []
-    order += [p for p in PROTOCOLS if p not in order]
-    curve: dict[str, Any] = {}
-    if args.server_public_key:
-        curve["server_public_key"] = args.server_public_key
-    if args.client_key:
-        curve["client_key"] = args.client_key
-    last: Exception | None = None
-    for protocol in order:
-        try:
-            return WKRClient(args.ip, args.port, args.port_out, protocol=protocol,
-                             check_version=False, connect_timeout=connect_ms,
-                             timeout=max(connect_ms, 1000), **curve)
-        except ProtocolMismatch as exc:
-            last = exc
-    raise ClientUsageError(f"the server speaks no protocol this client knows: {last}")
-
-
 def main_terminate(argv: Sequence[str] | None = None) -> int:
     """``wkr-serving-terminate``: stop a server and wait until it has stopped.
 
@@ -903,22 +880,12 @@ def main_terminate(argv: Sequence[str] | None = None) -> int:
         "and exits), then wait until it has stopped: its processes have exited when it "
         "runs on this host, and its ports no longer accept connections. Exit status: 0 "
         "stopped, 1 still running after -timeout, 2 usage error, refused or unreachable.")
-    parser.add_argument("-ip", default="localhost", help="server address")
-    parser.add_argument("-port", type=int, default=DEFAULT_PORT, help="the server's -port")
-    parser.add_argument("-port_out", type=int, default=DEFAULT_PORT_OUT,
-                        help="the server's -port_out")
+    add_connection_args(parser)
     parser.add_argument("-timeout", type=float, default=60.0,
                         help="seconds to wait for the server to confirm it stopped")
     parser.add_argument("-token", default=os.environ.get("WKR_AUTH_TOKEN"),
                         help="the server's -auth_token (default: $WKR_AUTH_TOKEN); without "
                         "one, only a server on this host accepts the command")
-    parser.add_argument("-protocol", default=None, choices=PROTOCOL_NAMES,
-                        help="the server's protocol (default: detected; npy is numpy)")
-    parser.add_argument("-server_public_key", default=None,
-                        help="the server's CurveZMQ public key (.key file or Z85 text)")
-    parser.add_argument("-client_key", default=None,
-                        help="this client's .key_secret, for a server with "
-                        "-curve_client_keys")
     args = parser.parse_args(argv)
 
     def fail(message: str, code: int = 2) -> int:
@@ -937,7 +904,7 @@ def main_terminate(argv: Sequence[str] | None = None) -> int:
     hint = "" if args.server_public_key else (
         " (a server started with -curve_secret_key also needs -server_public_key)")
     try:
-        client = _connect_any(args, connect_ms)
+        client = connect_any(args, connect_ms)
     except ConnectTimeout:
         return fail(f"no WKR server answered at {where} within {connect_ms / 1000:g}s{hint}")
     except (WKRError, ValueError, OSError) as exc:
