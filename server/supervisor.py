@@ -389,14 +389,20 @@ class Supervisor(StoppableLoop):
         self._begin_switch(changes)
 
     def _begin_switch(self, changes: dict[str, Any], rollback: bool = False) -> None:
-        epoch = max(self.models) + 1
+        """Start replacing the workers not serving ``changes``' model. A new model gets
+        the next epoch; switching back (``rollback``) returns to the current epoch."""
         config = self.models_config(changes)
-        self.models[epoch] = {"name": changes["model_name"],
-                              "version": changes["model_version"],
-                              "dir": changes["model_dir"], "epoch": epoch, "metadata": None}
-        workers = [n for n, c in self.children.items()
+        if rollback:
+            epoch = self.epoch
+        else:
+            epoch = max(self.models) + 1
+            self.models[epoch] = {"name": changes["model_name"],
+                                  "version": changes["model_version"],
+                                  "dir": changes["model_dir"], "epoch": epoch,
+                                  "metadata": None}
+        workers = [n for n, c in self.children.items()  # (one being replaced goes away)
                    if isinstance(c.role, WorkerProcess) and not c.handled
-                   and not c.replaces and c.role.epoch != epoch]
+                   and not c.replaced_by and c.role.epoch != epoch]
         self.switch_target = (config, epoch)
         self.switch_queue = deque(sorted(workers))
         self._switch_started = time.monotonic()
@@ -574,9 +580,11 @@ class Supervisor(StoppableLoop):
             self.logger.info("%s (pid %s) retired (replaced)", name, child.process.pid)
             replacement = self.children.get(child.replaced_by or "")
             del self.children[name]
-            if replacement is not None and replacement.switching:
-                replacement.switching = False
-                self._slot_switched()
+            if replacement is not None:
+                replacement.replaces = None
+                if replacement.switching:
+                    replacement.switching = False
+                    self._slot_switched()
             self._next_recycle()
             return
         self._restart(child, code)

@@ -178,3 +178,148 @@ def test_switch_arguments_and_authorisation(tmp_path):
         # version None keeps the current one (none here)
         assert (done["model_name"], done["model_version"]) == ("b.txt", None)
         assert client.encode(3) == [60, None]
+
+
+def test_a_failure_after_some_workers_switched_switches_them_back(tmp_path):
+    """The first new worker loads, the second fails: the caller gets the error, and the
+    worker already switched is switched back, so one model serves again."""
+    write_models(tmp_path)
+    (tmp_path / "flaky.txt").write_text("flaky 30")
+    args = server_args(tmp_path, "-num_worker", "2", "-batch_size", "3", "-cpu",
+                       "-model_name", "a.txt", "-model_version", "v1")
+    with running_server(args, FactorWorker) as server, connect(server) as client:
+        with Load(server, threads=2) as load:
+            wait_until(lambda: load.count() >= 20, 60, "load before the switch")
+            with pytest.raises(SwitchFailed) as info:
+                client.switch_model(model_name="flaky.txt", version="v2", timeout=120_000)
+            assert "load 2 of" in info.value.message and "switched back" in info.value.message
+
+            def rolled_back() -> bool:
+                switch = client.server_status["switch"]
+                return switch["rollback"] and switch["state"] == "done"
+
+            wait_until(rolled_back, 120, "the switch back to v1")
+            seen = load.count()
+            wait_until(lambda: load.count() >= seen + 20, 60, "load after the switch back")
+        assert load.errors == [], load.errors[:3]
+        for _, answer in load.answers:
+            (version,) = versions_of(answer)
+            factor = {"v1": 10, "v2": 30}[version]
+            assert [v for v, _ in answer] == [factor * x for x in range(1, len(answer) + 1)]
+        status = wait_idle(client)
+        assert [row["model_version"] for row in status["workers"]] == ["v1", "v1"]
+        assert status["model"]["version"] == "v1" and status["model"]["name"] == "a.txt"
+        assert server.supervisor.failure is None
+        assert client.encode(1) == [10, "v1"]
+
+
+def test_kill_9_of_an_old_worker_while_the_new_model_loads(tmp_path):
+    """An old worker dies (kill -9) under load while its replacement loads: what it held
+    is retried, the switch completes, nothing fails."""
+    write_models(tmp_path)
+    (tmp_path / "slow.txt").write_text("gate 40")
+    args = server_args(tmp_path, "-num_worker", "2", "-batch_size", "3", "-cpu",
+                       "-model_name", "a.txt", "-model_version", "v1")
+    with running_server(args, FactorWorker) as server, connect(server) as client:
+        outcome: dict[str, Any] = {}
+
+        def switch() -> None:
+            with connect(server, timeout=120_000) as other:
+                try:
+                    outcome["result"] = other.switch_model(model_name="slow.txt",
+                                                           version="v2", timeout=120_000)
+                except BaseException as exc:
+                    outcome["error"] = exc
+
+        with Load(server) as load:
+            wait_until(lambda: load.count() >= 20, 60, "load before the switch")
+            thread = threading.Thread(target=switch)
+            thread.start()
+            loading = wait_until(lambda: [c for c in list(server.supervisor.children.values())
+                                          if c.switching and c.process.pid], 60,
+                                 "a worker loading the new model")
+            victim = next(c for c in server.supervisor.children.values()
+                          if isinstance(c.role, WorkerProcess) and c.role.epoch == 0
+                          and c.role.identity != loading[0].replaces)
+            victim.process.kill()
+            seen = load.count()
+            wait_until(lambda: load.count() >= seen + 20, 60, "load after the kill")
+            (tmp_path / "slow.txt.release").write_text("")
+            thread.join(120)
+            assert not thread.is_alive()
+        assert "error" not in outcome, outcome
+        assert outcome["result"]["model_version"] == "v2"
+        assert load.errors == [], load.errors[:3]
+        assert all(len(versions_of(a)) == 1 for _, a in load.answers)
+        status = wait_idle(client)
+        assert [row["model_version"] for row in status["workers"]] == ["v2", "v2"]
+        assert client.encode(1) == [40, "v2"]
+
+
+def test_recycling_during_a_switch(tmp_path):
+    """-max_requests recycles workers while a switch runs: one replacement at a time,
+    nothing fails, and the switch ends with every worker on the new model."""
+    write_models(tmp_path)
+    args = server_args(tmp_path, "-num_worker", "2", "-batch_size", "3", "-cpu",
+                       "-model_name", "a.txt", "-model_version", "v1",
+                       "-max_requests", "40", "-max_requests_jitter", "5")
+    with running_server(args, FactorWorker) as server, connect(server) as client:
+        with Load(server) as load:
+            wait_until(lambda: load.count() >= 50, 60, "load before the switch")
+            result = client.switch_model(model_name="b.txt", version="v2", timeout=120_000)
+            seen = load.count()
+            wait_until(lambda: load.count() >= seen + 100, 60, "load after the switch")
+        assert result["model_version"] == "v2"
+        assert load.errors == [], load.errors[:3]
+        assert all(len(versions_of(a)) == 1 for _, a in load.answers)
+        status = wait_idle(client)
+        assert {row["model_version"] for row in status["workers"]} == {"v2"}
+
+
+def test_prediction_log_names_the_model(tmp_path):
+    write_models(tmp_path)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-model_name", "a.txt",
+                       "-model_version", "v1", "-log_dir", str(logs), "-log_predictions")
+    with running_server(args, FactorWorker) as server, connect(server) as client:
+        client.encode(1, request_id="before")
+        client.switch_model(model_name="b.txt", version="v2")
+        client.encode(1, request_id="after")
+    import json
+
+    lines = [json.loads(line) for line in
+             (logs / "WKRServer.predictions.jsonl").read_text().splitlines()]
+    by_id = {line["request_id"]: line for line in lines}
+    assert (by_id["before"]["model"], by_id["before"]["model_version"]) == ("a.txt", "v1")
+    assert (by_id["after"]["model"], by_id["after"]["model_version"]) == ("b.txt", "v2")
+    assert by_id["after"]["output"] != by_id["before"]["output"]
+
+
+def test_switch_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    write_models(tmp_path)
+    args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-model_name", "a.txt",
+                       "-model_version", "v1")
+    with running_server(args, FactorWorker) as server, connect(server) as client:
+        where = ["-ip", "127.0.0.1", "-port", str(server.port), "-port_out",
+                 str(server.port_out)]
+
+        def run(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "wkr_serving.client.switch_cli",
+                                   *where, *extra], capture_output=True, text=True,
+                                  timeout=120)
+
+        done = run("-model_name", "b.txt", "-version", "v2")
+        assert done.returncode == 0, done.stderr
+        import json
+
+        assert json.loads(done.stdout)["model_version"] == "v2"
+        assert client.encode(1) == [20, "v2"]
+        failed = run("-model_name", "missing.txt", "-version", "v3")
+        assert failed.returncode == 1 and "missing.txt" in failed.stderr, failed.stderr
+        assert client.encode(1) == [20, "v2"]
+        usage = run()
+        assert usage.returncode == 2 and "nothing to switch" in usage.stderr
