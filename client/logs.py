@@ -10,19 +10,27 @@ Logging never stops a process: a log file that cannot be opened (or later writte
 sends its records to stderr, with one warning line naming the file and the error, and
 is tried again every :data:`REOPEN_RETRY_S`. The files follow rotation: when the file at
 the path is no longer the one open (logrotate renamed it), it is opened again.
+
+Lines are text (``[time]: L:role: message``) or, with ``log_format="json"``, one JSON
+object per line for log collectors (:class:`JsonFormatter`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import logging.handlers
 import os
+import re
 import sys
 import threading
 import time
+import traceback
+from typing import Any
 
-__all__ = ["DEFAULT_LOG_NAME", "FileOrStderrHandler", "LogThrottle", "log_base", "set_logger"]
+__all__ = ["DEFAULT_LOG_NAME", "LOG_FORMATS", "FileOrStderrHandler", "JsonFormatter",
+           "LogThrottle", "log_base", "route_other_logs", "set_logger"]
 
 #: The base name of a server's log files when no ``log_name`` is given.
 DEFAULT_LOG_NAME = "WKRServer"
@@ -31,6 +39,11 @@ _FORMAT = "[%(asctime)s.%(msecs)03d]: %(levelname).1s:{context}: %(message)s"
 _VERBOSE_FORMAT = ("[%(asctime)s.%(msecs)03d]: %(levelname).1s:{context}:"
                    "[%(filename)s:%(lineno)d]: %(message)s")
 _DATEFMT = "%y-%m-%d %H:%M:%S"
+#: The values of ``log_format``: text lines (the default) or one JSON object per line.
+LOG_FORMATS = ("text", "json")
+#: A worker role's name (``worker-2``, ``worker-2.1`` while recycled, ``WORKER-2`` for
+#: the model's own logger): the JSON ``worker`` field is its index.
+_WORKER_ROLE = re.compile(r"^worker-(\d+)(?:\.\d+)?$", re.IGNORECASE)
 
 #: Seconds between attempts to open a log file again while its records go to stderr
 #: (one open() per attempt, only while it fails).
@@ -46,9 +59,14 @@ _ON_STDERR = "_wkr_on_stderr"
 
 
 def set_logger(context: str, log_dir: str | None = None, log_name: str | None = None,
-               verbose: bool = False, color: str | None = None) -> logging.Logger:
+               verbose: bool = False, color: str | None = None,
+               log_format: str = "text") -> logging.Logger:
     """A logger named ``context``, writing info to ``<log_name>.log`` and errors also to
-    ``<log_name>.err`` under ``log_dir``, or everything to stderr without one."""
+    ``<log_name>.err`` under ``log_dir``, or everything to stderr without one.
+    ``log_format`` is ``"text"`` or ``"json"`` (:class:`JsonFormatter`; never coloured)."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, "
+                         f"got {log_format!r}")
     logger = logging.getLogger(f"wkr_serving.{context}")
     level = logging.DEBUG if verbose else logging.INFO
     logger.setLevel(level)
@@ -56,9 +74,14 @@ def set_logger(context: str, log_dir: str | None = None, log_name: str | None = 
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    label = _colored(context, color) if color and not log_dir and sys.stderr.isatty() else context
-    formatter = logging.Formatter((_VERBOSE_FORMAT if verbose else _FORMAT).format(context=label),
-                                  datefmt=_DATEFMT)
+    formatter: logging.Formatter
+    if log_format == "json":
+        formatter = JsonFormatter(context, verbose=verbose, own=(logger.name,))
+    else:
+        label = (_colored(context, color) if color and not log_dir and sys.stderr.isatty()
+                 else context)
+        formatter = logging.Formatter(
+            (_VERBOSE_FORMAT if verbose else _FORMAT).format(context=label), datefmt=_DATEFMT)
     if log_dir:
         with contextlib.suppress(OSError):  # opening the files fails too, and says so
             os.makedirs(log_dir, exist_ok=True)
@@ -71,6 +94,80 @@ def set_logger(context: str, log_dir: str | None = None, log_name: str | None = 
         stream.setFormatter(formatter)
         logger.addHandler(stream)
     return logger
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines in the message or a traceback
+    are escaped), for log collectors:
+
+    ``time`` (ISO 8601, UTC, milliseconds: ``2024-05-01T12:00:00.123Z``), ``level``
+    (``INFO``...), ``role`` (the process's role: ``SUPERVISOR``, ``VENTILATOR``, ``SINK``,
+    ``WORKER-0``, ``HTTP-0``), ``pid``, ``worker`` (the index of a worker role, else
+    null) and ``message``; then, when there is one, ``request_id`` (a log call's
+    ``extra={"request_id": ...}``), ``exception`` (``type``, ``message`` and
+    ``traceback`` of a record logged with ``exc_info``), ``stack`` (``stack_info``),
+    ``logger`` (the Python logger's name, for a record of another logger, such as a
+    library's, that goes through this role's handlers), and with ``verbose`` the
+    ``file`` and ``line`` of the log call."""
+
+    def __init__(self, role: str, verbose: bool = False, own: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.role = role.upper()
+        found = _WORKER_ROLE.match(role)
+        self.worker = int(found.group(1)) if found else None
+        self.verbose = verbose
+        self.own = frozenset((*own, "wkr_serving"))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "role": self.role, "pid": record.process,
+            "worker": self.worker, "message": record.getMessage()}
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            entry["request_id"] = request_id
+        if record.exc_info and record.exc_info[0] is not None:
+            kind, value, tb = record.exc_info
+            entry["exception"] = {
+                "type": kind.__name__, "message": str(value),
+                "traceback": "".join(traceback.format_exception(kind, value, tb))}
+        if record.stack_info:
+            entry["stack"] = record.stack_info
+        if record.name not in self.own:
+            entry["logger"] = record.name
+        if self.verbose:
+            entry["file"], entry["line"] = record.filename, record.lineno
+        return json.dumps(entry, default=str)
+
+
+def route_other_logs(logger: logging.Logger) -> None:
+    """Send what this process logs outside ``logger`` through ``logger``'s handlers, in
+    its format: records of loggers with no handler of their own (libraries, uvicorn,
+    Flask) reach the root logger, which gets those handlers; Python warnings are logged
+    (``py.warnings``); an exception no thread caught is logged as an error with its
+    traceback. For a role process in JSON mode, so every line it writes is JSON; the
+    root logger's level (WARNING unless changed) still decides what libraries log. A
+    root handler writing plain lines to stderr (``logging.basicConfig()`` run by an
+    import) is replaced; any other root handler stays."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if (type(handler) is logging.StreamHandler
+                and handler.stream in (sys.stderr, sys.__stderr__)):
+            root.removeHandler(handler)
+    for handler in logger.handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    logging.captureWarnings(True)
+
+    def log_thread_exception(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit or args.exc_value is None:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        logger.error("exception in thread %s: %s", name, args.exc_value,
+                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    threading.excepthook = log_thread_exception
 
 
 def log_base(log_dir: str, log_name: str | None) -> str:

@@ -3,7 +3,8 @@
 Every option is a field of :class:`ServerConfig`; its flag is ``-<field name>`` (single
 dash, as in the seed), with the seed's aliases where it had them. Values come, lowest
 precedence first, from the field default, a YAML file (``-config``), ``WKR_<NAME>``
-environment variables, and the command line.
+environment variables, and the command line. The YAML file may also be a Rekcurd
+``settings.yml``: its keys are mapped through :data:`REKCURD_KEYS`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wkr_serving.client.base import DEFAULT_PORT, DEFAULT_PORT_OUT
+from wkr_serving.client.logs import LOG_FORMATS
 from wkr_serving.client.protocol import PROTOCOL_NAMES, normalize_protocol
 from wkr_serving.client.version import __version__
 
@@ -82,7 +84,7 @@ class ServerConfig:
     log_name: str | None = _opt(None, "base name of the log files (default: WKRServer)")
     verbose: bool = _opt(False, "debug logging", kind=bool)
     log_format: str = _opt("text", "system log lines: 'text' (default) or 'json' (one JSON "
-                           "object per line, for log collectors)", choices=("text", "json"))
+                           "object per line, for log collectors)", choices=LOG_FORMATS)
     log_predictions: bool = _opt(
         False, "write one JSON line per request (time, ids, latency, batch, worker, outcome, "
         "input and output) to <log_dir>/<log_name>.predictions.jsonl; needs -log_dir",
@@ -198,6 +200,9 @@ class ServerConfig:
                               "must be >= 0 (0: off)")
         if self.auth_token is not None and not self.auth_token:
             raise ConfigError("-auth_token must not be empty")
+        if self.log_format not in LOG_FORMATS:  # a YAML or WKR_ value skips argparse's check
+            raise ConfigError(f"-log_format must be one of {', '.join(LOG_FORMATS)}, "
+                              f"got {self.log_format!r}")
         if self.log_predictions and not self.log_dir:
             raise ConfigError("-log_predictions needs -log_dir (the file it writes goes there)")
         if self.curve_client_keys and not self.curve_secret_key:
@@ -297,6 +302,95 @@ def _coerce(name: str, raw: Any) -> Any:
         raise ConfigError(f"{name}: cannot read {raw!r} as {kind.__name__}") from None
 
 
+#: Rekcurd's ``settings.yml`` keys (its drucker-era template) that mean something here, and
+#: the setting each gives (docs/configuration.rst, "Rekcurd settings", has the table).
+#: Rekcurd's model is ``{app.modeldir}/{app.name}/{app.modelfile}``: with ``app.modeldir``
+#: and ``app.name`` both given, ``model_dir`` is ``{app.modeldir}/{app.name}``, so a
+#: Rekcurd model tree serves unchanged.
+REKCURD_KEYS = {
+    "app.name": "log_name",
+    "app.port": "port",
+    "app.modeldir": "model_dir",
+    "app.modelfile": "model_name",
+    "test": "verbose",
+}
+#: Rekcurd keys accepted and ignored: how its dashboard names a deployment.
+#: ``app.service.level`` must still be one of Rekcurd's levels.
+REKCURD_IGNORED = ("app.service.name", "app.service.level")
+REKCURD_SERVICE_LEVELS = ("development", "beta", "staging", "sandbox", "production")
+#: Rekcurd keys (``db.`` is a prefix) that cannot mean anything here: an error names them.
+REKCURD_UNMAPPABLE = ("use.db", "db.")
+#: Rekcurd's environment variables, honoured when the ``-config`` file uses Rekcurd keys:
+#: each replaces its key's value, as in Rekcurd (``WKR_*`` variables and flags still win).
+#: ``DRUCKER_DB_*`` and the others are ignored.
+REKCURD_ENV = {
+    "DRUCKER_APPLICATION_NAME": "app.name",
+    "DRUCKER_SERVICE_PORT": "app.port",
+    "DRUCKER_SERVICE_NAME": "app.service.name",
+    "DRUCKER_SERVICE_LEVEL": "app.service.level",
+    "DRUCKER_SERVICE_MODEL_DIR": "app.modeldir",
+    "DRUCKER_SERVICE_MODEL_FILE": "app.modelfile",
+}
+#: The top-level names of Rekcurd's dotted keys: ``app: {port: 5000}`` is ``app.port``.
+_REKCURD_GROUPS = ("app", "db", "use")
+
+
+def _is_rekcurd(key: str) -> bool:
+    return (key in REKCURD_KEYS or key in REKCURD_IGNORED or key == "use.db"
+            or key.startswith("db."))
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"app": {"port": 1}}`` -> ``{"app.port": 1}`` (for Rekcurd's groups only)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and (prefix or name in _REKCURD_GROUPS):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _from_rekcurd(loaded: Mapping[str, Any], source: str,
+                  environ: Mapping[str, str]) -> dict[str, Any]:
+    """The file's values with Rekcurd's keys (:data:`REKCURD_KEYS`) turned into settings.
+    A key that cannot be mapped, a bad service level, or a setting given both by its
+    name and by its Rekcurd alias is a :class:`ConfigError`."""
+    values = _flatten(loaded)
+    if not any(_is_rekcurd(str(key)) for key in values):
+        return values
+    unmappable = sorted(k for k in values if k == "use.db" or k.startswith("db."))
+    if unmappable:
+        raise ConfigError(
+            f"{source}: {', '.join(unmappable)}: Rekcurd's model database has no meaning "
+            f"here (wkr-serving keeps no database: the model is app.modeldir/app.name/"
+            f"app.modelfile, or -model_dir and -model_name, and wkr-serving-switch changes "
+            f"it); remove {'these keys' if len(unmappable) > 1 else 'this key'}")
+    origin = {key: f"{key} ({source})" for key in values}
+    for var, key in REKCURD_ENV.items():
+        if var in environ:
+            values[key] = environ[var]
+            origin[key] = f"{var} (environment)"
+    level = values.get("app.service.level")
+    if level is not None and level not in REKCURD_SERVICE_LEVELS:
+        raise ConfigError(f"{origin['app.service.level']}: must be one of "
+                          f"{', '.join(REKCURD_SERVICE_LEVELS)}, got {level!r}")
+    if values.get("app.modeldir") is not None and values.get("app.name") is not None:
+        values["app.modeldir"] = os.path.join(str(values["app.modeldir"]),
+                                              str(values["app.name"]))
+    for key, name in REKCURD_KEYS.items():
+        if key not in values:
+            continue
+        if name in values:
+            raise ConfigError(f"{source}: {name} and {origin[key]} both set {name} "
+                              f"({key} is Rekcurd's name for it): keep one")
+        values[name] = values.pop(key)
+    for key in REKCURD_IGNORED:
+        values.pop(key, None)
+    return values
+
+
 def _file_and_env_values(config_file: str | None, environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if config_file:
@@ -309,6 +403,7 @@ def _file_and_env_values(config_file: str | None, environ: Mapping[str, str]) ->
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_file} must hold a mapping")
+        loaded = _from_rekcurd(loaded, config_file, environ)
         unknown = sorted(set(loaded) - set(_FIELDS) - {"worker_class"})
         if unknown:
             raise ConfigError(f"unknown keys in {config_file}: {', '.join(unknown)}")

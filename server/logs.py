@@ -1,5 +1,13 @@
 """Logging setup of the server's processes (its home is :mod:`wkr_serving.client.logs`)."""
 
-from wkr_serving.client.logs import LogThrottle, log_base, set_logger
+from wkr_serving.client.logs import (
+    LOG_FORMATS,
+    JsonFormatter,
+    LogThrottle,
+    log_base,
+    route_other_logs,
+    set_logger,
+)
 
-__all__ = ["LogThrottle", "log_base", "set_logger"]
+__all__ = ["LOG_FORMATS", "JsonFormatter", "LogThrottle", "log_base", "route_other_logs",
+           "set_logger"]

@@ -22,7 +22,7 @@ from wkr_serving.client import protocol as P
 from wkr_serving.client.process import bind_public, die_with_parent
 
 from .config import ServerConfig
-from .logs import set_logger
+from .logs import route_other_logs, set_logger
 
 __all__ = ["ABSTRACT_IPC", "EXIT_BOOT_FAILED", "BootError", "Endpoints", "Role", "bind_internal",
            "bind_port", "bind_public", "drain", "run_role"]
@@ -121,7 +121,9 @@ class Role:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         die_with_parent()
         self.logger = set_logger(self.identity, self.config.log_dir, self.config.log_name,
-                                 self.config.verbose, self.color)
+                                 self.config.verbose, self.color, self.config.log_format)
+        if self.config.log_format == "json":  # libraries' records and warnings too
+            route_other_logs(self.logger)
         self.context = zmq.Context()
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, LINGER_MS)
