@@ -214,6 +214,8 @@ def request_frames(req_id: int, timeout_ms: int | None, items: Sequence[Any],
     encoded."""
     if info:
         check_item_count(len(items), info)
+    if options and options.get("evaluate"):
+        protocol = "obj"  # an evaluate request's item is a map, whatever the protocol
     metas = []
     frames: list[Any] = [b""]
     for item in items:

@@ -377,6 +377,13 @@ class Supervisor(StoppableLoop):
             self._send("ventilator", M.Control.SWITCH_RESULT, {
                 "error": "another model switch is under way: wait for it to end"})
             return
+        starting = [n for n, c in self.children.items()
+                    if isinstance(c.role, WorkerProcess) and not c.handled and not c.ready]
+        if starting:
+            self._send("ventilator", M.Control.SWITCH_RESULT, {
+                "error": f"workers are starting ({', '.join(sorted(starting))}): switch "
+                         "once they are ready"})
+            return
         current = self.models[self.epoch]
         changes = {"model_dir": value.get("model_dir") or current["dir"],
                    "model_name": value.get("model_name") or current["name"],

@@ -443,3 +443,18 @@ def test_cli_bad_files_and_arguments(tmp_path, iris):
         out = run_cli(None, "-file", str(good), "-label_column", "species", "-timeout",
                       "500", ports=ports)
         assert out.returncode == 1 and "cannot connect" in out.stderr, explain(out)
+
+
+def test_numpy_protocol(tmp_path):
+    """With -protocol numpy the inputs go as raw arrays and the evaluate request (a map)
+    as msgpack: the server scores the model's own score vectors."""
+    from workers import EchoWorker
+
+    args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-protocol", "numpy")
+    with running_server(args, EchoWorker) as server, \
+            connect(server, protocol="numpy") as client:
+        result = client.evaluate(np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), [1, 1, 1])
+        assert result["accuracy"] == pytest.approx(2 / 3)
+        assert result["confusion_matrix"] == [[0, 0], [1, 2]]
+        regression = client.evaluate(np.array([1.0, 2.0, 4.0]), [1.0, 2.0, 3.0])
+        assert regression["mae"] == pytest.approx(1 / 3)
