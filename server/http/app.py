@@ -13,7 +13,9 @@ Core routes (this module); other route groups live in their own modules
 - ``GET /status/server``, ``GET /status/client``.
 - ``GET /health/live`` (the bridge answers), ``GET /health/ready`` (every worker has
   loaded its model and the pipeline answers).
-- ``GET /metadata``: model, worker class, protocol, dtypes and shapes seen, versions.
+- ``GET /metadata``: the served model (name, version, directory, epoch, switch state),
+  its worker's ``get_metadata()`` keys, worker class, protocol, dtypes and shapes seen,
+  versions (:func:`merged_metadata`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import io
 import json
 import os
 import platform
@@ -29,29 +32,33 @@ import time
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
-from flask import Flask, g, jsonify, request
+from flask import Flask, Request, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from wkr_serving.client import AsyncWKRClient
 from wkr_serving.client import errors as E
-from wkr_serving.client.base import DEFAULT_TIMEOUT_MS
+from wkr_serving.client.base import DEFAULT_TIMEOUT_MS, SWITCH_TIMEOUT_MS
 from wkr_serving.client.protocol import MAX_OPTION_CHARS
 from wkr_serving.client.version import __version__
 
 from ..config import ServerConfig
 from . import jsonio, state
 
-__all__ = ["Backend", "EncodeCall", "Limits", "all_blueprints", "create_app", "encode_call",
-           "envelope", "failure", "http_status", "parse_encode_body", "read_call"]
+__all__ = ["Backend", "EncodeCall", "Limits", "ModelInfo", "all_blueprints", "create_app",
+           "encode_call", "envelope", "failure", "http_status", "merged_metadata",
+           "parse_encode_body", "read_call"]
 
 #: Fewest items a merged request may hold (else ``-batch_size``), see :class:`Coalescer`.
 COALESCE_MIN_ITEMS = 32
 #: Seconds a thread waits for a call beyond the call's own timeout (the server answers
 #: a timed-out call itself; this only bounds a wait that went wrong).
 CALL_SLACK_S = 5.0
+#: Seconds a bridge process trusts what the server said of the served model (its name
+#: and version, checked by every ``/v2/models/{name}`` request).
+MODEL_INFO_TTL_S = 1.0
 
 
 def http_status(error: BaseException) -> int:
@@ -94,6 +101,8 @@ class Backend:
         self.in_flight = 0
         self._seen_lock = threading.Lock()
         self.seen: dict[str, Any] = {"input": None, "output": None}
+        self._model_lock = threading.Lock()
+        self._model: tuple[float, ModelInfo] | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Use ``loop`` (the bridge's event loop, in this process) from now on."""
@@ -195,6 +204,83 @@ class Backend:
         status: dict[str, Any] = self._run(self.astatus(), self.options["timeout"] / 1000.0)
         return status
 
+    # -- the model's lifecycle (see :mod:`.lifecycle`) --------------------------------
+
+    async def ametadata(self) -> dict[str, Any]:
+        client = await self.client()
+        meta: dict[str, Any] = await client.metadata()
+        return meta
+
+    def metadata(self) -> dict[str, Any]:
+        """The server's ``metadata`` command: the served model and its worker's
+        ``get_metadata()`` (from a thread)."""
+        meta: dict[str, Any] = self._run(self.ametadata(), self.options["timeout"] / 1000.0)
+        return meta
+
+    def current_model(self, max_age: float = MODEL_INFO_TTL_S) -> ModelInfo:
+        """The served model's name, version, directory and epoch, as the server said at
+        most ``max_age`` seconds ago in this process (the v2 routes check names against
+        it on every request). When the server does not answer, the configured model."""
+        with self._model_lock:
+            cached = self._model
+            if cached is not None and time.monotonic() - cached[0] <= max_age:
+                return cached[1]
+        try:
+            meta = self.metadata()
+            info = ModelInfo(str(meta.get("model_name") or self.default_model_name()),
+                             _str_or_none(meta.get("model_version")),
+                             _str_or_none(meta.get("model_dir")),
+                             int(meta.get("epoch") or 0))
+        except Exception:  # not answering (yet): what the bridge was started with
+            config = self.config
+            info = ModelInfo(self.default_model_name(), config.model_version,
+                             config.model_dir, 0)
+        with self._model_lock:
+            self._model = (time.monotonic(), info)
+        return info
+
+    def forget_model(self) -> None:
+        """Ask the server again next time (after a switch)."""
+        with self._model_lock:
+            self._model = None
+
+    def default_model_name(self) -> str:
+        """``-model_name``, or the last part of the worker class's name."""
+        return self.config.model_name or self.worker_class.rsplit(".", 1)[-1] or "model"
+
+    def switch_model(self, model_dir: str | None, model_name: str | None,
+                     version: str | None) -> dict[str, Any]:
+        """The server's ``switch_model`` command, with the server's ``-auth_token`` (from
+        a thread; blocks until the switch is done or failed)."""
+
+        async def switch() -> dict[str, Any]:
+            client = await self.client()
+            answer: dict[str, Any] = await client.switch_model(
+                model_dir=model_dir, model_name=model_name, version=version,
+                token=self.config.auth_token, timeout=SWITCH_TIMEOUT_MS)
+            return answer
+
+        try:
+            answer: dict[str, Any] = self._run(switch(),
+                                               SWITCH_TIMEOUT_MS / 1000.0 + CALL_SLACK_S)
+        finally:
+            self.forget_model()
+        return answer
+
+    def evaluate(self, inputs: list[Any], labels: list[Any], details: bool,
+                 chunk_size: int | None, timeout: int | None, wait: float) -> dict[str, Any]:
+        """The client's ``evaluate`` on the shared client (from a thread), waiting at
+        most ``wait`` seconds."""
+
+        async def evaluate() -> dict[str, Any]:
+            client = await self.client()
+            result: dict[str, Any] = await client.evaluate(
+                inputs, labels, details=details, chunk_size=chunk_size, timeout=timeout)
+            return result
+
+        result: dict[str, Any] = self._run(evaluate(), wait)
+        return result
+
     def _see(self, item: Any, result: Any) -> None:
         with self._seen_lock:
             self.seen["input"] = self.seen["input"] or describe_value(item)
@@ -225,6 +311,19 @@ class Backend:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+class ModelInfo(NamedTuple):
+    """The served model, as the server names it (it changes with a switch)."""
+
+    name: str
+    version: str | None
+    dir: str | None
+    epoch: int
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 class Coalescer:
@@ -332,6 +431,7 @@ def create_app(backend: Backend,
     ``X-Request-ID`` and the CORS headers to every answer; here every error is a JSON
     envelope too (404, 405, 500: never an HTML page)."""
     app = Flask("wkr_serving.http")
+    app.request_class = BridgeRequest
     app.json = JSONProvider(app)
     app.extensions["wkr_backend"] = backend
 
@@ -383,23 +483,55 @@ def create_app(backend: Backend,
 
     @app.get("/metadata")
     def metadata() -> Any:
-        config = backend.config
-        return jsonify({
-            "model_name": config.model_name, "model_dir": config.model_dir,
-            "worker_class": backend.worker_class, "protocol": config.protocol,
-            "batch_size": config.batch_size, "num_worker": config.num_worker,
-            **{k: v for k, v in backend.seen_values().items() if k in ("input", "output")},
-            "versions": {"wkr_serving": __version__, "python": platform.python_version(),
-                         "numpy": np.__version__},
-        })
+        try:
+            meta = backend.metadata()
+        except Exception as exc:
+            return envelope_error(http_status(exc), error_code(exc), str(exc))
+        return jsonify(merged_metadata(backend, meta))
 
     for register in blueprints or []:
         register(app, backend)
     return app
 
 
+def merged_metadata(backend: Backend, meta: dict[str, Any]) -> dict[str, Any]:
+    """``GET /metadata``: what the server knows of the model and itself, and the keys of
+    the worker's ``get_metadata()`` beside them. On a clash the server's key wins; the
+    worker's value is then under ``model_metadata`` (never lost)."""
+    config = backend.config
+    facts: dict[str, Any] = {
+        "model_name": meta.get("model_name", config.model_name),
+        "model_version": meta.get("model_version", config.model_version),
+        "model_dir": meta.get("model_dir", config.model_dir),
+        "epoch": meta.get("epoch", 0), "switch": meta.get("switch"),
+        "worker_class": backend.worker_class, "protocol": config.protocol,
+        "batch_size": config.batch_size, "num_worker": config.num_worker,
+        **{k: v for k, v in backend.seen_values().items() if k in ("input", "output")},
+        "versions": {"wkr_serving": __version__, "python": platform.python_version(),
+                     "numpy": np.__version__},
+    }
+    worker = meta.get("metadata")
+    if not isinstance(worker, dict):
+        return facts
+    clashes = {str(k): v for k, v in worker.items() if str(k) in facts}
+    out = {**{str(k): v for k, v in worker.items() if str(k) not in facts}, **facts}
+    if clashes:
+        out["model_metadata"] = clashes
+    return out
+
+
 def _snake(phrase: str) -> str:
     return phrase.lower().replace(" ", "_").replace("-", "_")
+
+
+class BridgeRequest(Request):
+    """Flask's request, keeping uploaded files in memory: the body is in memory already
+    (bounded by ``-http_max_body``), and the bridge writes no files."""
+
+    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
+                         filename: str | None = None, content_length: int | None = None,
+                         ) -> IO[bytes]:
+        return io.BytesIO()
 
 
 class JSONProvider(DefaultJSONProvider):
@@ -588,6 +720,7 @@ def envelope_error(status: int, code: str, message: str) -> Any:
 def all_blueprints() -> list[Callable[[Flask, Backend], None]]:
     """The route groups registered besides the core routes above: each is a function
     ``register(app, backend)`` in its own module; adding one here is all it takes."""
-    from . import dashboard, jobs, metrics, v2
+    from . import dashboard, jobs, lifecycle, metrics, v2
 
-    return [dashboard.register, v2.register, metrics.register, jobs.register]
+    return [dashboard.register, v2.register, metrics.register, jobs.register,
+            lifecycle.register]

@@ -3,8 +3,8 @@
 **Token.** With ``-http_token`` every route needs ``Authorization: Bearer <token>`` (the
 scheme in any case, as RFC 7235 says), except what is open:
 
-- the health checks (``/health/...``, ``/v2/health/...``): orchestrators probe them
-  without secrets, and they tell nothing but up / ready;
+- the health checks (``/health``, ``/health/...``, ``/v2/health/...``): orchestrators
+  probe them without secrets, and they tell nothing but up / ready;
 - the dashboard's page and static files: no data, the page asks for the token and its
   data route needs it;
 - CORS preflight requests (``OPTIONS`` with ``Access-Control-Request-Method``): browsers
@@ -26,7 +26,7 @@ __all__ = ["OPEN_EXACT", "OPEN_PREFIXES", "CORSPolicy", "bearer_ok", "is_open"]
 
 #: Paths served without the token (see the module docstring).
 OPEN_PREFIXES = ("/health/", "/v2/health/", "/dashboard/static/")
-OPEN_EXACT = frozenset(("/dashboard", "/dashboard/"))
+OPEN_EXACT = frozenset(("/health", "/dashboard", "/dashboard/"))
 
 #: What a preflight allows: the bridge's methods and the headers its clients send.
 ALLOW_METHODS = b"GET, POST, OPTIONS"

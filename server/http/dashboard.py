@@ -7,7 +7,10 @@ Routes:
   second), latency p50/p99, queue depth and in-flight items, the batch-size distribution,
   errors by kind, a table of the workers and the other processes of the server, and
   what the server recovered from (items retried after a worker died, requests refused
-  as poison, quarantined inputs, ventilator restarts).
+  as poison, quarantined inputs, ventilator restarts), the served model (name, version,
+  epoch, each worker's version) and the latest switch, and a form that switches the
+  model (``POST /v2/repository/models/{name}/load``, :mod:`.lifecycle`; with
+  ``-http_token`` it sends the token the page was opened with, or the one typed in).
 - ``GET /dashboard/static/<file>``: the page's script, style sheet and the vendored chart
   library (uPlot, from npm: ``scripts/vendor_js.sh``). Only files of the package's
   ``static`` directory are served (no CDN, no path outside that directory).
@@ -148,6 +151,8 @@ def _worker_row(w: WorkerRow, gpus: dict[int, dict[str, Any]]) -> dict[str, Any]
         "last_error": w["last_error"],
         # the sink adds these once the worker's slot answered its first batch
         "batches_done": w.get("batches_done", 0), "busy_s": w.get("busy_s", 0.0),
+        # the model version and epoch the worker serves (they change during a switch)
+        "model_version": dict(w).get("model_version"), "epoch": dict(w).get("epoch"),
     }
     row.update({k: v for k, v in process_row(w["pid"]).items() if k != "pid"})
     gpu_id = _gpu_id(w["device"])
@@ -165,6 +170,11 @@ def _server_summary(status: ServerStatus, backend: Any) -> dict[str, Any]:
         "max_queue_size": status["max_queue_size"],
         "uptime_s": status["uptime_s"], "ready": status["ready"],
         "draining": status["draining"],
+        # the served model and the latest switch (None from a server that does not say)
+        "model": dict(status).get("model"), "switch": dict(status).get("switch"),
+        # whether the switch control must send the bridge's token (the page asks for it)
+        "token_required": bool(getattr(getattr(backend, "config", None), "http_token",
+                                       None)),
     }
 
 

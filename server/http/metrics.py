@@ -7,7 +7,10 @@ Two kinds of metrics, one page:
   whole-server numbers: requests, replies and errors by kind, the request latency
   histogram and recent percentiles, batch sizes, queue depth, items in flight, recovery
   (items retried after a worker died, requests refused as poison, quarantined inputs,
-  ventilator restarts), and per worker its state, batches, busy time and restarts. If the
+  ventilator restarts), per worker its state, batches, busy time and restarts, and the
+  served model (``wkr_model_info{model_name,model_version,epoch} 1``,
+  ``wkr_model_switches_total``, ``wkr_model_switch_state{state}``,
+  ``wkr_model_switch_workers{kind}`` switched/total during a switch). If the
   server does not answer, only ``wkr_up 0`` is reported. The status is the bridge's own
   server's (same version), so every key of ``status.ServerStatus`` is there.
 - **Bridge HTTP** (``wkr_http_*``): requests by route, method and status, errors by
@@ -49,6 +52,8 @@ HTTP_LATENCY_BUCKETS_S = LATENCY_BUCKETS_S
 #: The classic text format (every name here is a legal one in it), which every Prometheus
 #: version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: States of a model switch (``wkr_model_switch_state``).
+SWITCH_STATES = ("none", "switching", "done", "failed")
 #: Label of requests that matched no route (keeps the label set bounded).
 UNMATCHED = "<unmatched>"
 
@@ -184,9 +189,41 @@ def _server_families(status: ServerStatus) -> Iterator[Any]:
     info.add_metric([status["server_version"], status["protocol"],
                      str(status["config"]["model_name"] or "")], 1)
     yield info
+    yield from _model_families(dict(status))
     yield _gauge("wkr_ready", "1 when every worker has loaded its model", status["ready"])
     yield _gauge("wkr_draining", "1 while the server shuts down", status["draining"])
     yield _gauge("wkr_uptime_seconds", "seconds since the server started", status["uptime_s"])
+
+
+def _model_families(status: dict[str, Any]) -> Iterator[Any]:
+    """The served model and its switches (status ``model`` and ``switch``)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    model = status.get("model")
+    if not isinstance(model, dict):
+        return  # a server that does not say
+    info = GaugeMetricFamily("wkr_model_info", "the served model's name, version and epoch "
+                             "(switches done since the server started) (1)",
+                             labels=["model_name", "model_version", "epoch"])
+    epoch = int(model.get("epoch") or 0)
+    info.add_metric([str(model.get("name") or ""), str(model.get("version") or ""),
+                     str(epoch)], 1)
+    yield info
+    yield CounterMetricFamily("wkr_model_switches", "model switches done since the server "
+                              "started", float(epoch))
+    switch = status.get("switch")
+    state = GaugeMetricFamily("wkr_model_switch_state", "1 for the state of the latest "
+                              "model switch (none: no switch yet)", labels=["state"])
+    current = switch.get("state") if isinstance(switch, dict) else None
+    for name in SWITCH_STATES:
+        state.add_metric([name], 1.0 if (current or "none") == name else 0.0)
+    yield state
+    if isinstance(switch, dict):
+        progress = GaugeMetricFamily("wkr_model_switch_workers", "workers of the latest "
+                                     "switch: switched so far, and in all", labels=["kind"])
+        progress.add_metric(["switched"], float(switch.get("switched") or 0))
+        progress.add_metric(["total"], float(switch.get("total") or 0))
+        yield progress
 
 
 def _traffic_families(status: ServerStatus) -> Iterator[Any]:

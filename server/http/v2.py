@@ -9,8 +9,13 @@ to the server unchanged through these routes:
 - ``GET /v2/models/{name}[/versions/{v}]``: model metadata; ``.../ready``: model
   readiness; ``POST .../infer``: inference on typed tensors.
 
-The server serves one model, version ``"1"``, named ``-model_name`` or, without it, the
-last part of the worker class's name (``EchoWorker``); another name or version is a 404.
+The server serves one model, named as the server says (``-model_name`` or the name a
+switch gave it; without one, the last part of the worker class's name: ``EchoWorker``),
+of version ``-model_version`` (or the switch's; ``"1"`` when none is set); another name
+or version is a 404. Each bridge process asks the server at most once a second (and
+when a request names another model, in case a switch renamed it). The model
+repository routes (``/v2/repository/...``: index, load to switch models, unload) are in
+:mod:`.lifecycle`.
 
 Inference: the first dimension of every input tensor is the batch. Each row becomes one
 item for the server (``backend.encode``), so rows are batched with everybody else's
@@ -53,7 +58,7 @@ from flask import Flask, Response, g, request
 from wkr_serving.client.version import __version__
 
 from . import jsonio
-from .app import Backend, http_status, is_ready
+from .app import Backend, ModelInfo, http_status, is_ready
 from .v2codec import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -76,12 +81,22 @@ from .v2codec import (
     timeout_ms_of,
 )
 
-__all__ = ["model_name_of", "register"]
+__all__ = ["model_name_of", "register", "version_of"]
+
+#: Seconds: a request naming another model than the one this process knows asks the
+#: server again if what it knows is older than this (a switch may have renamed it).
+RECHECK_S = 0.1
 
 
 def model_name_of(backend: Backend) -> str:
-    """``-model_name``, or the last part of the worker class's name."""
-    return backend.config.model_name or backend.worker_class.rsplit(".", 1)[-1] or "model"
+    """The served model's name: the server's (it changes with a switch), else
+    ``-model_name``, else the last part of the worker class's name."""
+    return backend.current_model().name
+
+
+def version_of(info: ModelInfo) -> str:
+    """The v2 version of the served model: its ``-model_version``, else ``"1"``."""
+    return info.version or MODEL_VERSION
 
 
 def limits_of(backend: Backend) -> Limits:
@@ -108,16 +123,20 @@ def _error(status: int, message: str) -> Response:
 
 def register(app: Flask, backend: Backend) -> None:
     """Serve the Open Inference Protocol REST routes on ``app``."""
-    name = model_name_of(backend)
     signature = Signature()
     limits = limits_of(backend)
 
-    def check_model(model: str, version: str | None) -> None:
-        if model != name:
-            raise V2Error(404, f"unknown model {model!r}: this server serves {name!r}")
-        if version is not None and version != MODEL_VERSION:
-            raise V2Error(404, f"model {name!r} has no version {version!r} (it serves "
-                               f"version {MODEL_VERSION})")
+    def check_model(model: str, version: str | None) -> ModelInfo:
+        info = backend.current_model()
+        if model != info.name:  # renamed by a switch a moment ago? ask the server
+            info = backend.current_model(RECHECK_S)
+        if model != info.name:
+            raise V2Error(404, f"unknown model {model!r}: this server serves {info.name!r}")
+        served = version_of(info)
+        if version is not None and version != served:
+            raise V2Error(404, f"model {info.name!r} has no version {version!r} (it serves "
+                               f"version {served})")
+        return info
 
     @app.errorhandler(V2Error)
     def v2_error(exc: V2Error) -> Response:
@@ -162,17 +181,17 @@ def register(app: Flask, backend: Backend) -> None:
     @app.get("/v2/models/<model>")
     @app.get("/v2/models/<model>/versions/<version>")
     def v2_model_metadata(model: str, version: str | None = None) -> Response:
-        check_model(model, version)
+        info = check_model(model, version)
         inputs, outputs = signature.describe(backend)
-        return _json({"name": name, "versions": [MODEL_VERSION], "platform": PLATFORM,
+        return _json({"name": info.name, "versions": [version_of(info)], "platform": PLATFORM,
                       "inputs": inputs, "outputs": outputs})
 
     @app.get("/v2/models/<model>/ready")
     @app.get("/v2/models/<model>/versions/<version>/ready")
     def v2_model_ready(model: str, version: str | None = None) -> Response:
-        check_model(model, version)
+        info = check_model(model, version)
         ok, why = is_ready(backend)
-        body: dict[str, Any] = {"name": name, "ready": ok}
+        body: dict[str, Any] = {"name": info.name, "ready": ok}
         if not ok:
             body["error"] = why
         return _json(body, 200 if ok else 503)
@@ -180,7 +199,7 @@ def register(app: Flask, backend: Backend) -> None:
     @app.post("/v2/models/<model>/infer")
     @app.post("/v2/models/<model>/versions/<version>/infer")
     def v2_infer(model: str, version: str | None = None) -> Response:
-        check_model(model, version)
+        info = check_model(model, version)
         header, tail = split_body(read_body(limits), request.headers.get(HEADER_LENGTH))
         specs = header.get("inputs")
         if not isinstance(specs, list) or not specs:
@@ -223,7 +242,7 @@ def register(app: Flask, backend: Backend) -> None:
                 raws.append(raw)
         signature.update([(n, d, tuple(t.shape[1:])) for n, d, t in tensors], described)
         request_id = header.get("id")
-        body = jsonio.dumps({"model_name": name, "model_version": MODEL_VERSION,
+        body = jsonio.dumps({"model_name": info.name, "model_version": version_of(info),
                              "id": request_id if isinstance(request_id, str)
                              else g.request_id, "outputs": outputs})
         if not raws:

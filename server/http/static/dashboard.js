@@ -490,6 +490,8 @@
       tr.appendChild(cell(g ? fmtMiB(g.memory_used_mb) + " / " + fmtMiB(g.memory_total_mb) : "–",
                           "gpu-col num" + (g ? "" : " dim")));
       tr.appendChild(cell(w.last_error || "", "err", w.last_error || ""));
+      tr.appendChild(cell(w.model_version == null ? "–" : String(w.model_version),
+                          "model-col", w.epoch == null ? "" : "epoch " + w.epoch));
       body.appendChild(tr);
     });
     $("workers").replaceChild(body, $("workers-body"));
@@ -518,9 +520,90 @@
       tr.appendChild(cell("", "gpu-col"));
       tr.appendChild(cell("", "gpu-col"));
       tr.appendChild(cell(""));
+      tr.appendChild(cell(""));
       procs.appendChild(tr);
     });
     $("workers").replaceChild(procs, $("processes-body"));
+  }
+
+  // ---- the served model, the latest switch ----
+  var SWITCH_PILLS = { switching: "pill-wait", done: "pill-ok", failed: "pill-bad" };
+
+  function modelLabel(target) {
+    if (!target) return "";
+    return (target.name || "") + (target.version ? " " + target.version : "");
+  }
+
+  function drawModel(d) {
+    var srv = d.server, m = srv.model || {}, sw = srv["switch"];
+    setText("model-name", m.name || srv.model_name || "–");
+    setText("model-version", m.version || "–");
+    setText("model-epoch", m.epoch == null ? "–" : String(m.epoch));
+    setText("model-dir", m.dir || "–");
+    var st = sw ? sw.state : "none";
+    var pill = $("switch-state");
+    pill.className = "pill " + (SWITCH_PILLS[st] || "pill-idle");
+    pill.textContent = st;
+    var detail = "";
+    if (sw) {
+      detail = "to " + modelLabel(sw.to);
+      if (st === "switching") detail += ": " + fmtInt(sw.switched) + " / " + fmtInt(sw.total) +
+        " workers";
+      else if (st === "done" && sw.seconds != null) detail += " in " + sw.seconds.toFixed(1) + " s";
+      else if (st === "failed") detail += ": " + (sw.error || "failed");
+    }
+    setText("switch-detail", detail);
+    $("switch-token-label").hidden = !srv.token_required || !!pageToken;
+    var name = $("switch-name");
+    if (!state.switchFormFilled && m.name) {  // the current name, once: a new version keeps it
+      name.value = m.name;
+      state.switchFormFilled = true;
+    }
+  }
+
+  function switchMessage(text, kind) {
+    var el = $("switch-message");
+    el.textContent = text;
+    el.className = "switch-message" + (kind ? " " + kind : "");
+  }
+
+  // POST v2/repository/models/<name>/load: answers once the switch is done or failed.
+  function submitSwitch(event) {
+    event.preventDefault();
+    var name = $("switch-name").value.trim();
+    if (!name) { switchMessage("Give the model's name.", "bad"); return; }
+    var params = {};
+    var dir = $("switch-dir").value.trim(), version = $("switch-version").value.trim();
+    if (dir) params.model_dir = dir;
+    if (version) params.version = version;
+    var headers = { "Content-Type": "application/json", Accept: "application/json" };
+    var token = $("switch-token").value || pageToken;
+    if (token) headers.Authorization = "Bearer " + token;
+    var button = $("switch-submit");
+    button.disabled = true;
+    state.switching = true;
+    switchMessage("Switching to " + name + (version ? " " + version : "") + "…", "");
+    fetch("v2/repository/models/" + encodeURIComponent(name) + "/load", {
+      method: "POST", headers: headers, cache: "no-store",
+      body: JSON.stringify({ parameters: params }),
+    })
+      .then(function (r) {
+        return r.json().then(function (body) {
+          if (!r.ok) throw new Error(body.error || body.error_message || ("HTTP " + r.status));
+          return body;
+        });
+      })
+      .then(function (body) {
+        state.switches = (state.switches || 0) + 1;
+        switchMessage("Now serving " + (body.model_name || name) +
+          (body.model_version ? " " + body.model_version : "") +
+          (body.seconds != null ? " (switched in " + body.seconds.toFixed(1) + " s)" : ""), "ok");
+      })
+      .catch(function (err) {
+        state.switchErrors = (state.switchErrors || 0) + 1;
+        switchMessage("Switch failed: " + (err && err.message ? err.message : String(err)), "bad");
+      })
+      .then(function () { button.disabled = false; state.switching = false; });
   }
 
   function showFailure(message) {
@@ -558,6 +641,7 @@
         drawStats(d);
         drawCharts(d);
         drawTable(d);
+        drawModel(d);
         state.failures = 0;
         state.polls += 1;
       })
@@ -569,6 +653,7 @@
   }
 
   makeCharts();
+  $("switch-form").addEventListener("submit", submitSwitch);
   if (window.ResizeObserver) {
     new ResizeObserver(resizeCharts).observe(document.querySelector(".charts"));
   } else {
