@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 from wkr_serving.client.process import serve_until_signalled
 
@@ -68,7 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wkr-serving-start: error: cannot load {spec}: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return 2
-    print(format_config(config, spec), file=sys.stderr, flush=True)
+    if config.log_format == "json":  # stderr carries only JSON lines then
+        print(json.dumps({
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace(
+                "+00:00", "Z"), "level": "INFO", "role": "SUPERVISOR", "pid": os.getpid(),
+            "worker": None, "message": "settings", "worker_class": spec,
+            "settings": config.as_dict(redact=True)}, default=str), file=sys.stderr,
+            flush=True)
+    else:
+        print(format_config(config, spec), file=sys.stderr, flush=True)
     return serve_until_signalled(Supervisor(config, worker_class))
 
 

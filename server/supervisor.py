@@ -28,7 +28,7 @@ from .config import ServerConfig
 from .devices import DeviceError, assign_devices, describe, discover_gpus
 from .http import state as http_state
 from .http.bridge import HTTPBridge
-from .logs import log_base, set_logger
+from .logs import JsonFormatter, log_base, set_logger
 from .process import EXIT_BOOT_FAILED, Role, bind_internal, run_role
 from .scratch import ServerDirs
 from .sink import Sink
@@ -122,6 +122,7 @@ class Supervisor(StoppableLoop):
         self.switch_target: tuple[ServerConfig, int] | None = None  # its config and epoch
         self.switch_queue: deque[str] = deque()  # workers still to switch
         self._switch_started = 0.0  # monotonic
+        self.started = False  # every role was ready once (a switch waits for it)
         self._event_handlers: dict[str, Callable[[str, _Child, Any], None]] = {
             M.Event.READY: self._event_ready,
             M.Event.BOOT_FAILED: self._event_boot_failed,
@@ -154,6 +155,7 @@ class Supervisor(StoppableLoop):
                 self.logger.info("ready: port %s, port_out %s, %d worker(s)%s", self.port,
                                  self.port_out, self.config.num_worker,
                                  f", HTTP on port {self.http_port}" if self.http_port else "")
+                self.started = True
                 if on_ready is not None:
                     on_ready()
                 while self.failure is None and self.stop_reason is None:
@@ -377,12 +379,9 @@ class Supervisor(StoppableLoop):
             self._send("ventilator", M.Control.SWITCH_RESULT, {
                 "error": "another model switch is under way: wait for it to end"})
             return
-        starting = [n for n, c in self.children.items()
-                    if isinstance(c.role, WorkerProcess) and not c.handled and not c.ready]
-        if starting:
+        if not self.started:
             self._send("ventilator", M.Control.SWITCH_RESULT, {
-                "error": f"workers are starting ({', '.join(sorted(starting))}): switch "
-                         "once they are ready"})
+                "error": "the server is starting: switch once it is ready"})
             return
         current = self.models[self.epoch]
         changes = {"model_dir": value.get("model_dir") or current["dir"],
@@ -649,10 +648,13 @@ class Supervisor(StoppableLoop):
         reason = self.boot_error or self.failure.splitlines()[0]
         err_file = os.path.abspath(log_base(self.config.log_dir, self.config.log_name)
                                    + ".err")
+        text = f"wkr-serving: stopped: {reason}\nwkr-serving: the traceback is in {err_file}"
+        if self.config.log_format == "json":  # one JSON line, like the rest of stderr
+            text = JsonFormatter("SUPERVISOR").format(logging.makeLogRecord({
+                "levelname": "ERROR", "name": "wkr_serving",
+                "msg": f"stopped: {reason}; the traceback is in {err_file}"}))
         with contextlib.suppress(OSError, ValueError):  # no usable stderr: nothing to do
-            print(f"wkr-serving: stopped: {reason}\n"
-                  f"wkr-serving: the traceback is in {err_file}",
-                  file=sys.stderr, flush=True)
+            print(text, file=sys.stderr, flush=True)
 
     def _restart_worker(self, child: _Child, reason: str) -> None:
         """A worker died after it started: the ventilator retries or fails what it held,

@@ -431,8 +431,7 @@ class Ventilator(Role):
         self.requests += 1
         self.queue.push(Request(client, req_id, now, deadline, metas, frames,
                                 serial=self.serial_base + self.requests,
-                                options=options if self.config.log_predictions or (
-                                    options and options.get("evaluate")) else None))
+                                options=options))
         self.items += n
 
     def _on_command(self, client: bytes, req_id: int, name: Any, args: Any,

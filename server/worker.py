@@ -496,8 +496,10 @@ class WorkerProcess(Role):
                 self._run_group(group[half:], items, metas, parts, result_frames)
                 return
             error = E.ModelError(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            # The traceback goes to the client (ModelError); JSON logs carry it too.
             self.logger.error("request %s (%d items) failed: %s", group[0][0].req_id,
                               hi - lo, error.message,
+                              exc_info=self.config.log_format == "json",
                               extra={"request_id": _request_id(group[0][0])})
             parts.append(M.Part.of(group[0][0], None, error.to_wire()))
             return

@@ -137,7 +137,8 @@ def check_served_logs(entries: list[dict[str, Any]], supervisor_pid: int) -> Non
     [request] = [e for e in by(entries, role="WORKER-0", level="ERROR")
                  if e["message"].startswith("request ") and "failed" in e["message"]]
     assert isinstance(request.get("request_id"), str) and request["request_id"]
-    assert "exception" not in request
+    assert request["exception"]["type"] == "ValueError"  # with its traceback
+    assert request["exception"]["traceback"].endswith("ValueError: bad input\n")
     # records of other loggers go through the role's handlers, named
     [library] = by(entries, logger=LIBRARY_LOGGER)
     assert library["role"] == "WORKER-0" and library["level"] == "WARNING"
@@ -161,18 +162,21 @@ def test_json_logs_on_stderr(cli_server):
                     now() + datetime.timedelta(seconds=1))
     check_served_logs(entries, server.proc.pid)
     assert by(entries, role="SUPERVISOR", message="stopped cleanly (SIGTERM)")
+    # the settings wkr-serving-start prints first are one JSON record too
+    assert entries[0]["message"] == "settings" and entries[0]["settings"]["log_format"] == "json"
 
 
 def test_json_logs_in_log_files(cli_server, tmp_path):
     log_dir = tmp_path / "logs"
     since = now()
-    # -log_predictions: the caller's request id reaches the worker (its option is passed)
+    # the caller's request id reaches the worker (its options are passed on)
     server = cli_server([WORKER, "-cpu", "-log_format", "json", "-http_port", "0",
-                         "-log_dir", str(log_dir), "-log_name", "jsonsvc",
-                         "-log_predictions"])
+                         "-log_dir", str(log_dir), "-log_name", "jsonsvc"])
     exercise(server, "json-req-files")
     until = now() + datetime.timedelta(seconds=1)
-    assert log_lines(server.stderr_path.read_text()) == []  # all of it went to the files
+    # all of it went to the files, but the settings record printed before the start
+    [settings] = parse(log_lines(server.stderr_path.read_text()), "stderr", since, until)
+    assert settings["message"] == "settings"
     log = parse((log_dir / "jsonsvc.log").read_text().splitlines(), "jsonsvc.log", since,
                 until)
     err = parse((log_dir / "jsonsvc.err").read_text().splitlines(), "jsonsvc.err", since,
