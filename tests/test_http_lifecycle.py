@@ -362,6 +362,16 @@ def test_evaluate_regression_against_sklearn(reg_served):
     assert result["r2"] == pytest.approx(r2_score(truth, predicted))
 
 
+def test_evaluate_on_a_numpy_server(numpy_served):
+    inputs = [[1.0, 2.0], [3.0, 4.0], [0.5, 0.0]]  # 2*x0 - x1 + 0.5: 0.5, 2.5, 1.5
+    status, result = post(numpy_served, "/evaluate", {"inputs": inputs,
+                                                      "labels": [0.5, 3.5, 1.5],
+                                                      "dtype": "float64", "details": True})
+    assert status == 200, result
+    assert result["task"] == "regression" and result["mae"] == pytest.approx(1 / 3)
+    assert [d["error"] for d in result["details"]] == pytest.approx([0.0, -1.0, 0.0])
+
+
 def test_evaluate_errors_name_the_problem(served):
     status, reply = post(served, "/evaluate", {"inputs": POINTS, "labels": TRUTH[:-1]})
     assert status == 400

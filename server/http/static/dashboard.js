@@ -369,7 +369,9 @@
     setText("stat-batch-mean", d.batch_size && d.batch_size.mean ?
       d.batch_size.mean.toFixed(2) : "–");
 
-    var model = [srv.model_name, srv.worker_class, srv.protocol + " protocol",
+    var served = srv.model || {};
+    var model = [served.name ? served.name + (served.version ? " " + served.version : "")
+                 : srv.model_name, srv.worker_class, srv.protocol + " protocol",
                  "batch ≤ " + srv.batch_size, "v" + srv.version].filter(Boolean).join(" · ");
     setText("model", model);
     setText("uptime", fmtDuration(srv.uptime_s));
@@ -553,7 +555,7 @@
       else if (st === "failed") detail += ": " + (sw.error || "failed");
     }
     setText("switch-detail", detail);
-    $("switch-token-label").hidden = !srv.token_required || !!pageToken;
+    showTokenField(!!srv.token_required);
     var name = $("switch-name");
     if (!state.switchFormFilled && m.name) {  // the current name, once: a new version keeps it
       name.value = m.name;
@@ -577,7 +579,7 @@
     if (dir) params.model_dir = dir;
     if (version) params.version = version;
     var headers = { "Content-Type": "application/json", Accept: "application/json" };
-    var token = $("switch-token").value || pageToken;
+    var token = $("switch-token").value;
     if (token) headers.Authorization = "Bearer " + token;
     var button = $("switch-submit");
     button.disabled = true;
@@ -621,6 +623,17 @@
   var DATA_HEADERS = { Accept: "application/json" };
   var pageToken = new URLSearchParams(window.location.search).get("token");
   if (pageToken) DATA_HEADERS.Authorization = "Bearer " + pageToken;
+  // The token field of the switch form: shown when the bridge has a token (or refused a
+  // poll for want of one); what is typed there is used for the data requests too.
+  $("switch-token").value = pageToken || "";
+  function showTokenField(show) {
+    if (show) $("switch-token-label").hidden = false;
+  }
+  $("switch-token").addEventListener("input", function () {
+    var token = $("switch-token").value;
+    if (token) DATA_HEADERS.Authorization = "Bearer " + token;
+    else delete DATA_HEADERS.Authorization;
+  });
 
   // ---- polling loop: one request at a time, about once a second ----
   function poll() {
@@ -631,8 +644,11 @@
     fetch("dashboard/data", { cache: "no-store", signal: controller && controller.signal,
                               headers: DATA_HEADERS })
       .then(function (r) {
+        if (r.status === 401) showTokenField(true);  // the page needs the bridge's token
         return r.json().then(function (body) {
-          if (!r.ok || !body.ok) throw new Error(body.error || ("HTTP " + r.status));
+          if (!r.ok || !body.ok) {
+            throw new Error(body.error || body.error_message || ("HTTP " + r.status));
+          }
           return body;
         });
       })
