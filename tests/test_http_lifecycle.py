@@ -31,9 +31,11 @@ from helpers import (
     HTTP_LIMIT_S,
     START_LIMIT_S,
     STOP_LIMIT_S,
+    bridge_connections,
     connect,
     http_call,
     http_request,
+    http_send,
     running_server,
     server_args,
     wait_until,
@@ -606,6 +608,33 @@ def test_index_shows_loading_then_failed_switch(tmp_path):
         assert status == 200 and reply["tag"] == "slow.json"
         status, _, text = http_call(server, "/metrics", raw=True)
         assert b'wkr_model_switch_state{state="failed"} 1.0' in text
+
+
+def test_every_bridge_process_follows_a_switch(tmp_path):
+    """With -http_workers 2, a switch asked of one bridge process is seen by the other at
+    once: its v2 routes take the new name and version (it asks the server again when a
+    request names a model it does not know), and refuse the old ones."""
+    with start(tmp_path, "-model_name", "a.json", "-num_worker", "1",
+               "-http_workers", "2") as server:
+        conns = bridge_connections(server)
+        try:
+            for conn in conns:  # each process has learnt the model served now
+                status, raw = http_send(conn, "GET", "/v2/models/a.json")
+                assert status == 200 and json.loads(raw)["versions"] == ["1"]
+            status, raw = http_send(conns[0], "POST", "/v2/repository/models/b.json/load",
+                                    {"parameters": {"version": "v7"}})
+            assert status == 200, raw
+            for conn in conns:
+                status, raw = http_send(conn, "GET", "/v2/models/b.json")
+                assert status == 200 and json.loads(raw)["versions"] == ["v7"], raw
+                status, raw = http_send(conn, "GET", "/v2/models/a.json")
+                assert status == 404 and "b.json" in json.loads(raw)["error"]
+                status, raw = http_send(conn, "GET", "/v2/repository/index")
+                assert json.loads(raw) == [{"name": "b.json", "version": "v7",
+                                            "state": "READY", "reason": ""}]
+        finally:
+            for conn in conns:
+                conn.close()
 
 
 def test_switch_with_the_http_token(tmp_path):

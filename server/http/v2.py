@@ -12,8 +12,9 @@ to the server unchanged through these routes:
 The server serves one model, named as the server says (``-model_name`` or the name a
 switch gave it; without one, the last part of the worker class's name: ``EchoWorker``),
 of version ``-model_version`` (or the switch's; ``"1"`` when none is set); another name
-or version is a 404. Each bridge process asks the server at most once a second (and
-when a request names another model, in case a switch renamed it). The model
+or version is a 404. Each bridge process asks the server at most once a second, and
+again when a request names another model and what it knows is older than
+:data:`RECHECK_S` (a switch may have just renamed it). The model
 repository routes (``/v2/repository/...``: index, load to switch models, unload) are in
 :mod:`.lifecycle`.
 
