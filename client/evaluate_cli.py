@@ -108,11 +108,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _progress_bar(total: int, off: bool) -> Any:
-    from tqdm import tqdm
-
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the client alone (wkr-serving-client without its extra)
+        if not off and sys.stderr.isatty():
+            print(f"{PROG}: no progress bar: install tqdm (pip install "
+                  "'wkr-serving-client[progress]')", file=sys.stderr)
+        return _NoBar()
     # disable=None: no bar when stderr is not a terminal (a log file stays clean).
     return tqdm(total=total, unit="row", file=sys.stderr, desc="evaluate",
                 disable=True if off else None, dynamic_ncols=True)
+
+
+class _NoBar:
+    """What the command uses of a tqdm bar (``n``, ``update``, a context), showing
+    nothing."""
+
+    n = 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
 
 
 def _json_default(value: Any) -> Any:

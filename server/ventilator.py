@@ -456,14 +456,22 @@ class Ventilator(Role):
         self._forward(client, req_id, M.Forward.REPLY,
                       self._limits() if wants_limits else "pong")
 
-    def _command_terminate(self, client: bytes, req_id: int, args: Any,
-                           frame: zmq.Frame) -> None:
+    def _refused(self, name: str, client: bytes, req_id: int, args: Any,
+                 frame: zmq.Frame) -> tuple[bool, str | None]:
+        """``(refused, peer)`` for a command that stops or changes the server: a refusal
+        is logged and answered Unauthorized here."""
         peer = peer_address(frame)
         refusal = self._authorize(args, peer)
         if refusal is not None:
-            self.logger.warning("refused terminate from %s (client %r): %s", peer,
-                                client, refusal)
+            self.logger.warning("refused %s from %s (client %r): %s", name, peer, client,
+                                refusal)
             self._forward(client, req_id, M.Forward.ERROR, E.Unauthorized(refusal).to_wire())
+        return refusal is not None, peer
+
+    def _command_terminate(self, client: bytes, req_id: int, args: Any,
+                           frame: zmq.Frame) -> None:
+        refused, peer = self._refused("terminate", client, req_id, args, frame)
+        if refused:
             return
         self.logger.warning("terminate command from %s (client %r): stopping", peer, client)
         self._forward(client, req_id, M.Forward.REPLY, {"stopping": True,
@@ -481,12 +489,8 @@ class Ventilator(Role):
                               frame: zmq.Frame) -> None:
         """Ask the supervisor to switch the model (it answers with SWITCH_RESULT, which
         is forwarded to this client). Needs the token or a loopback peer."""
-        peer = peer_address(frame)
-        refusal = self._authorize(args, peer)
-        if refusal is not None:
-            self.logger.warning("refused switch_model from %s (client %r): %s", peer,
-                                client, refusal)
-            self._forward(client, req_id, M.Forward.ERROR, E.Unauthorized(refusal).to_wire())
+        refused, peer = self._refused("switch_model", client, req_id, args, frame)
+        if refused:
             return
         target: dict[str, str | None] = {}
         for key in ("model_dir", "model_name", "version"):

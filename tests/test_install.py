@@ -205,10 +205,12 @@ def test_three_distributions_share_version_scripts_and_dependencies():
     client_scripts = client["project"]["scripts"]
     pool_control = {f"wkr-decentral-{c}" for c in ("start", "status", "switch", "idle",
                                                     "restart", "terminate")}
-    assert set(client_scripts) == pool_control  # the pool runs with the client alone
+    # the pool, evaluating and switching run with the client alone
+    assert set(client_scripts) == pool_control | {"wkr-serving-evaluate",
+                                                  "wkr-serving-switch"}
     assert set(server_scripts) == {"wkr-serving-start", "wkr-serving-make",
                                    "wkr-serving-keygen", "wkr-serving-terminate",
-                                   "wkr-decentral-make", *pool_control}
+                                   "wkr-decentral-make", *client_scripts}
     assert {k: server_scripts[k] for k in client_scripts} == client_scripts
     assert root["project"]["scripts"] == server_scripts
     deps = {re.split(r"[<>=!~ \[;]", d)[0].lower() for d in client["project"]["dependencies"]}

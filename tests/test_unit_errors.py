@@ -29,6 +29,7 @@ EXPECTED = {
     "WorkerDied": 500,
     "PoisonInput": 422,  # valid request, but the model cannot compute this input
     "ShuttingDown": 503,
+    "SwitchFailed": 409,  # the server's state (a switch under way, a model that failed)
     "JobCancelled": 500,
     "DeadLettered": 500,
 }

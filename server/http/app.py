@@ -584,13 +584,13 @@ def parse_encode_body(body: Any, protocol: str, limits: Limits | None = None) ->
         raise ValueError('"suppress_log_input" must be a boolean')
     dtype = body.get("dtype")
     if protocol == "numpy" or dtype is not None:
-        dtype = _dtype_of(dtype)
+        dtype = dtype_of(dtype)
         if limits is not None and limits.max_bytes > 0:
             check_decoded_size(items, dtype, limits.max_bytes)
     return EncodeCall([as_input(x, protocol, dtype) for x in items], single, timeout, suppress)
 
 
-def _dtype_of(value: Any) -> np.dtype | None:
+def dtype_of(value: Any) -> np.dtype | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > 32:

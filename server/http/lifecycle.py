@@ -66,6 +66,7 @@ from .app import (
     EncodeCall,
     as_input,
     check_decoded_size,
+    dtype_of,
     envelope,
     error_code,
     failure,
@@ -178,14 +179,8 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _dtype(value: Any) -> np.dtype | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or len(value) > 32:
-        raise ValueError('"dtype" must be a numpy dtype name such as "float32"')
-    try:
-        return np.dtype(value)
-    except TypeError:
-        raise ValueError(f'"dtype" {value!r} is not a numpy dtype') from None
+    """An optional ``dtype`` field: ``""`` (an empty form field) is none, as is None."""
+    return None if value == "" else dtype_of(value)
 
 
 def _inputs_for(backend: Backend, inputs: list[Any], dtype: np.dtype | None) -> list[Any]:
