@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-s", type=float, default=10.0)
     parser.add_argument("--switches", type=int, default=5)
     parser.add_argument("--rows", type=int, default=10_000, help="rows evaluated")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="evaluate's chunk_size (default: the client's)")
     parser.add_argument("--out", default=None, help="write JSON here (and .md beside it)")
     args = parser.parse_args(argv)
 
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                               ).astype(np.float32))
             labels = [int(k) for k in rng.integers(0, lifecycle_worker.CLASSES, args.rows)]
             start = time.perf_counter()
-            metrics = control.evaluate(inputs, labels)
+            metrics = control.evaluate(inputs, labels, chunk_size=args.chunk)
             result["evaluate"] = traffic.window(start, time.perf_counter())
             result["evaluate"]["evaluate_s"] = time.perf_counter() - start
             result["evaluate"]["rows"] = args.rows

@@ -270,12 +270,15 @@ def handshake_ping_frame(req_id: int, timeout_ms: int | None, limits: bool = Tru
 
 def take_limits(info: dict[str, Any], answer: Any) -> None:
     """Keep the request limits of the ventilator's answer to the handshake ping in
-    ``info`` (the handshake's answer): ``max_request_items``, when the answer is a map
-    that has it (an older server answers ``"pong"``: then no client-side check)."""
+    ``info`` (the handshake's answer): ``max_request_items`` (and ``batch_size``,
+    ``num_worker``), when the answer is a map that has it (an older server answers
+    ``"pong"``: then no client-side check)."""
     if isinstance(answer, dict):
-        limit = answer.get("max_request_items")
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            info["max_request_items"] = limit
+        # batch_size and num_worker size an evaluation's chunks (evaluation.py)
+        for key in ("max_request_items", "batch_size", "num_worker"):
+            limit = answer.get(key)
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+                info[key] = limit
 
 
 def check_item_count(count: int, info: dict[str, Any]) -> None:

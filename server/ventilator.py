@@ -514,7 +514,8 @@ class Ventilator(Role):
     def _limits(self) -> dict[str, Any]:
         """What a client checks before sending a request (the handshake ping's answer)."""
         return {"pong": True, "max_request_items": self.config.max_request_items,
-                "max_msg_size": self.config.max_msg_size}
+                "max_msg_size": self.config.max_msg_size,
+                "batch_size": self.config.batch_size, "num_worker": self.config.num_worker}
 
     def _authorize(self, args: Any, peer: str | None) -> str | None:
         """Why a command that stops or changes the server is refused (None: allowed)."""

@@ -458,3 +458,18 @@ def test_numpy_protocol(tmp_path):
         assert result["confusion_matrix"] == [[0, 0], [1, 2]]
         regression = client.evaluate(np.array([1.0, 2.0, 4.0]), [1.0, 2.0, 3.0])
         assert regression["mae"] == pytest.approx(1 / 3)
+
+
+def test_the_handshake_tells_the_chunk_size(tmp_path):
+    """The server's -batch_size and -num_worker reach the client in its handshake, and an
+    evaluation's chunks are one batch per worker."""
+    from workers import EchoWorker
+
+    args = server_args(tmp_path, "-num_worker", "2", "-batch_size", "5", "-cpu")
+    with running_server(args, EchoWorker) as server, connect(server) as client:
+        assert client._server_info["batch_size"] == 5
+        assert client._server_info["num_worker"] == 2
+        done: list[int] = []
+        result = client.evaluate([1, 2, 3] * 9, [1, 2, 3] * 9, progress=done.append)
+        assert result["accuracy"] == 1.0
+        assert done == [10, 20, 27]

@@ -186,6 +186,11 @@ def test_chunk_size():
     assert chunk_size_for(None, {"max_request_items": 100}) == 100
     assert chunk_size_for(50, {"max_request_items": 100}) == 50
     assert chunk_size_for(500, {"max_request_items": 100}) == 100
+    # one batch per worker, as the server said in the handshake
+    served = {"max_request_items": 100, "batch_size": 16, "num_worker": 3}
+    assert chunk_size_for(None, served) == 48
+    assert chunk_size_for(None, {**served, "batch_size": 64}) == 100
+    assert chunk_size_for(7, served) == 7
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ClientUsageError, match="chunk_size"):
             chunk_size_for(bad, {})
