@@ -323,3 +323,49 @@ def test_switch_command_line(tmp_path):
         assert client.encode(1) == [20, "v2"]
         usage = run()
         assert usage.returncode == 2 and "nothing to switch" in usage.stderr
+
+
+def test_one_switch_at_a_time_and_a_ventilator_crash_during_one(tmp_path):
+    """While a switch runs, another is refused at once (SwitchFailed). The ventilator
+    dying meanwhile fails the waiting caller (ConnectionLost) but not the switch, which
+    completes; the restarted ventilator knows the new model."""
+    from wkr_serving.client import ConnectionLost
+
+    write_models(tmp_path)
+    (tmp_path / "slow.txt").write_text("gate 50")
+    args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-model_name", "a.txt",
+                       "-model_version", "v1")
+    with running_server(args, FactorWorker) as server, connect(server) as client:
+        outcome: dict[str, Any] = {}
+
+        def switch() -> None:
+            with connect(server, timeout=120_000) as other:
+                try:
+                    outcome["result"] = other.switch_model(model_name="slow.txt",
+                                                           version="v2", timeout=120_000)
+                except BaseException as exc:
+                    outcome["error"] = exc
+
+        thread = threading.Thread(target=switch)
+        thread.start()
+        wait_until(lambda: [c for c in list(server.supervisor.children.values())
+                            if c.switching], 60, "a worker loading the new model")
+        with pytest.raises(SwitchFailed, match="under way"):
+            client.switch_model(model_name="b.txt", version="v3")
+        assert client.encode(1) == [10, "v1"]  # the old model serves meanwhile
+        server.supervisor.children["ventilator"].process.kill()
+        thread.join(60)
+        assert not thread.is_alive()
+        assert isinstance(outcome.get("error"), ConnectionLost), outcome
+        (tmp_path / "slow.txt.release").write_text("")
+
+        def switched() -> bool:
+            try:
+                return client.metadata()["model_version"] == "v2"
+            except ConnectionLost:
+                return False
+
+        wait_until(switched, 60, "the switch to end after the ventilator restarted")
+        assert client.encode(1) == [50, "v2"]
+        status = wait_idle(client)
+        assert status["switch"]["state"] == "done" and status["ventilator_generation"] == 1
