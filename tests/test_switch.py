@@ -71,6 +71,25 @@ class Load:
             return len(self.answers)
 
 
+def switch_in_background(server: Any, model_name: str, version: str,
+                         ) -> tuple[threading.Thread, dict[str, Any]]:
+    """Ask for a switch from another thread and client; the outcome dict gets its
+    ``result`` or ``error`` when it ends."""
+    outcome: dict[str, Any] = {}
+
+    def switch() -> None:
+        with connect(server, timeout=120_000) as other:
+            try:
+                outcome["result"] = other.switch_model(model_name=model_name,
+                                                       version=version, timeout=120_000)
+            except BaseException as exc:
+                outcome["error"] = exc
+
+    thread = threading.Thread(target=switch)
+    thread.start()
+    return thread, outcome
+
+
 def versions_of(result: list[Any]) -> set[str]:
     return {version for _, version in result}
 
@@ -221,20 +240,9 @@ def test_kill_9_of_an_old_worker_while_the_new_model_loads(tmp_path):
     args = server_args(tmp_path, "-num_worker", "2", "-batch_size", "3", "-cpu",
                        "-model_name", "a.txt", "-model_version", "v1")
     with running_server(args, FactorWorker) as server, connect(server) as client:
-        outcome: dict[str, Any] = {}
-
-        def switch() -> None:
-            with connect(server, timeout=120_000) as other:
-                try:
-                    outcome["result"] = other.switch_model(model_name="slow.txt",
-                                                           version="v2", timeout=120_000)
-                except BaseException as exc:
-                    outcome["error"] = exc
-
         with Load(server) as load:
             wait_until(lambda: load.count() >= 20, 60, "load before the switch")
-            thread = threading.Thread(target=switch)
-            thread.start()
+            thread, outcome = switch_in_background(server, "slow.txt", "v2")
             loading = wait_until(lambda: [c for c in list(server.supervisor.children.values())
                                           if c.switching and c.process.pid], 60,
                                  "a worker loading the new model")
@@ -336,18 +344,7 @@ def test_one_switch_at_a_time_and_a_ventilator_crash_during_one(tmp_path):
     args = server_args(tmp_path, "-num_worker", "1", "-cpu", "-model_name", "a.txt",
                        "-model_version", "v1")
     with running_server(args, FactorWorker) as server, connect(server) as client:
-        outcome: dict[str, Any] = {}
-
-        def switch() -> None:
-            with connect(server, timeout=120_000) as other:
-                try:
-                    outcome["result"] = other.switch_model(model_name="slow.txt",
-                                                           version="v2", timeout=120_000)
-                except BaseException as exc:
-                    outcome["error"] = exc
-
-        thread = threading.Thread(target=switch)
-        thread.start()
+        thread, outcome = switch_in_background(server, "slow.txt", "v2")
         wait_until(lambda: [c for c in list(server.supervisor.children.values())
                             if c.switching], 60, "a worker loading the new model")
         with pytest.raises(SwitchFailed, match="under way"):
