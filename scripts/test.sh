@@ -36,8 +36,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # System packages the tests need: Debian's chromium drives tests/test_dashboard.py
 # (through Playwright, with executable_path; no browser download); redis-server is the
-# real Redis of the job-queue tests (tests/redis_server.py starts one per test).
-APT_PACKAGES=(chromium redis-server)
+# real Redis of the job-queue tests (tests/redis_server.py starts one per test); curl
+# runs the examples' README commands as written (tests/test_example_*.py).
+APT_PACKAGES=(chromium redis-server curl)
 
 # Python packages installed beside the project, pinned where the tests need an exact
 # version (for example torch==2.13.0, tensorflow). Empty today.
