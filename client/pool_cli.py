@@ -28,9 +28,10 @@ from .process import serve_until_signalled
 from .unit import WKRWorker
 from .version import __version__
 
-__all__ = ["build_start_parser", "config_from_args", "load_pool_config", "main_idle",
-           "main_restart", "main_start", "main_status", "main_switch", "main_terminate",
-           "summarize"]
+__all__ = ["build_idle_parser", "build_restart_parser", "build_start_parser",
+           "build_status_parser", "build_switch_parser", "build_terminate_parser",
+           "config_from_args", "load_pool_config", "main_idle", "main_restart", "main_start",
+           "main_status", "main_switch", "main_terminate", "summarize"]
 
 ENV_TOKEN = "WKR_AUTH_TOKEN"
 
@@ -165,9 +166,15 @@ def _run(prog: str, args: argparse.Namespace, cmd: str, **cmd_args: Any) -> tupl
         return 2, None
 
 
-def main_status(argv: Sequence[str] | None = None) -> int:
+def build_status_parser() -> argparse.ArgumentParser:
+    """The ``wkr-decentral-status`` parser."""
     parser = _control_parser("status", "Show a pool's units and remote servers.")
     parser.add_argument("-json", action="store_true", help="print the whole status as JSON")
+    return parser
+
+
+def main_status(argv: Sequence[str] | None = None) -> int:
+    parser = build_status_parser()
     args = parser.parse_args(argv)
     code, status = _run(parser.prog, args, "status")
     if code == 0:
@@ -193,12 +200,18 @@ def summarize(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main_switch(argv: Sequence[str] | None = None) -> int:
+def build_switch_parser() -> argparse.ArgumentParser:
+    """The ``wkr-decentral-switch`` parser."""
     parser = _control_parser("switch", "Change a pool's units per server and/or its "
                              "remote servers (units of removed servers stop gracefully).")
     parser.add_argument("-num_client", type=int, default=None, help="units per server")
     parser.add_argument("-remote_servers", nargs="+", default=None, metavar="SERVERS",
                         help="the new server list '[[\"ip\", port, port_out], ...]'")
+    return parser
+
+
+def main_switch(argv: Sequence[str] | None = None) -> int:
+    parser = build_switch_parser()
     args = parser.parse_args(argv)
     if args.num_client is None and args.remote_servers is None:
         parser.error("give -num_client and/or -remote_servers")
@@ -216,10 +229,9 @@ def main_switch(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _plain_command(name: str, description: str, report: Any,
+def _plain_command(name: str, parser: argparse.ArgumentParser, report: Any,
                    argv: Sequence[str] | None) -> int:
     """A control command without options of its own: send it, print ``report(value)``."""
-    parser = _control_parser(name, description)
     args = parser.parse_args(argv)
     code, value = _run(parser.prog, args, name)
     if code == 0:
@@ -227,22 +239,37 @@ def _plain_command(name: str, description: str, report: Any,
     return code
 
 
+def build_idle_parser() -> argparse.ArgumentParser:
+    """The ``wkr-decentral-idle`` parser."""
+    return _control_parser("idle", "Stop every unit of a pool (gracefully); the pool keeps "
+                           "running until switch or restart.")
+
+
 def main_idle(argv: Sequence[str] | None = None) -> int:
-    return _plain_command(
-        "idle", "Stop every unit of a pool (gracefully); the pool keeps running until "
-        "switch or restart.", lambda v: f"idle: {v['stopping_units']} unit(s) stopping", argv)
+    return _plain_command("idle", build_idle_parser(),
+                          lambda v: f"idle: {v['stopping_units']} unit(s) stopping", argv)
+
+
+def build_restart_parser() -> argparse.ArgumentParser:
+    """The ``wkr-decentral-restart`` parser."""
+    return _control_parser("restart", "Restart every unit of a pool (each finishes its "
+                           "current work first).")
 
 
 def main_restart(argv: Sequence[str] | None = None) -> int:
-    return _plain_command(
-        "restart", "Restart every unit of a pool (each finishes its current work first).",
-        lambda v: f"restarting {v['restarting']} unit(s)", argv)
+    return _plain_command("restart", build_restart_parser(),
+                          lambda v: f"restarting {v['restarting']} unit(s)", argv)
+
+
+def build_terminate_parser() -> argparse.ArgumentParser:
+    """The ``wkr-decentral-terminate`` parser."""
+    return _control_parser("terminate", "Stop a pool and wait until it has stopped: its "
+                           "process has exited (pool on this host) and its control port "
+                           "refuses connections.")
 
 
 def main_terminate(argv: Sequence[str] | None = None) -> int:
-    parser = _control_parser("terminate", "Stop a pool and wait until it has stopped: its "
-                             "process has exited (pool on this host) and its control port "
-                             "refuses connections.")
+    parser = build_terminate_parser()
     args = parser.parse_args(argv)
     deadline = time.monotonic() + max(args.timeout, 0.0)
     code, value = _run(parser.prog, args, "terminate")

@@ -24,7 +24,7 @@ from .errors import (
     WKRTimeoutError,
 )
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 PROG = "wkr-serving-switch"
 

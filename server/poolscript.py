@@ -8,6 +8,7 @@ needs psutil); the pool itself runs with the client package alone.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,9 +19,16 @@ from wkr_serving.client.pool_cli import load_pool_config, summarize
 from wkr_serving.client.pool_config import PoolConfig
 from wkr_serving.client.pool_control import PoolControl, PoolTimeout
 
-from .runscript import MARGIN_S, ServiceKind, main_make, probe_address, register_kind
+from .runscript import (
+    MARGIN_S,
+    ServiceKind,
+    build_make_parser,
+    main_make,
+    probe_address,
+    register_kind,
+)
 
-__all__ = ["POOL_KIND", "main_make_pool"]
+__all__ = ["POOL_KIND", "build_make_pool_parser", "main_make_pool"]
 
 #: Seconds a pool gets to answer its first status (its units start in the background).
 POOL_START_S = 60.0
@@ -50,6 +58,11 @@ POOL_KIND = register_kind(ServiceKind(
     summarize=summarize,
     fallback=lambda: PoolConfig("unknown.Unit", "[[localhost, 1, 2]]"),
     registered_in=__name__, title="wkr-decentral pool"))
+
+
+def build_make_pool_parser() -> argparse.ArgumentParser:
+    """The ``wkr-decentral-make`` parser (its own flags; the rest go to the pool)."""
+    return build_make_parser(POOL_KIND)
 
 
 def main_make_pool(argv: Sequence[str] | None = None) -> int:

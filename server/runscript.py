@@ -60,8 +60,9 @@ from .config import ConfigError, ServerConfig, load_config
 from .status import ServerStatus
 from .supervisor import STOP_GRACE
 
-__all__ = ["SERVER_KIND", "ServiceKind", "get_kind", "main_helper", "main_make",
-           "main_terminate", "make_script", "register_kind", "wait_pid_exit"]
+__all__ = ["SERVER_KIND", "ServiceKind", "build_make_parser", "build_terminate_parser",
+           "get_kind", "main_helper", "main_make", "main_terminate", "make_script",
+           "register_kind", "wait_pid_exit"]
 
 #: The module the generated scripts call (``python -m ...``) and the command they run.
 HELPER_MODULE = "wkr_serving.server.runscript"
@@ -788,10 +789,9 @@ def _split_make_args(argv: Sequence[str], parser: argparse.ArgumentParser,
     return own, rest
 
 
-def main_make(argv: Sequence[str] | None = None, kind: str | ServiceKind = "server") -> int:
-    """``wkr-serving-make <wkr-serving-start args> -name NAME [-dir DIR]``: print the run
-    script of a service of ``kind`` (a ``*-make`` command of another kind is this call
-    with its kind)."""
+def build_make_parser(kind: str | ServiceKind = "server") -> argparse.ArgumentParser:
+    """The parser of the make command of ``kind`` (``wkr-serving-make`` for a server):
+    its own flags only; every other argument goes to the service unchanged."""
     kind = get_kind(kind)
     prog = kind.make_command
     parser = argparse.ArgumentParser(
@@ -810,6 +810,16 @@ def main_make(argv: Sequence[str] | None = None, kind: str | ServiceKind = "serv
     parser.add_argument("-client_key", default=None,
                         help="a client .key_secret the script's readiness probe uses, for a "
                         "service started with -curve_client_keys")
+    return parser
+
+
+def main_make(argv: Sequence[str] | None = None, kind: str | ServiceKind = "server") -> int:
+    """``wkr-serving-make <wkr-serving-start args> -name NAME [-dir DIR]``: print the run
+    script of a service of ``kind`` (a ``*-make`` command of another kind is this call
+    with its kind)."""
+    kind = get_kind(kind)
+    prog = kind.make_command
+    parser = build_make_parser(kind)
     own, server_args = _split_make_args(sys.argv[1:] if argv is None else argv, parser)
     try:
         args = parser.parse_args(own)
@@ -869,11 +879,8 @@ def _local_server(status: ServerStatus, ports: tuple[int, int]) -> list[psutil.P
     return []
 
 
-def main_terminate(argv: Sequence[str] | None = None) -> int:
-    """``wkr-serving-terminate``: stop a server and wait until it has stopped.
-
-    Exit status: 0 stopped, 1 still running at the deadline, 2 usage error, refused
-    (unauthorized) or no server answering."""
+def build_terminate_parser() -> argparse.ArgumentParser:
+    """The ``wkr-serving-terminate`` parser."""
     parser = argparse.ArgumentParser(
         prog="wkr-serving-terminate", allow_abbrev=False,
         description="Send the terminate command to a WKR server (it drains in-flight work "
@@ -886,7 +893,15 @@ def main_terminate(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-token", default=os.environ.get("WKR_AUTH_TOKEN"),
                         help="the server's -auth_token (default: $WKR_AUTH_TOKEN); without "
                         "one, only a server on this host accepts the command")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main_terminate(argv: Sequence[str] | None = None) -> int:
+    """``wkr-serving-terminate``: stop a server and wait until it has stopped.
+
+    Exit status: 0 stopped, 1 still running at the deadline, 2 usage error, refused
+    (unauthorized) or no server answering."""
+    args = build_terminate_parser().parse_args(argv)
 
     def fail(message: str, code: int = 2) -> int:
         print(f"wkr-serving-terminate: {'error: ' if code == 2 else ''}{message}",

@@ -26,7 +26,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from .config import ServerConfig
 
-__all__ = ["load_server_key", "main_keygen", "start_authenticator"]
+__all__ = ["build_keygen_parser", "load_server_key", "main_keygen", "start_authenticator"]
 
 
 def load_server_key(path: str) -> tuple[bytes, bytes]:
@@ -54,8 +54,8 @@ def start_authenticator(context: zmq.Context, config: ServerConfig,
     return auth
 
 
-def main_keygen(argv: Sequence[str] | None = None) -> int:
-    """``wkr-serving-keygen DIR NAME``: write ``DIR/NAME.key`` and ``DIR/NAME.key_secret``."""
+def build_keygen_parser() -> argparse.ArgumentParser:
+    """The ``wkr-serving-keygen`` parser."""
     parser = argparse.ArgumentParser(
         prog="wkr-serving-keygen",
         description="Make a CurveZMQ key pair for a WKR server or client. NAME.key is the "
@@ -64,7 +64,12 @@ def main_keygen(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("directory", help="where to write the two files (created if needed)")
     parser.add_argument("name", help="base name of the files, e.g. server or client-1")
     parser.add_argument("-force", action="store_true", help="overwrite existing files")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main_keygen(argv: Sequence[str] | None = None) -> int:
+    """``wkr-serving-keygen DIR NAME``: write ``DIR/NAME.key`` and ``DIR/NAME.key_secret``."""
+    args = build_keygen_parser().parse_args(argv)
     if not zmq.has("curve"):
         print("wkr-serving-keygen: error: this libzmq has no CURVE support", file=sys.stderr)
         return 2
