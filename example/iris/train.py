@@ -74,6 +74,9 @@ def _save(model: object, path: str) -> None:
     try:
         sio.dump(model, tmp)
         check_types(tmp)
+        # mkstemp makes the file 0600: a server running as another user (a container
+        # reading a model trained on the host) must be able to read it.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
