@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -502,3 +503,44 @@ def abstract_names_of(pid: int) -> list[str]:
     the server whose supervisor is ``pid``: its internal sockets, which have no files."""
     with open("/proc/net/unix", encoding="utf-8") as fh:
         return [line.split()[-1] for line in fh if f" @wkr-{pid}-" in line]
+
+
+#: Seconds any one command of an example's README may take here.
+README_COMMAND_LIMIT_S = 60
+
+
+def readme_commands(readme: str) -> list[str]:
+    """The commands of a README's ``code-block:: bash`` blocks, one string each, in
+    order: continuation lines joined, comments (the outputs shown) left out."""
+    lines = Path(readme).read_text().splitlines()
+    commands: list[str] = []
+    i = 0
+    while i < len(lines):
+        if lines[i].strip() != ".. code-block:: bash":
+            i += 1
+            continue
+        i += 1
+        block: list[str] = []
+        while i < len(lines) and (not lines[i].strip() or lines[i].startswith("   ")):
+            block.append(lines[i].strip())
+            i += 1
+        pending = ""
+        for line in block:
+            if not line or line.startswith("#"):
+                continue
+            if line.endswith("\\"):
+                pending += line[:-1]
+                continue
+            commands.append(pending + line)
+            pending = ""
+    return commands
+
+
+def run(args: list[str], cwd: Path) -> str:
+    """Run a README command in ``cwd`` (bounded); its stdout, once it exited with 0."""
+    if args[0] == "python":
+        args = [sys.executable, *args[1:]]
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True,
+                          timeout=README_COMMAND_LIMIT_S, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, f"{args} exited with {done.returncode}:\n{done.stderr}"
+    return done.stdout

@@ -16,8 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import REPO_DIR, CLIServer, http_call, wait_until
-from test_example_iris import COMMAND_LIMIT_S, readme_commands, run
+from helpers import (
+    README_COMMAND_LIMIT_S,
+    REPO_DIR,
+    CLIServer,
+    http_call,
+    readme_commands,
+    run,
+    wait_until,
+)
 
 README = os.path.join(REPO_DIR, "example", "async_jobs", "README.rst")
 TRAIN = "python example/iris/train.py --out models"
@@ -153,7 +160,7 @@ def test_queue_jobs(served, redis_server, pools):
     early_args = served.args(early, port)
     assert early_args[-2:] == ["-wait", "1"]
     waited = subprocess.run([sys.executable, *early_args[1:]], cwd=served.work,
-                            capture_output=True, text=True, timeout=COMMAND_LIMIT_S)
+                            capture_output=True, text=True, timeout=README_COMMAND_LIMIT_S)
     assert waited.returncode == 1, waited.stderr
     assert "4 of 4 jobs of queue 'iris' have no result after 1.0 s" in waited.stderr
     assert "in the queue: 5 waiting or in flight, 0 dead-lettered" in waited.stderr

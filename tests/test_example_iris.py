@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import REPO_DIR, CLIServer, http_call, wait_until
+from helpers import REPO_DIR, CLIServer, http_call, readme_commands, run, wait_until
 from wkr_serving.client import ModelError, WKRClient
 
 IRIS_DIR = os.path.join(REPO_DIR, "example", "iris")
@@ -27,8 +26,6 @@ README = os.path.join(IRIS_DIR, "README.rst")
 #: The ports the README names, and what each becomes here.
 README_ZMQ = ("5555", "5556")
 README_HTTP = "localhost:8080"
-#: Seconds any one command of the README may take here.
-COMMAND_LIMIT_S = 60
 #: Typical flowers of the data set (rows 0, 63 and 145 of load_iris) and their class.
 KNOWN = [([5.1, 3.5, 1.4, 0.2], 0), ([6.1, 2.9, 4.7, 1.4], 1), ([6.7, 3.0, 5.2, 2.3], 2)]
 FAR_AWAY = [9.0, 1.0, 9.0, 0.1]
@@ -37,48 +34,11 @@ if IRIS_DIR not in sys.path:
     sys.path.insert(0, IRIS_DIR)  # iris_model: the file names and the trusted types
 
 
-def readme_commands(readme: str = README) -> list[str]:
-    """The commands of a README's ``code-block:: bash`` blocks, one string each, in
-    order: continuation lines joined, comments (the outputs shown) left out."""
-    lines = Path(readme).read_text().splitlines()
-    commands: list[str] = []
-    i = 0
-    while i < len(lines):
-        if lines[i].strip() != ".. code-block:: bash":
-            i += 1
-            continue
-        i += 1
-        block: list[str] = []
-        while i < len(lines) and (not lines[i].strip() or lines[i].startswith("   ")):
-            block.append(lines[i].strip())
-            i += 1
-        pending = ""
-        for line in block:
-            if not line or line.startswith("#"):
-                continue
-            if line.endswith("\\"):
-                pending += line[:-1]
-                continue
-            commands.append(pending + line)
-            pending = ""
-    return commands
-
-
 def with_ports(command: str, server: CLIServer) -> list[str]:
     """``command`` as arguments, with the README's ports replaced by the server's."""
     command = command.replace(README_HTTP, f"127.0.0.1:{server.http_port}")
     ports = dict(zip(README_ZMQ, (str(server.port), str(server.port_out)), strict=True))
     return [ports.get(word, word) for word in shlex.split(command)]
-
-
-def run(args: list[str], cwd: Path) -> str:
-    """Run a README command in ``cwd`` (bounded); its stdout, once it exited with 0."""
-    if args[0] == "python":
-        args = [sys.executable, *args[1:]]
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True,
-                          timeout=COMMAND_LIMIT_S, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, f"{args} exited with {done.returncode}:\n{done.stderr}"
-    return done.stdout
 
 
 @dataclass
@@ -109,7 +69,7 @@ def iris(tmp_path_factory) -> Iterator[Iris]:
     directory where ``example`` is a link to the repository's."""
     work = tmp_path_factory.mktemp("iris")
     (work / "example").symlink_to(os.path.join(REPO_DIR, "example"))
-    commands = readme_commands()
+    commands = readme_commands(README)
     train = [c for c in commands if c.startswith("python example/iris/train.py")]
     assert train == ["python example/iris/train.py --out models"]
     train_output = run(shlex.split(train[0]), work)
