@@ -33,17 +33,13 @@ from helpers import (
     wait_idle,
     wait_until,
 )
-from playwright.sync_api import Browser, ConsoleMessage, Page, Route, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, Route
 from wkr_serving.client import WKRClient
 from wkr_serving.client import errors as E
 from wkr_serving.server import WKRServer
 from wkr_serving.server.http.dashboard import STATIC_DIR
 from workers import ControlledWorker
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 HTTP_LIMIT_S = 20.0
 #: Milliseconds the page gets for each awaited change (it polls once a second; the test
 #: machine is small and shared, so this is generous).
@@ -102,17 +98,6 @@ def server(tmp_path_factory) -> Iterator[WKRServer]:
 @pytest.fixture(scope="module")
 def base(server: WKRServer) -> str:
     return f"http://127.0.0.1:{server.http_port}"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert os.access(CHROMIUM, os.X_OK), "Debian's chromium is missing: bash scripts/test.sh"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 class PageLog:

@@ -7,29 +7,15 @@ keeps serving; with ``-http_token`` the page asks for the token and uses it.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from helpers import http_call, running_server, server_args
 from lifecycle_workers import CENTROIDS, LifecycleModelWorker, write_model
-from playwright.sync_api import Browser, Page, sync_playwright
-from test_dashboard import CHROMIUM, CHROMIUM_ARGS, PAGE_LIMIT_MS, PageLog, artifact
+from playwright.sync_api import Browser, Page
+from test_dashboard import PAGE_LIMIT_MS, PageLog, artifact
 
 #: Seconds a switch may take in these tests (a new worker process loads the model).
 SWITCH_LIMIT_MS = 120_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert os.access(CHROMIUM, os.X_OK), "Debian's chromium is missing: bash scripts/test.sh"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def models(directory: Path) -> str:
