@@ -29,8 +29,9 @@ from .version import __version__
 __all__ = ["CONNECTIONS", "CONNECT_TIMEOUT_MS", "DEFAULT_PORT", "DEFAULT_PORT_OUT",
            "DEFAULT_TIMEOUT_MS", "SWITCH_TIMEOUT_MS", "ClientOptions", "DropWatcher", "Reply",
            "Response",
-           "check_hello", "check_item_count", "handshake_ping_frame", "parse_replies",
-           "request_frames", "request_options", "take_limits"]
+           "check_hello", "check_item_count", "handshake_ping_frame", "parse_entries",
+           "parse_replies", "payload_sizes", "reply_entries", "request_frames",
+           "request_options", "take_limits"]
 
 #: The server's ``-port`` (requests) a client connects to unless told otherwise.
 DEFAULT_PORT = 5555
@@ -294,16 +295,44 @@ def check_item_count(count: int, info: dict[str, Any]) -> None:
 def parse_replies(frames: list[Any], allow_pickle: bool = False) -> list[Reply]:
     """Parse one message from the sink into its replies (REPLIES carries several);
     raise :class:`ProtocolError` if it is malformed."""
-    header = P.unpack_header(_buffer(frames[0]))
-    # A single RESULT, ERROR or REPLY is read as a REPLIES of one entry.
+    entries = reply_entries(P.unpack_header(_buffer(frames[0])))
+    return parse_entries(entries, frames, allow_pickle)
+
+
+def reply_entries(header: list[Any]) -> list[list[Any]]:
+    """The ``[req_id, kind, body]`` entries of a sink message's (checked) header: a single
+    RESULT, ERROR or REPLY is read as a REPLIES of one entry."""
     entries = header[2] if header[1] == P.REPLIES else [[header[2], header[1], header[3]]]
     if not isinstance(entries, list):
         raise ProtocolError("REPLIES needs a list of entries")
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise ProtocolError(f"bad REPLIES entry {P.brief(entry)}")
+    return entries
+
+
+def payload_sizes(entries: list[list[Any]]) -> list[int]:
+    """The byte size each payload frame of a sink message is declared to have, in frame
+    order (-1: not declared, a msgpack item), from its entries: a reader that copies
+    small frames and takes large ones without a copy picks per frame before receiving
+    it. Frames that do not match their metas are refused later, when decoded."""
+    sizes: list[int] = []
+    for entry in entries:
+        if entry[1] == P.RESULT:
+            body = entry[2]
+            if not isinstance(body, list):
+                raise ProtocolError("result metas do not match its payload frames")
+            sizes.extend(P.declared_nbytes(meta) for meta in body)
+    return sizes
+
+
+def parse_entries(entries: list[list[Any]], frames: list[Any], allow_pickle: bool = False,
+                  ) -> list[Reply]:
+    """The replies of a sink message, from its entries (:func:`reply_entries`) and its
+    frames (the header, then the payload frames)."""
     replies = []
     pos = 1
     for entry in entries:
-        if not (isinstance(entry, list) and len(entry) == 3):
-            raise ProtocolError(f"bad REPLIES entry {entry!r}")
         reply = _entry(entry[1], entry[0], entry[2], frames, pos, allow_pickle)
         if entry[1] == P.RESULT:
             pos += len(entry[2])

@@ -4,9 +4,14 @@ One client holds two DEALER sockets with the same identity: requests go to the
 ventilator (``port``), replies come from the sink (``port_out``). Requests are pipelined:
 any number may be outstanding and replies are matched by integer request id.
 
-A client may be shared between threads: sends are serialised by a lock, and one waiting
-thread at a time reads the reply socket for everybody (leader/followers), handing
-other threads' replies over through a condition variable.
+A client may be shared between threads. Sends are combined: a thread queues its
+request and sends what is queued unless another thread is sending, which then sends it
+too, so requests of many threads leave in one burst (one wake-up of libzmq's I/O
+thread, one write to the connection). Replies are read by one waiting thread at a time
+for everybody (leader/followers): it wakes exactly the threads whose replies it read,
+each through a lock of its own (no thundering herd), and hands the reading over to one
+waiting thread when its own reply is in. A thread that waits alone reads its own reply:
+no handoff between threads.
 
 A dropped connection (the server stopped or crashed) fails the calls outstanding at that
 moment, and only those; ZeroMQ reconnects by itself, and after ``port_out`` dropped the
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from . import protocol as P
 from .base import (
     DEFAULT_PORT,
     DEFAULT_PORT_OUT,
@@ -46,7 +52,9 @@ from .base import (
     handshake_dropped_error,
     handshake_ping_frame,
     hello_frame,
-    parse_replies,
+    parse_entries,
+    payload_sizes,
+    reply_entries,
     request_frames,
     request_options,
     take_limits,
@@ -67,6 +75,15 @@ READ_BATCH = 1024
 #: Longest single poll (ms) of the reading thread, so close() never waits long for it,
 #: and the longest a call waiting on a dropped connection takes to fail.
 READ_SLICE_MS = 200
+
+#: Reply frames up to this size are copied off the socket (cheaper than a zero-copy
+#: frame object); larger ones are taken without a copy.
+COPY_LIMIT = 65536
+
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 _ONE = "one"  # encode(): the reply is one item
 _MANY = "many"  # encode_batch(): the reply is a list of items
@@ -123,7 +140,15 @@ class WKRClient:
         self.busy_poll_us = busy_poll_us
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)  # close() waits on it for the reader
+        # Threads waiting for a reply while another reads: request id -> the waiting
+        # thread's own lock (held; released to wake it). See _park.
+        self._parked: dict[int, threading.Lock] = {}
+        self._local = threading.local()  # each thread's waiter lock
+        # Requests waiting to be sent (req_id, frames), and the lock of the sending thread.
+        self._outbox: deque[tuple[int, list[Any]]] = deque()
+        self._send_lock = threading.Lock()
+        self._send_failed: dict[int, Exception] = {}  # sent by another thread, and failed
         self._expected: dict[int, str] = {}  # sent, no reply yet: id -> reply shape
         self._replies: dict[int, Reply] = {}  # arrived, not yet taken
         self._unfetched: deque[int] = deque()  # non-blocking requests, in send order
@@ -330,11 +355,14 @@ class WKRClient:
             if self._closed:
                 return
             self._closed = True
-            self._cond.notify_all()
+            for waiter in self._parked.values():  # they see the client closed
+                waiter.release()
+            self._parked.clear()
             while self._reading:  # the reading thread returns within READ_SLICE_MS
                 self._cond.wait(READ_SLICE_MS / 1000.0)
         self._watch.stop((self.sender, self.receiver))
-        self.sender.close(0)
+        with self._send_lock:  # no thread is sending (sends check _closed first)
+            self.sender.close(0)
         self.receiver.close(0)
 
     def __enter__(self) -> WKRClient:
@@ -363,8 +391,8 @@ class WKRClient:
         req_id = next(self._ids)
         with self._lock:
             self._expected[req_id] = _VALUE
-            self._send_frames([handshake_ping_frame(req_id, self.options.connect_timeout,
-                                                    self._learn_limits)])
+        self._submit(req_id, [handshake_ping_frame(req_id, self.options.connect_timeout,
+                                                   self._learn_limits)])
         left_ms = max(0, int((deadline - time.monotonic()) * 1000))  # one budget for both
         pong = self._wait(req_id, left_ms, "ping through port")
         _raise_handshake_error(pong, self.options, "ping through port")
@@ -442,22 +470,69 @@ class WKRClient:
             if self._doomed:  # a caller's own id may be that of an old, dropped request
                 self._doomed.pop(req_id, None)
             self._expected[req_id] = shape
-            self._send_frames(frames)
             self.num_requests += 1
+        self._submit(req_id, frames)
         return req_id
 
-    def _send_frames(self, frames: list[Any]) -> None:
-        """Send under the lock; a full send queue waits at most the call timeout."""
-        budget = self.options.timeout
+    def _submit(self, req_id: int, frames: list[Any]) -> None:
+        """Queue a request (registered in ``_expected``) and send what is queued, unless
+        another thread is sending: that thread then sends it too. Raises the error of
+        this request's own send when this thread sent it; another thread's failure to
+        send it reaches this request as its reply."""
+        self._outbox.append((req_id, frames))
+        self._flush()
+        if self._send_failed:
+            with self._lock:
+                error = self._send_failed.pop(req_id, None)
+                if error is not None:
+                    self._replies.pop(req_id, None)
+                    raise error
+
+    def _flush(self) -> None:
+        """Send every queued request, unless another thread is sending. After letting go
+        of the send lock the sender looks again: a request queued while it held the lock
+        by a thread that could not take it is sent by one of the two."""
+        outbox = self._outbox
+        while outbox and self._send_lock.acquire(False):
+            try:
+                while outbox:
+                    req_id, frames = outbox.popleft()
+                    try:
+                        self._send_message(frames)
+                    except (zmq.ZMQError, WKRTimeoutError, ClientUsageError) as exc:
+                        self._send_error(req_id, exc)
+            finally:
+                self._send_lock.release()
+
+    def _send_message(self, frames: list[Any]) -> None:
+        """Send one request (send lock held); a full send queue waits at most the client
+        timeout."""
+        if self._closed:
+            raise ClientUsageError("this WKRClient is closed")
+        sender = self.sender
         try:
-            self.sender.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sender.send_multipart(frames, flags=_NOBLOCK, copy=False)
             return
         except zmq.Again:
             pass
-        if not self.sender.poll(budget if budget is not None else -1, zmq.POLLOUT):
+        budget = self.options.timeout
+        if not sender.poll(budget if budget is not None else -1, zmq.POLLOUT):
             raise WKRTimeoutError(f"could not send within {budget} ms: the server is not "
                                   "reading requests")
-        self.sender.send_multipart(frames, copy=False)
+        sender.send_multipart(frames, copy=False)
+
+    def _send_error(self, req_id: int, exc: Exception) -> None:
+        """A request could not be sent: its caller gets the error (as its reply, and
+        from :meth:`_submit` when it is still there)."""
+        if isinstance(exc, zmq.ZMQError):
+            exc = (ClientUsageError("this WKRClient is closed") if self._closed else
+                   ConnectionLost(f"could not send request {req_id}: {exc}", "", req_id))
+        with self._lock:
+            if self._expected.pop(req_id, None) is None:
+                return
+            self._replies[req_id] = Reply(req_id, None, exc)  # type: ignore[arg-type]
+            self._send_failed[req_id] = exc
+            self._wake(req_id)
 
     def _command(self, name: str, args: Any = None, timeout: int | None = None) -> Any:
         if not self._connected:
@@ -469,7 +544,7 @@ class WKRClient:
         with self._lock:
             self._check_open()
             self._expected[req_id] = _VALUE
-            self._send_frames([command_frame(req_id, timeout, name, args)])
+        self._submit(req_id, [command_frame(req_id, timeout, name, args)])
         reply = self._wait(req_id, self._budget(timeout), f"command {name!r}")
         if reply.error is not None:
             raise reply.error
@@ -498,40 +573,76 @@ class WKRClient:
 
     def _wait(self, req_id: int, budget_ms: int | None, what: str) -> Reply:
         """Wait up to ``budget_ms`` (None: no limit) for one reply, reading the socket for
-        every thread when no other thread is."""
+        every thread when no other thread is (else parked until woken)."""
         deadline = None if budget_ms is None else time.monotonic() + budget_ms / 1000.0
-        with self._cond:
-            while True:
-                reply = self._replies.pop(req_id, None)
-                if reply is not None:
-                    return reply
-                self._check_open()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    self._expected.pop(req_id, None)  # a late reply will be dropped
-                    raise self._timeout_error(req_id, what, budget_ms)
-                if self._reading:
-                    self._cond.wait(remaining)
-                    continue
-                self._reading = True
-                self._lock.release()
-                arrived: list[Reply] = []
-                try:
-                    if not self._doomed:  # else fail them now, without waiting
-                        slice_ms = READ_SLICE_MS if remaining is None else max(
-                            1, min(READ_SLICE_MS, int(remaining * 1000)))
-                        arrived = self._read(slice_ms)
-                finally:
-                    self._lock.acquire()
-                    self._end_reading(arrived)
+        lock = self._lock
+        with lock:
+            try:
+                while True:
+                    reply = self._replies.pop(req_id, None)
+                    if reply is not None:
+                        if self._send_failed:
+                            self._send_failed.pop(req_id, None)
+                        return reply
+                    self._check_open()
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        self._expected.pop(req_id, None)  # a late reply will be dropped
+                        raise self._timeout_error(req_id, what, budget_ms)
+                    if self._reading:
+                        self._park(req_id, remaining)
+                        continue
+                    self._reading = True
+                    lock.release()
+                    arrived: list[Reply] = []
+                    try:
+                        if not self._doomed:  # else fail them now, without waiting
+                            slice_ms = READ_SLICE_MS if remaining is None else max(
+                                1, min(READ_SLICE_MS, int(remaining * 1000)))
+                            arrived = self._read(slice_ms)
+                    finally:
+                        lock.acquire()
+                        self._end_reading(arrived)
+            finally:
+                # Leaving with threads parked and nobody reading: one of them reads next.
+                if self._parked and not self._reading:
+                    self._wake(next(iter(self._parked)))
+
+    def _park(self, req_id: int, remaining: float | None) -> None:
+        """Wait (lock held, released meanwhile) until the reading thread wakes this one:
+        its reply is in, or it is to read next, or the client closed; or until
+        ``remaining`` seconds passed. Each thread waits on a lock of its own, held while
+        it is not waiting: waking it is releasing that lock."""
+        waiter = getattr(self._local, "waiter", None)
+        if waiter is None:
+            waiter = self._local.waiter = threading.Lock()
+            waiter.acquire()
+        self._parked[req_id] = waiter
+        self._lock.release()
+        woken = False
+        try:
+            woken = waiter.acquire(True, -1 if remaining is None else remaining)
+        finally:
+            self._lock.acquire()
+            if self._parked.get(req_id) is waiter:  # not woken: no longer waiting
+                del self._parked[req_id]
+            elif not woken:  # woken just as it gave up: take the lock back
+                waiter.acquire(False)
+
+    def _wake(self, req_id: int) -> None:
+        """Wake the thread parked for ``req_id``, if any (lock held)."""
+        waiter = self._parked.pop(req_id, None)
+        if waiter is not None:
+            waiter.release()
 
     def _end_reading(self, arrived: list[Reply]) -> None:
-        """The reading thread's turn ends (lock held): keep what arrived; fail the requests
-        a dropped connection left unanswered, once what the server sent before the drop
-        is taken; send the HELLOs that waited for the reply socket; wake the others."""
+        """The reading thread's turn ends (lock held): keep what arrived and wake whoever
+        waits for it; fail the requests a dropped connection left unanswered, once what
+        the server sent before the drop is taken; send the HELLOs that waited for the
+        reply socket."""
         try:
             if self._doomed:
-                arrived.extend(self._read(0))
+                arrived.extend(self._read(0, drain=True))
         finally:
             self._reading = False  # no other thread reads before the lock is released
             self._store(arrived)
@@ -541,45 +652,80 @@ class WKRClient:
                 hellos, self._hellos = self._hellos, []
                 for frame in hellos:
                     self._send_hello(frame)
-            self._cond.notify_all()
+            if self._closed:
+                self._cond.notify_all()  # close() waits for the reader to finish
 
-    def _read(self, timeout_ms: int) -> list[Reply]:
-        """Block up to ``timeout_ms`` for replies (a timed recv: cheaper than poll+recv)."""
+    def _read(self, timeout_ms: int, drain: bool = False) -> list[Reply]:
+        """Block up to ``timeout_ms`` for a reply message (a timed recv: cheaper than
+        poll+recv); while other threads are parked, or with ``drain``, take whatever more
+        is there too (at most :data:`READ_BATCH` messages)."""
         if self._closed:
             return []
-        frames = self._spin(min(self.busy_poll_us, timeout_ms * 1000)) if self.busy_poll_us \
-            else None
-        if frames is None:
-            if not timeout_ms:
-                if not self.receiver.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
-                    return []
-            elif timeout_ms != self._rcvtimeo:
-                self.receiver.setsockopt(zmq.RCVTIMEO, timeout_ms)
-                self._rcvtimeo = timeout_ms
-            try:
-                frames = self.receiver.recv_multipart(copy=False)
-            except zmq.Again:
+        receiver = self.receiver
+        flags = 0
+        if self.busy_poll_us and self._spin(min(self.busy_poll_us, timeout_ms * 1000)):
+            flags = _NOBLOCK
+        elif not timeout_ms:
+            if not receiver.get(_EVENTS) & _POLLIN:  # type: ignore[operator]
                 return []
-        replies = []
-        for n in range(READ_BATCH):
-            try:
-                replies.extend(parse_replies(frames, self.options.allow_pickle))
-            except ProtocolError as exc:
-                warnings.warn(f"dropped a malformed reply from the server: {exc}",
-                              stacklevel=2)
-            if n == READ_BATCH - 1 or not self.receiver.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
+            flags = _NOBLOCK
+        elif timeout_ms != self._rcvtimeo:
+            receiver.setsockopt(zmq.RCVTIMEO, timeout_ms)
+            self._rcvtimeo = timeout_ms
+        try:
+            replies = self._recv_message(flags)
+        except zmq.Again:
+            return []
+        for _ in range(READ_BATCH - 1):
+            if not (drain or self._parked) or not receiver.get(_EVENTS) & _POLLIN:  # type: ignore[operator]
                 break
-            frames = self.receiver.recv_multipart(copy=False)
+            replies.extend(self._recv_message(_NOBLOCK))
         return replies
 
-    def _spin(self, limit_us: int) -> list[zmq.Frame] | None:
-        """Check for a reply without blocking until one is there or ``limit_us`` passed."""
+    def _recv_message(self, flags: int) -> list[Reply]:
+        """Receive one message from the sink and parse its replies: its header first, then
+        each payload frame, copied when small (by the size its header declares), taken
+        without a copy when large. A malformed message is dropped with a warning."""
+        receiver = self.receiver
+        head = receiver.recv(flags)  # the other parts of a message are there with it
+        try:
+            entries = reply_entries(P.unpack_header(head))
+            sizes = payload_sizes(entries)
+        except ProtocolError as exc:
+            self._drop_rest(exc)
+            return []
+        frames: list[Any] = [head]
+        for size in sizes:
+            if not receiver.get(_RCVMORE):
+                self._drop_rest(ProtocolError("REPLIES entries do not match its payload "
+                                              "frames"))
+                return []
+            frames.append(receiver.recv(copy=0 <= size <= COPY_LIMIT))
+        if receiver.get(_RCVMORE):
+            self._drop_rest(ProtocolError("REPLIES entries do not match its payload frames"))
+            return []
+        try:
+            return parse_entries(entries, frames, self.options.allow_pickle)
+        except ProtocolError as exc:
+            self._drop_rest(exc)
+            return []
+
+    def _drop_rest(self, exc: ProtocolError) -> None:
+        """Drop the rest of a malformed message from the server, with a warning."""
+        while self.receiver.get(_RCVMORE):
+            self.receiver.recv(copy=False)
+        warnings.warn(f"dropped a malformed reply from the server: {exc}", stacklevel=3)
+
+    def _spin(self, limit_us: int) -> bool:
+        """Check for a reply without blocking until one is there (True) or ``limit_us``
+        passed (False)."""
+        receiver = self.receiver
         deadline = time.perf_counter() + limit_us / 1e6
         while True:
-            if self.receiver.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
-                return self.receiver.recv_multipart(copy=False)
+            if receiver.get(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                return True
             if time.perf_counter() >= deadline:
-                return None
+                return False
 
     def _on_drop(self, which: str) -> None:
         """(The watcher thread.) Connection ``which`` dropped: the requests outstanding now
@@ -603,6 +749,7 @@ class WKRClient:
                 f"the connection to {address} dropped while request {req_id} was pending "
                 "(the server stopped or crashed, or refused a frame over its "
                 "-max_msg_size); its result is lost", "", req_id))
+            self._wake(req_id)
         self._doomed.clear()
 
     def _store(self, replies: list[Reply]) -> None:
@@ -611,9 +758,11 @@ class WKRClient:
             shape = self._expected.pop(reply.req_id, None)
             if shape is None:  # its caller gave up (timeout) or it was never ours
                 continue
-            if shape == _ONE and reply.error is None:
+            if shape is _ONE and reply.error is None:
                 reply = Reply(reply.req_id, reply.value[0], None)
             self._replies[reply.req_id] = reply
+            if self._parked:
+                self._wake(reply.req_id)
 
     def _timeout_error(self, req_id: int, what: str, budget_ms: int | None) -> WKRTimeoutError:
         if not self._connected:

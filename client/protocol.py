@@ -113,6 +113,7 @@ __all__ = [
     "brief",
     "check_metas",
     "check_raw",
+    "declared_nbytes",
     "declared_request",
     "decode_item",
     "encode_item",
@@ -293,11 +294,20 @@ def encode_item(value: Any, protocol: str, allow_pickle: bool = False) -> tuple[
     if protocol == "numpy" and not isinstance(value, np.ndarray):
         value = np.asarray(value)
     if isinstance(value, np.ndarray):
-        _check_dtype(value.dtype)
+        dtype = value.dtype
+        if dtype not in _PLAIN_DTYPES:
+            _check_dtype(dtype)
+            if dtype.kind not in "biufc":
+                # A flat uint8 view exports a plain byte buffer for every dtype
+                # (datetimes, bytes and str included).
+                if not value.flags.c_contiguous:
+                    value = np.ascontiguousarray(value)
+                return [dtype.str, list(value.shape)], value.reshape(-1).view(np.uint8)
+            _remember_plain(dtype)
         if not value.flags.c_contiguous:
             value = np.ascontiguousarray(value)
-        # A flat uint8 view exports a plain byte buffer for every dtype (datetimes included).
-        return [value.dtype.str, list(value.shape)], value.reshape(-1).view(np.uint8)
+        # numbers and booleans export their buffer as they are (no view to make)
+        return [dtype.str, list(value.shape)], value
     try:
         return MSGPACK_ITEM, msgpack.packb(value, use_bin_type=True, default=_ext_default)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -340,25 +350,48 @@ def decode_item(meta: Any, buf: Any, allow_pickle: bool = False) -> Any:
 
 def check_raw(meta: Any, buf: Any) -> tuple[np.dtype, list[int]]:
     """Validate a raw-array item's ``[dtype, shape]`` meta against its buffer."""
-    if not (isinstance(meta, list) and len(meta) == 2):
+    if not (meta.__class__ is list and len(meta) == 2):
         raise ProtocolError(f"item meta must be 0 or [dtype, shape], got {brief(meta)}")
     dtype, shape = parse_dtype(meta[0]), meta[1]
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise ProtocolError(
-            f"array shape must be a list of non-negative ints, got {brief(shape)}")
     # What numpy can represent, so that viewing the buffer cannot fail later: at most
     # MAX_NDIM dimensions, and (empty arrays included) a byte size that fits an intp.
-    if len(shape) > MAX_NDIM:
-        raise ProtocolError(f"array has {len(shape)} dimensions (at most {MAX_NDIM})")
-    if math.prod(d for d in shape if d) * dtype.itemsize > _MAX_NBYTES:
+    if shape.__class__ is not list or len(shape) > MAX_NDIM:
+        if shape.__class__ is list:
+            raise ProtocolError(f"array has {len(shape)} dimensions (at most {MAX_NDIM})")
+        raise ProtocolError(
+            f"array shape must be a list of non-negative ints, got {brief(shape)}")
+    count = 1
+    nonzero = 1
+    for d in shape:
+        if d.__class__ is not int or d < 0:  # bool and other int subclasses too
+            raise ProtocolError(
+                f"array shape must be a list of non-negative ints, got {brief(shape)}")
+        count *= d
+        if d:
+            nonzero *= d
+    if nonzero * dtype.itemsize > _MAX_NBYTES:
         raise ProtocolError(f"array shape {brief(shape)} is too large")
-    expected = math.prod(shape) * dtype.itemsize
+    expected = count * dtype.itemsize
     nbytes = memoryview(buf).nbytes
     if nbytes != expected:
         raise ProtocolError(
             f"array declared as {dtype.str}{tuple(shape)} needs {expected} bytes, got {nbytes}"
         )
     return dtype, shape
+
+
+def declared_nbytes(meta: Any) -> int:
+    """The byte size a raw-array meta declares for its frame; -1 for a msgpack or pickle
+    item, or a meta that is not valid (:func:`check_raw` refuses it when decoding)."""
+    if meta.__class__ is not list or len(meta) != 2 or meta[1].__class__ is not list:
+        return -1
+    try:
+        size = parse_dtype(meta[0]).itemsize
+        for d in meta[1]:
+            size *= int(d)
+    except (ProtocolError, TypeError, ValueError, OverflowError):
+        return -1
+    return size if size >= 0 else -1
 
 
 def check_metas(metas: list[Any], max_bytes: int | None = None) -> None:
@@ -446,6 +479,17 @@ def _parse_dtype(dtype_str: str) -> np.dtype:
         raise ProtocolError(f"bad dtype {dtype_str!r}") from None
     _check_dtype(dtype)
     return dtype
+
+
+#: Plain numeric and boolean dtypes already checked by :func:`encode_item` (a dtype is
+#: checked once, not once per item); bounded, as callers may make any number of dtypes.
+_PLAIN_DTYPES: set[np.dtype] = set()
+_PLAIN_DTYPES_MAX = 256
+
+
+def _remember_plain(dtype: np.dtype) -> None:
+    if len(_PLAIN_DTYPES) < _PLAIN_DTYPES_MAX:
+        _PLAIN_DTYPES.add(dtype)
 
 
 def _check_dtype(dtype: np.dtype) -> None:
