@@ -84,6 +84,7 @@ _EVENTS = int(zmq.EVENTS)
 _RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
 
 _ONE = "one"  # encode(): the reply is one item
 _MANY = "many"  # encode_batch(): the reply is a list of items
@@ -269,8 +270,9 @@ class WKRClient:
         keeps this input out of the log (its result is still logged), ``request_id``
         (a string of at most 128 characters) is written as the request's id in the log.
         """
-        return self._call([data], _ONE, blocking, timeout, target_request_id,
-                          request_options(suppress_log_input, request_id))
+        options = (request_options(suppress_log_input, request_id)
+                   if suppress_log_input or request_id is not None else None)
+        return self._call([data], _ONE, blocking, timeout, target_request_id, options)
 
     def encode_batch(self, items: Sequence[Any], blocking: bool = True,
                      timeout: int | None = None, suppress_log_input: bool = False,
@@ -452,7 +454,11 @@ class WKRClient:
         if not blocking:
             self._unfetched.append(req_id)
             return req_id
-        return self._result(req_id, timeout)
+        budget = self.timeout if timeout is None else timeout
+        reply = self._wait(req_id, None if budget is None or budget < 0 else budget, "result")
+        if reply.error is not None:
+            raise reply.error
+        return reply.value
 
     def _send_items(self, items: Sequence[Any], shape: str, timeout: int | None,
                     req_id: int | None, options: dict[str, Any] | None = None) -> int:
@@ -510,16 +516,17 @@ class WKRClient:
         if self._closed:
             raise ClientUsageError("this WKRClient is closed")
         sender = self.sender
-        try:
-            sender.send_multipart(frames, flags=_NOBLOCK, copy=False)
-            return
+        last = len(frames) - 1
+        try:  # the header: once it is taken, the other frames are too
+            sender.send(frames[0], _NOBLOCK | _SNDMORE if last else _NOBLOCK)
         except zmq.Again:
-            pass
-        budget = self.options.timeout
-        if not sender.poll(budget if budget is not None else -1, zmq.POLLOUT):
-            raise WKRTimeoutError(f"could not send within {budget} ms: the server is not "
-                                  "reading requests")
-        sender.send_multipart(frames, copy=False)
+            budget = self.options.timeout
+            if not sender.poll(budget if budget is not None else -1, zmq.POLLOUT):
+                raise WKRTimeoutError(f"could not send within {budget} ms: the server is "
+                                      "not reading requests") from None
+            sender.send(frames[0], _SNDMORE if last else 0)
+        for n in range(1, last + 1):  # payloads: large ones without a copy
+            sender.send(frames[n], _SNDMORE if n < last else 0, copy=False)
 
     def _send_error(self, req_id: int, exc: Exception) -> None:
         """A request could not be sent: its caller gets the error (as its reply, and
@@ -554,12 +561,6 @@ class WKRClient:
         """The call's budget in ms: its own ``timeout``, else the client's (None: none)."""
         budget = self.timeout if timeout is None else timeout
         return None if budget is None or budget < 0 else budget
-
-    def _result(self, req_id: int, timeout: int | None) -> Any:
-        reply = self._wait(req_id, self._budget(timeout), "result")
-        if reply.error is not None:
-            raise reply.error
-        return reply.value
 
     def _response(self, req_id: int, keep_error: bool = True) -> Response:
         """The reply as a seed-style Response; ``keep_error`` keeps the typed exception

@@ -72,10 +72,10 @@ by whoever made the bytes.
 
 from __future__ import annotations
 
-import functools
 import math
 import pickle
 import reprlib
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -191,8 +191,17 @@ def normalize_protocol(name: Any) -> str:
 
 
 def pack(header: Sequence[Any]) -> bytes:
-    """Serialise a header (or any protocol value) with msgpack."""
-    return msgpack.packb(header, use_bin_type=True, default=_ext_default)
+    """Serialise a header (or any protocol value) with msgpack (each thread reuses one
+    packer: making one per call costs as much as packing a header)."""
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, default=_ext_default)
+    try:
+        return packer.pack(header)
+    except BaseException:
+        packer.reset()  # a failed pack leaves its partial output in the packer
+        raise
 
 
 class HeaderLimitError(ProtocolError):
@@ -325,6 +334,9 @@ def decode_item(meta: Any, buf: Any, allow_pickle: bool = False) -> Any:
     Raw ndarrays are zero-copy views over ``buf`` (read-only when ``buf`` is). A pickled
     item is refused unless ``allow_pickle``.
     """
+    if meta.__class__ is list:  # a raw array: the common case first
+        dtype, shape = check_raw(meta, buf)
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
     if _is_int(meta) and meta == PICKLE_ITEM:
         if not allow_pickle:
             raise ProtocolError(
@@ -352,7 +364,10 @@ def check_raw(meta: Any, buf: Any) -> tuple[np.dtype, list[int]]:
     """Validate a raw-array item's ``[dtype, shape]`` meta against its buffer."""
     if not (meta.__class__ is list and len(meta) == 2):
         raise ProtocolError(f"item meta must be 0 or [dtype, shape], got {brief(meta)}")
-    dtype, shape = parse_dtype(meta[0]), meta[1]
+    dtype = _DTYPES.get(meta[0]) if meta[0].__class__ is str else None
+    if dtype is None:
+        dtype = parse_dtype(meta[0])
+    shape = meta[1]
     # What numpy can represent, so that viewing the buffer cannot fail later: at most
     # MAX_NDIM dimensions, and (empty arrays included) a byte size that fits an intp.
     if shape.__class__ is not list or len(shape) > MAX_NDIM:
@@ -385,8 +400,9 @@ def declared_nbytes(meta: Any) -> int:
     item, or a meta that is not valid (:func:`check_raw` refuses it when decoding)."""
     if meta.__class__ is not list or len(meta) != 2 or meta[1].__class__ is not list:
         return -1
+    dtype = _DTYPES.get(meta[0]) if meta[0].__class__ is str else None
     try:
-        size = parse_dtype(meta[0]).itemsize
+        size = (dtype or parse_dtype(meta[0])).itemsize
         for d in meta[1]:
             size *= int(d)
     except (ProtocolError, TypeError, ValueError, OverflowError):
@@ -468,18 +484,25 @@ def parse_dtype(dtype_str: Any) -> np.dtype:
     """A wire dtype string as a numpy dtype; refuses object and structured dtypes."""
     if not isinstance(dtype_str, str) or len(dtype_str) > 16:  # before hashing, below
         raise ProtocolError(f"bad dtype {dtype_str!r}")
-    return _parse_dtype(dtype_str)
-
-
-@functools.lru_cache(maxsize=256)
-def _parse_dtype(dtype_str: str) -> np.dtype:
-    try:
-        dtype = np.dtype(dtype_str)
-    except Exception:
-        raise ProtocolError(f"bad dtype {dtype_str!r}") from None
-    _check_dtype(dtype)
+    dtype = _DTYPES.get(dtype_str)
+    if dtype is None:
+        try:
+            dtype = np.dtype(dtype_str)
+        except Exception:
+            raise ProtocolError(f"bad dtype {dtype_str!r}") from None
+        _check_dtype(dtype)
+        if len(_DTYPES) < _DTYPES_MAX:
+            _DTYPES[dtype_str] = dtype
     return dtype
 
+
+#: Wire dtype strings already parsed and checked (at most :data:`_DTYPES_MAX`: a peer
+#: may send any number of distinct strings).
+_DTYPES: dict[str, np.dtype] = {}
+_DTYPES_MAX = 256
+
+
+_local = threading.local()  # per thread: a msgpack packer
 
 #: Plain numeric and boolean dtypes already checked by :func:`encode_item` (a dtype is
 #: checked once, not once per item); bounded, as callers may make any number of dtypes.
