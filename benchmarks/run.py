@@ -107,6 +107,11 @@ DEFAULT_LOADGEN = {1: "block:1x1x1", 8: "pipe:1x8x1", 64: "pipe:2x4x8"}
 #: The c=1 W1 numpy row is also measured with the client busy-polling for its reply.
 BUSY_POLL_US = 2000
 SPIN_LOADGEN = "spin:1x1x1"
+#: W1 numpy rows of 64 threads in one process calling blocking encode: sharing one
+#: client, and with a client each (the common web-app deployment).
+THREAD_LOADGENS = ["thr:1x1x64", "thr:1x64x1"]
+#: Seconds of the bare pyzmq echo that the caller's CPU per blocking call is set against.
+ECHO_S = 3.0
 #: Alternatives measured on W1 noop/numpy at C=64 in full mode.
 LOADGEN_ALTERNATIVES = ["pipe:1x8x8", "pipe:2x1x32", "pipe:2x32x1", "pipe:1x64x1",
                         "aio:1x1x64", "aio:1x8x8", "raw:2x4x8"]
@@ -150,7 +155,9 @@ def parse_loadgen(spec: str) -> tuple[str, int, int, int]:
     kinds: ``block`` (blocking ``encode`` per call; K must be 1), ``pipe``
     (``encode(blocking=False)`` + ``fetch``), ``aio`` (AsyncWKRClient, K coroutines per
     connection), ``local`` (``block`` run inside the benchmark process, no spawn),
-    ``spin`` (``block`` with the client's ``busy_poll_us`` option on).
+    ``spin`` (``block`` with the client's ``busy_poll_us`` option on), ``thr`` (K threads
+    per connection, each calling blocking ``encode`` in a loop: ``thr:1x1x64`` is 64
+    threads sharing one client, ``thr:1x64x1`` 64 threads with a client each).
     """
     kind, _, dims = spec.partition(":")
     p, n, k = (int(v) for v in dims.split("x"))
@@ -158,6 +165,8 @@ def parse_loadgen(spec: str) -> tuple[str, int, int, int]:
         raise ValueError(f"bad load generator spec {spec!r}")
     if kind in ("block", "local", "spin") and (k != 1 or n != 1):
         raise ValueError(f"{spec!r}: blocking generators take exactly 1 connection x 1")
+    if kind == "thr" and n * k > MAX_THREADS:
+        raise ValueError(f"{spec!r}: at most {MAX_THREADS} threads per process")
     if kind == "local" and p != 1:
         raise ValueError(f"{spec!r}: local runs in one process")
     return kind, p, n, k
@@ -464,8 +473,78 @@ def _drive_aio(cfg: dict[str, Any], wait_go: Callable[[], float],
     return asyncio.run(main())
 
 
+def _drive_threads(cfg: dict[str, Any], wait_go: Callable[[], float],
+                   on_phase: Callable[[str], None]) -> dict[str, Any]:
+    """N clients x K threads each, in this one process: every thread calls blocking
+    ``encode`` in a loop (a web app's request threads calling the model server). Each
+    thread keeps its own latencies; a phase thread marks the window's start and end."""
+    import threading
+
+    from wkr_serving.client import ServerError, WKRClient
+
+    x = _item(cfg)
+    conns, per_client = cfg["conns"], cfg["depth"]
+    cap = max(1, cfg["cap"] // (conns * per_client))
+    clients = [WKRClient(HOST, cfg["port"], cfg["port_out"], protocol=cfg["protocol"],
+                         timeout=CLIENT_TIMEOUT_MS) for _ in range(conns)]
+    try:
+        for client in clients:
+            _check_reply(client.encode(x), x, cfg)
+        t0 = wait_go()
+        t_meas = t0 + cfg["warmup"]
+        t_end = t_meas + cfg["duration"]
+        pc = time.perf_counter
+        lats = [array("d") for _ in range(conns * per_client)]
+        counts = [[0, 0] for _ in lats]  # sent, errors
+        stopped = [t_end]
+
+        def loop(n: int) -> None:
+            encode = clients[n // per_client].encode
+            lat, count = lats[n], counts[n]
+            while count[0] < cap:
+                ts = pc()
+                try:
+                    encode(x)
+                except ServerError:
+                    count[1] += 1
+                count[0] += 1
+                te = pc()
+                if te >= t_end:
+                    return
+                if te >= t_meas and ts >= t_meas:
+                    lat.append(te - ts)
+            stopped[0] = min(stopped[0], pc())  # the request cap ended it early
+
+        threads = [threading.Thread(target=loop, args=(n,), daemon=True)
+                   for n in range(len(lats))]
+        for t in threads:
+            t.start()
+        clock = threading.Event()  # never set: a timed wait for the window's edges
+        for edge, name in ((t_meas, "measure"), (t_end, "end")):
+            while pc() < edge and any(t.is_alive() for t in threads):
+                clock.wait(min(0.05, max(0.0, edge - pc())))
+            on_phase(name)
+        limit = time.monotonic() + FINISH_LIMIT_S
+        for t in threads:
+            t.join(max(0.0, limit - time.monotonic()))
+        if any(t.is_alive() for t in threads):
+            raise RuntimeError("threaded load generator: a thread did not finish")
+        lat_all = array("d")
+        for lat in lats:
+            lat_all.extend(lat)
+        return {"lat": lat_all.tobytes(), "count": len(lat_all),
+                "errors": sum(c[1] for c in counts), "sent": sum(c[0] for c in counts),
+                "t_meas": t_meas, "t_stop": stopped[0]}
+    finally:
+        for client in clients:
+            client.close()
+
+
+#: Most threads a ``thr`` load process runs.
+MAX_THREADS = 256
+
 DRIVERS = {"block": _drive_block, "local": _drive_block, "spin": _drive_block,
-           "pipe": _drive_pipe,
+           "pipe": _drive_pipe, "thr": _drive_threads,
            "aio": _drive_aio, "raw": _drive_raw}
 
 
@@ -559,6 +638,8 @@ def measure(server: dict[str, Any], status_client: Any, loadgen: str, concurrenc
         "mean_batch": (sum(k * v for k, v in hist.items()) / batches) if batches else math.nan,
         "batches": batches, "batch_hist": {str(k): v for k, v in hist.items()},
         "cpu_percent": _cpu_percent(cpu.get("measure"), cpu.get("end"), roles),
+        "caller_cpu_us": _caller_cpu_us(cpu.get("measure"), cpu.get("end"), load_pids,
+                                        int(lat.size)),
         "server_latency_ms": end.get("latency_ms"),
         "server_statistic": end.get("statistic"),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
@@ -964,6 +1045,98 @@ def _cpu_percent(start: tuple[float, dict[int, float]] | None,
     return out
 
 
+def _caller_cpu_us(start: tuple[float, dict[int, float]] | None,
+                   end: tuple[float, dict[int, float]] | None, load_pids: list[int],
+                   requests: int) -> float | None:
+    """CPU microseconds the load processes (every thread: the callers and libzmq's I/O
+    thread) spent per completed request over the measured window."""
+    if not start or not end or not load_pids or not requests:
+        return None
+    used = sum(end[1][pid] - start[1][pid] for pid in load_pids
+               if pid in start[1] and pid in end[1])
+    return used / requests * 1e6
+
+
+def bare_echo(seconds: float) -> dict[str, Any]:
+    """The reference for the caller's CPU per blocking call: a bare pyzmq DEALER in one
+    spawned process sends a small message (a 16-byte array and a header frame) to a
+    ROUTER echo in another and blocks for the answer, in a loop. The caller process's CPU
+    per round trip (every thread, libzmq's I/O thread included) and the round trip's
+    percentiles."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    echo = ctx.Process(target=_echo_server, args=(queue,), name="wkr-bench-echo", daemon=True)
+    caller = None
+    echo.start()
+    try:
+        port = queue.get(timeout=SPAWN_LIMIT_S)
+        caller = ctx.Process(target=_echo_caller, args=(port, seconds, queue),
+                             name="wkr-bench-echo-caller", daemon=True)
+        caller.start()
+        result = queue.get(timeout=SPAWN_LIMIT_S + seconds + FINISH_LIMIT_S)
+        if isinstance(result, str):
+            raise RuntimeError(f"echo caller failed:\n{result}")
+        return result
+    finally:
+        for proc in (caller, echo):  # only the processes started here
+            if proc is not None and proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        queue.close()
+        queue.join_thread()
+
+
+def _echo_server(queue: Any) -> None:
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    queue.put(router.bind_to_random_port(f"tcp://{HOST}"))
+    while router.poll(10_000):  # the caller is gone after 10 s of silence
+        router.send_multipart(router.recv_multipart())
+    context.destroy(linger=0)
+
+
+def _echo_caller(port: int, seconds: float, queue: Any) -> None:
+    try:
+        import resource
+
+        context = zmq.Context()
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RCVTIMEO, 10_000)
+        dealer.connect(f"tcp://{HOST}:{port}")
+        x = _payload((4,), 0)
+        head = b"\x95\x01\x01\x01\x00\x91"  # a header-sized first frame
+        pc = time.perf_counter
+
+        def cpu() -> float:
+            r = resource.getrusage(resource.RUSAGE_SELF)
+            return r.ru_utime + r.ru_stime
+
+        for _ in range(1000):  # warm-up
+            dealer.send_multipart([head, x])
+            dealer.recv_multipart()
+        lat = array("d")
+        c0, t0 = cpu(), pc()
+        end = t0 + seconds
+        while len(lat) < 10_000_000:
+            ts = pc()
+            dealer.send_multipart([head, x])
+            dealer.recv_multipart()
+            te = pc()
+            lat.append(te - ts)
+            if te >= end:
+                break
+        used = cpu() - c0
+        values = np.frombuffer(lat, dtype=np.float64) * 1000.0
+        queue.put({"calls": len(lat), "cpu_us_per_call": used / len(lat) * 1e6,
+                   "p50_ms": _pct(values, 50), "p99_ms": _pct(values, 99),
+                   "seconds": pc() - t0})
+        context.destroy(linger=0)
+    except BaseException:
+        queue.put(traceback.format_exc())
+
+
 def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else math.nan
 
@@ -1245,6 +1418,7 @@ HTTP_COLUMNS = ["row", "req/s", "p50 ms", "p99 ms", "errors", "bridge processes"
 
 def _transport(kind: str) -> str:
     return {"block": "WKRClient.encode", "local": "WKRClient.encode, in-process",
+            "thr": "WKRClient.encode from threads",
             "spin": f"WKRClient.encode, busy_poll_us={BUSY_POLL_US}",
             "pipe": "WKRClient", "aio": "AsyncWKRClient",
             "raw": "bare zmq (reference)"}[kind]
@@ -1256,6 +1430,9 @@ def _layout(loadgen: str) -> str:
         extra = f", + {idle:,} idle + {slow:,} slowloris conns" if idle or slow else ""
         return f"{HTTP_TRANSPORT}, {threads} thread x {conns} conn{extra}"
     kind, p, n, k = parse_loadgen(loadgen)
+    if kind == "thr":
+        return f"{_transport(kind)}, {p} proc x {n} client{'s' if n > 1 else ''} x {k} thread"\
+            + ("s" if k > 1 else "") + (" each" if n > 1 else "")
     return f"{_transport(kind)}, {p} proc x {n} conn x {k}"
 
 
@@ -1418,11 +1595,37 @@ def markdown(report: dict[str, Any]) -> str:
                                    for b in FLOOR_KEYS if b in f])
     lines += ["", "## CPU per process during the measured window (% of one core)", ""]
     lines += table(["row", *CPU_ROLES], [_cpu_cells(r) for r in report["runs"]])
+    caller = _caller_rows(report)
+    if caller:
+        lines += ["", "## Caller CPU per blocking call (the calling process, all its threads)",
+                  ""]
+        lines += table(CALLER_COLUMNS, caller)
     if report.get("loadgen_comparison"):
         lines += ["", "## Load generator comparison (W1 noop, numpy, C=64)", ""]
         lines += table(COMPARE_COLUMNS, [_compare_cells(r) for r in report["loadgen_comparison"]])
     lines += ["", "## Targets", ""] + [f"- {t['line']}" for t in report["targets"]]
     return "\n".join(lines) + "\n"
+
+
+CALLER_COLUMNS = ["caller", "concurrency", "CPU us per call", "p50 ms", "req/s"]
+
+
+def _caller_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The bare echo, then the W1 numpy rows whose callers block (one call per thread)."""
+    out = []
+    echo = report.get("echo")
+    if echo:
+        out.append(["bare pyzmq DEALER/ROUTER echo, 2 processes (reference)", "1",
+                    f"{echo['cpu_us_per_call']:.1f}", f"{echo['p50_ms']:.3f}",
+                    f"{echo['calls'] / echo['seconds']:,.0f}"])
+    for row in report["runs"]:
+        if row.get("via") != "zmq" or (row["workload"], row["protocol"]) != ("noop", "numpy") \
+                or parse_loadgen(row["loadgen"])[0] not in ("block", "spin", "thr"):
+            continue
+        out.append([_layout(row["loadgen"]), str(row["concurrency"]),
+                    _fmt(row.get("caller_cpu_us"), ".1f"), f"{row['p50_ms']:.3f}",
+                    f"{row['req_per_s']:,.0f}"])
+    return out
 
 
 def rst(report: dict[str, Any]) -> str:
@@ -1468,6 +1671,13 @@ def rst(report: dict[str, Any]) -> str:
               "processes outside the benchmark.", ""]
     lines += table("CPU per process", ["row", *CPU_ROLES],
                    [_cpu_cells(r) for r in report["runs"]])
+    caller = _caller_rows(report)
+    if caller:
+        sub = "Caller CPU per blocking call"
+        lines += [sub, "-" * len(sub), "", "CPU time of the calling process (all its threads, "
+                  "libzmq's I/O thread included) per completed call, beside a bare pyzmq "
+                  "echo between two processes measured in the same run.", ""]
+        lines += table("Caller CPU per call", CALLER_COLUMNS, caller)
     if report.get("loadgen_comparison"):
         sub = "Load generator comparison"
         lines += [sub, "-" * len(sub), "", "W1 noop, ``-protocol numpy``, C=64; the first "
@@ -1478,7 +1688,8 @@ def rst(report: dict[str, Any]) -> str:
 
 
 def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any],
-                  http_skipped: str = "not run") -> list[dict[str, Any]]:
+                  http_skipped: str = "not run",
+                  echo: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     def find(workload: str, protocol: str, c: int, via: str = "zmq",
              slow: bool = False) -> dict[str, Any] | None:
         return next((r for r in runs if r["workload"] == workload and r.get("via") == via
@@ -1499,8 +1710,17 @@ def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any],
         targets.append({"name": name, "status": status, "value": v, "goal": goal,
                         "line": f"{status} {name}: {shown(v)}"})
 
-    add("W1 noop c=1 p50 <= 0.5 ms", find("noop", "numpy", 1), lambda r: r["p50_ms"], 0.5,
+    add("W1 noop c=1 p50 <= 0.45 ms", find("noop", "numpy", 1), lambda r: r["p50_ms"], 0.45,
         False, lambda v: f"p50 = {v:.3f} ms")
+    add("W1 caller CPU per blocking call <= 100 us", find("noop", "numpy", 1),
+        lambda r: r.get("caller_cpu_us") or math.inf, 100.0, False,
+        lambda v: f"{v:.1f} us per call" + (f" (bare pyzmq echo in this run: "
+                                            f"{echo['cpu_us_per_call']:.1f} us)" if echo else ""))
+    for spec in THREAD_LOADGENS:
+        row = next((r for r in runs if r["loadgen"] == spec and r["workload"] == "noop"
+                    and r["protocol"] == "numpy"), None)
+        add(f"W1 noop, {_layout(spec)}: >= 8,000 req/s", row, lambda r: r["req_per_s"],
+            8_000, True, lambda v: f"{v:,.0f} req/s")
     spin = next((r for r in runs if r["loadgen"] == SPIN_LOADGEN), None)
     add(f"W1 noop c=1 p50 <= 0.5 ms, client busy_poll_us={BUSY_POLL_US}", spin,
         lambda r: r["p50_ms"], 0.5, False, lambda v: f"p50 = {v:.3f} ms")
@@ -1531,6 +1751,9 @@ def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any],
                         f"{row['errors']:,} errors, {row['req_per_s']:,.0f} req/s"
                         f"{'' if row['requests'] else ' (no request completed)'}{held}"})
     floor_b32 = floors.get("mlp", {}).get("b32", {}).get("items_per_s", math.nan)
+    add("W2 mlp c=64 >= 50% of floor batch-32 throughput", find("mlp", "numpy", 64),
+        lambda r: r["req_per_s"] / floor_b32, 0.50, True,
+        lambda v: f"{v:.1%} of {floor_b32:,.0f} items/s")
     add("W2 mlp c=64 >= 70% of floor batch-32 throughput", find("mlp", "numpy", 64),
         lambda r: r["req_per_s"] / floor_b32, 0.70, True,
         lambda v: f"{v:.1%} of {floor_b32:,.0f} items/s")
@@ -1703,6 +1926,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({f['b1']['items_per_s']:,.0f} items/s), b32 {f['b32']['us_per_call']:.2f} "
               f"us/call ({f['b32']['items_per_s']:,.0f} items/s)", flush=True)
     report["floor"] = floors
+    if ("noop", "numpy") in runs and args.only not in ("http", "w3"):
+        report["echo"] = bare_echo(ECHO_S if not quick else 1.0)
+        print(f"  bare pyzmq echo: {report['echo']['cpu_us_per_call']:.1f} us caller CPU per "
+              f"call, p50 {report['echo']['p50_ms']:.3f} ms", flush=True)
 
     rows: list[dict[str, Any]] = []
     comparison: list[dict[str, Any]] = []
@@ -1711,6 +1938,8 @@ def main(argv: list[str] | None = None) -> int:
         if 1 in concurrency and (workload, protocol) == ("noop", "numpy") \
                 and args.only != "http":
             plan.append((1, SPIN_LOADGEN))
+        if (workload, protocol) == ("noop", "numpy") and args.only != "http":
+            plan += [(64, spec) for spec in THREAD_LOADGENS]
         if (workload, protocol) == HTTP_RUN and not http_skipped:
             plan += [(c, wrk_spec(c)) for c in concurrency]
             if slow_idle or slow_loris:
@@ -1733,7 +1962,8 @@ def main(argv: list[str] | None = None) -> int:
                 comparison.append(row)
     report["runs"] = rows
     report["loadgen_comparison"] = comparison
-    report["targets"] = check_targets(rows, floors, http_skipped or "not run")
+    report["targets"] = check_targets(rows, floors, http_skipped or "not run",
+                                      report.get("echo"))
 
     out = Path(args.out or (Path(tempfile.gettempdir()) / f"wkr-bench-{args.only}.json"
                             if args.only else HERE / "results" / "latest.json"))
