@@ -45,7 +45,9 @@ __all__ = [
     "parse_feedback",
     "parse_forward",
     "parse_ready",
+    "parse_ready_done",
     "ready",
+    "ready_done",
     "retire",
     "retired",
     "worker_identity",
@@ -213,6 +215,14 @@ def ready(index: int, pid: int, device_id: int, epoch: int = 0) -> bytes:
     return P.pack([V, P.READY, index, pid, device_id, epoch])
 
 
+def ready_done(batch_id: int) -> bytes:
+    """A READY's second frame: the batch it ends (a READY without one, sent when the
+    worker starts or is asked to announce itself again, ends none). The ventilator
+    matches it against the batches it sent, so a READY for a batch another ventilator
+    sent (before a restart) returns no credit."""
+    return batch_id.to_bytes(8, "little")
+
+
 def retire(index: int, pid: int) -> bytes:
     """Worker -> ventilator: dispatch nothing more to me (I am being replaced)."""
     return P.pack([V, P.RETIRE, index, pid])
@@ -263,6 +273,15 @@ def parse_ready(buf: Any) -> Ready | tuple[int, int]:
     if header[1] != P.READY:
         raise ProtocolError(f"unexpected message kind {header[1]} from a worker")
     return Ready(header[2], header[3], header[4], header[5])
+
+
+def parse_ready_done(frames: list[Any]) -> int:
+    """The batch a READY ends (0: none), from its frames as the ventilator reads them:
+    the worker's identity, the READY header, and the batch id if there is one."""
+    if len(frames) < 3:
+        return 0
+    buf = frames[2].buffer
+    return int.from_bytes(buf, "little") if len(buf) == 8 else 0
 
 
 def parse_done(header: list[Any]) -> Done:

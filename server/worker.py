@@ -3,7 +3,10 @@
 A user subclasses :class:`WKRHardWorker` and overrides ``get_env``, ``get_model`` and
 ``predict``. :class:`WorkerProcess` runs one instance in its own process: it pins the
 device, builds the model, asks the ventilator for work (READY), runs each batch through
-preprocess -> predict -> postprocess and sends the results to the sink.
+preprocess -> predict -> postprocess and sends the results to the sink (DONE), then at
+once a READY naming that batch. The ventilator may send a worker its next batch before
+that READY (up to ``WORKER_CREDIT`` batches in its hands), so the next batch is usually
+already waiting in the socket when one ends.
 """
 
 from __future__ import annotations
@@ -294,9 +297,14 @@ class WorkerProcess(Role):
             except Exception:
                 self.logger.exception("teardown failed")
 
-    def _ready(self) -> None:
+    def _ready(self, done: int = 0) -> None:
+        """READY: batch ``done`` is finished (0: none; the worker is there and holds
+        nothing). The ventilator may already have sent the next batch: it is read at once."""
         assert self.vent is not None
-        self.vent.send(self._ready_frame)
+        if done:
+            self.vent.send_multipart([self._ready_frame, M.ready_done(done)])
+        else:
+            self.vent.send(self._ready_frame)
 
     def _on_vent(self, frames: list[zmq.Frame]) -> None:
         header = P.unpack_header(frames[0].buffer)
@@ -305,7 +313,6 @@ class WorkerProcess(Role):
             self.leaving = True
             return
         self._handle(M.parse_batch(header), frames)
-        self._ready()
         if not self.recycling and (self.recycle_after or self.config.max_worker_rss):
             self._check_recycle()
 
@@ -316,15 +323,15 @@ class WorkerProcess(Role):
 
     def _on_retire(self, value: Any) -> None:
         """The replacement is ready: stop taking work. The ventilator answers RETIRED
-        once nothing more is on its way here (a batch it already sent is computed
-        first)."""
+        once nothing more is on its way here (the batches it already sent are
+        computed first)."""
         assert self.vent is not None
         self.retiring = time.monotonic()
         self.vent.send(M.retire(self.index, self.pid))
 
     def _on_reannounce(self, value: Any) -> None:
-        """A restarted ventilator does not know this idle worker: say READY again (the
-        ventilator ignores a READY from a worker it already counts as idle)."""
+        """A restarted ventilator does not know this worker: say READY again (a READY
+        that ends no batch of the ventilator's returns no credit)."""
         if not self.retiring:
             self._ready()
 
@@ -365,6 +372,7 @@ class WorkerProcess(Role):
         result_frames: list[Any] = []
         pos = 0
         now = time.monotonic()
+        known: list[Any] = [None, -1]  # the raw-array meta checked last, and its byte size
         for seg in batch.segments:
             seg_frames = payload[pos:pos + seg.n_items]
             pos += seg.n_items
@@ -372,8 +380,7 @@ class WorkerProcess(Role):
                 parts.append(M.Part.of(seg, None, _EXPIRED))
                 continue
             try:
-                decoded = [_checked_item(m, f, self.allow_pickle)
-                           for m, f in zip(seg.metas, seg_frames, strict=True)]
+                decoded = _checked_items(seg.metas, seg_frames, self.allow_pickle, known)
             except E.ProtocolError as exc:
                 parts.append(M.Part.of(seg, None, E.BadInput(str(exc)).to_wire()))
                 continue
@@ -392,8 +399,12 @@ class WorkerProcess(Role):
         stats = self.worker._take_statistics()
         if self.predlog is not None:
             self._count_lost_lines(stats)
+        # DONE, then READY at once, then the rest: once the ventilator counts a batch
+        # done, its results are already on their way to the sink (a dead worker's batches
+        # still in its hands are retried unless the sink had their DONE).
         self.sink.send_multipart([M.done(batch.batch_id, self.index, self.pid, parts,
                                          stats, busy), *result_frames], copy=False)
+        self._ready(batch.batch_id)
         if self.predlog is not None:
             self._log(batch.segments, payload, parts, result_frames)
 
@@ -516,7 +527,7 @@ class WorkerProcess(Role):
             joined = bytearray().join(f.buffer for f in items)
             return np.frombuffer(joined, dtype=P.parse_dtype(first[0])).reshape(
                 len(items), *first[1])
-        # Raw items were validated by _checked_item: view them without checking again.
+        # Raw items were validated by _checked_items: view them without checking again.
         return [item if not isinstance(m, list) else
                 np.frombuffer(item.buffer, dtype=P.parse_dtype(m[0])).reshape(m[1])
                 for m, item in zip(metas, items, strict=True)]
@@ -554,14 +565,22 @@ def _limit_threads(threads: int) -> None:
     threadpool_limits(limits=threads)  # for libraries already loaded (numpy's BLAS)
 
 
-def _checked_item(meta: Any, frame: zmq.Frame, allow_pickle: bool) -> Any:
-    """Validate one input item: msgpack (and allowed pickle) items are decoded now, raw
-    arrays are checked against their meta and kept as frames until the batch is
-    assembled."""
-    if not isinstance(meta, list):
-        return P.decode_item(meta, frame.buffer, allow_pickle)
-    P.check_raw(meta, frame.buffer)
-    return frame
+def _checked_items(metas: list[Any], frames: list[zmq.Frame], allow_pickle: bool,
+                   known: list[Any]) -> list[Any]:
+    """Validate a segment's input items: msgpack (and allowed pickle) items are decoded
+    now, raw arrays are checked against their meta and kept as frames until the batch is
+    assembled. ``known`` is ``[meta, byte size]`` of the raw-array meta checked last in
+    this batch: an item with an equal meta (the usual case) only has its size compared."""
+    items: list[Any] = []
+    for meta, frame in zip(metas, frames, strict=True):
+        if meta.__class__ is not list:
+            items.append(P.decode_item(meta, frame.buffer, allow_pickle))
+            continue
+        if meta != known[0] or len(frame) != known[1]:
+            P.check_raw(meta, frame.buffer)  # raises ProtocolError, naming the problem
+            known[0], known[1] = meta, len(frame)
+        items.append(frame)
+    return items
 
 
 def _encode_outputs(outputs: Any, protocol: str, allow_pickle: bool,
