@@ -1,9 +1,14 @@
 """Pure batching core: the ventilator's queue and its dispatch policy (no sockets, no clock).
 
-Items from different clients share a batch. A request of several items may be split
-across batches; :meth:`BatchQueue.take` hands out ``(request, offset, count)`` slices.
-Items of a batch whose worker died are put back as *retries*: one item each, served
-before the queue and each alone in its batch (so a second death names its input).
+Items from different clients share a batch. A worker holds up to ``WORKER_CREDIT``
+batches: an idle worker is served by :func:`should_dispatch`; a worker computing a batch
+gets its next one by :func:`should_prefetch`, as late as it can be sent and still be
+there when the worker finishes, so that it holds as many items as possible.
+
+A request of several items may be split across batches; :meth:`BatchQueue.take` hands
+out ``(request, offset, count)`` slices. Items of a batch whose worker died are put back
+as *retries*: one item each, served before the queue and each alone in its batch (so a
+second death names its input).
 """
 
 from __future__ import annotations
@@ -13,7 +18,37 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BatchQueue", "Request", "Slice", "dispatch_wait", "should_dispatch"]
+__all__ = ["PREFETCH_GAP_S", "PREFETCH_LATE_S", "PREFETCH_LEAD_S", "PREFETCH_MAX_SERVICE_S",
+           "SERVICE_EWMA", "WORKER_CREDIT", "BatchQueue", "Request", "Slice", "dispatch_wait",
+           "prefetch_wait", "service_average", "should_dispatch", "should_prefetch"]
+
+#: Batches one worker may hold at once: the one it computes and the next, sent before
+#: its READY for the first, so it never waits a READY -> BATCH round trip in between.
+WORKER_CREDIT = 2
+#: How long (s) before a busy worker is expected to finish its batch its next batch is
+#: formed and sent, when no full batch is queued before: about the READY -> BATCH round
+#: trip (0.2-0.3 ms on a 2-core VM) with a margin. Later would leave the worker waiting;
+#: earlier would send a batch with fewer items than could have joined it.
+PREFETCH_LEAD_S = 0.0005
+#: Only a worker under steady load gets a batch ahead: one whose batch followed its
+#: previous one at once (sent ahead; or sent as its READY was handled, or within this
+#: many seconds of it). A batch sent to a worker that was idle longer (a lone request,
+#: the first after a pause) gains nothing from one ahead: the next waits for its READY,
+#: as with a credit of one.
+PREFETCH_GAP_S = 0.001
+#: A batch still running this long (s) after it was expected to end is overdue: when it
+#: will end is anyone's guess (a slow input, a stuck model), so the next batch waits in
+#: the queue for whichever worker is free first, as with a credit of one. About the
+#: resolution of the ventilator's poll (1 ms), which may wake it that late.
+PREFETCH_LATE_S = 0.001
+#: Workers whose batches take longer than this on average (s) get no batch ahead: the
+#: round trip it hides is then under ~1% of a batch, and a batch held behind a long one
+#: could have gone to another worker that became free meanwhile.
+PREFETCH_MAX_SERVICE_S = 0.025
+#: Weight of the newest batch in a worker's moving average of its batch service time.
+#: A batch that took over twice the average counts as twice the average, so one slow
+#: batch (a stuck input, a paused process) does not make the worker look slow for long.
+SERVICE_EWMA = 0.25
 
 
 @dataclass(slots=True)
@@ -175,3 +210,39 @@ def should_dispatch(queued: int, waited: float, busy_workers: int, batch_size: i
 def dispatch_wait(waited: float, group_timeout: float) -> float:
     """Seconds until a partly filled batch must go, given how long its oldest item waited."""
     return max(0.0, group_timeout - waited)
+
+
+def service_average(average: float, sample: float) -> float:
+    """A worker's moving average of batch service time after one more batch took
+    ``sample`` seconds (``average`` 0: none yet)."""
+    if average <= 0:
+        return sample
+    return average + SERVICE_EWMA * (min(sample, 2 * average) - average)
+
+
+def should_prefetch(queued: int, retries: int, now: float, started: float, service: float,
+                    batch_size: int) -> bool:
+    """Whether to send a worker that computes a batch (begun at ``started``; its batches
+    take ``service`` seconds on average, 0 if none was timed yet) its next one now.
+
+    Only while that batch runs as expected: not before the worker was timed, not for a
+    worker slower than ``PREFETCH_MAX_SERVICE_S``, not once the batch is overdue
+    (``PREFETCH_LATE_S`` past its expected end). Then at once when a full batch (or an
+    item to retry, which goes alone) is queued; else from ``PREFETCH_LEAD_S`` before
+    the batch is expected to end, so the next one is there when it does and holds what
+    came until then.
+    """
+    if queued <= 0 or not 0 < service <= PREFETCH_MAX_SERVICE_S:
+        return False
+    if now > started + service + PREFETCH_LATE_S:
+        return False
+    return queued >= batch_size or retries > 0 or now >= started + service - PREFETCH_LEAD_S
+
+
+def prefetch_wait(now: float, started: float, service: float) -> float | None:
+    """Seconds until :func:`should_prefetch` sends such a worker a partial batch, or None
+    if it will not by time (not timed yet, too slow, or the time is past)."""
+    if not 0 < service <= PREFETCH_MAX_SERVICE_S:
+        return None
+    wait = started + service - PREFETCH_LEAD_S - now
+    return wait if wait > 0 else None

@@ -54,7 +54,9 @@ class Sink(Role):
         self.result_rate = RateMeter()
         self.worker_stats: dict[int, WorkerStats] = {}
         # (worker index, pid) -> id of its last batch answered (DONE) or failed (worker
-        # died or hung): a batch is answered once, whichever of the two comes first.
+        # died or hung): a batch is answered once, whichever of the two comes first. A
+        # worker holds up to two batches and computes them in order; the ventilator fails
+        # a dead worker's batches oldest first, so a higher id settles the lower ones.
         self.settled: dict[tuple[int, int], int] = {}
         # Parts of requests with a lower serial are dropped: a sink started after its
         # predecessor died is told where the requests it can still answer begin.

@@ -1,8 +1,19 @@
 """The ventilator: receives every client frame, queues items, forms batches, dispatches.
 
-Dispatch is credit-based: a worker sends READY when it is idle, and only then gets a
-batch, so a busy worker never holds a queue. Replies the ventilator makes itself
-(status, errors) travel through the sink, the one place that writes to clients.
+Dispatch is credit-based: a worker holds at most ``WORKER_CREDIT`` (two) batches, the one
+it computes and the next. A new worker's first READY gives it that credit; each later
+READY names the batch it ends (workers compute their batches in order) and gives one
+back. An idle worker is served first, by the batching rule (at once if the batch is full
+or the server otherwise idle, else after ``-batch_group_timeout``); a worker computing
+a batch under steady load gets its next one when a full batch is queued, or shortly
+before it is expected to finish (its moving average of batch time, less
+``PREFETCH_LEAD_S``), so it goes from one batch to the next without waiting for a round
+trip through the ventilator, and the next batch is formed as late as that allows,
+holding as many items as possible (``should_prefetch``: not for a batch that is overdue,
+nor for workers with long batches). So a worker never holds a queue: at most one batch
+waits in its hands. Replies the
+ventilator makes itself (status, errors) travel through the sink, the one place that
+writes to clients.
 
 A client message is read part by part: its header first, checked and unpacked with
 bounds (``-max_request_items``, the header's byte size, the sizes its metas declare)
@@ -14,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import platform
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -31,7 +43,18 @@ from wkr_serving.client.access import authorize, peer_address
 from wkr_serving.client.version import __version__
 
 from . import messages as M
-from .batching import BatchQueue, Request, Slice, dispatch_wait, should_dispatch
+from .batching import (
+    PREFETCH_GAP_S,
+    WORKER_CREDIT,
+    BatchQueue,
+    Request,
+    Slice,
+    dispatch_wait,
+    prefetch_wait,
+    service_average,
+    should_dispatch,
+    should_prefetch,
+)
 from .config import ServerConfig
 from .devices import describe
 from .logs import LogThrottle
@@ -66,19 +89,52 @@ MAX_MODEL_ARG_CHARS = 4096
 
 
 @dataclass(slots=True)
+class _Batch:
+    """A batch sent to a worker and not yet done."""
+
+    batch_id: int
+    slices: list[Slice]
+    items: int
+
+
+@dataclass(slots=True)
 class _WorkerState:
     ident: bytes  # its ZeroMQ identity (worker-<index>[.<generation>])
     index: int  # its slot
     pid: int
     device_id: int
     epoch: int = 0  # the model it serves (see Request.epoch)
-    busy: bool = False
-    retiring: bool = False  # being recycled: no more work once its batch is done
-    batch: list[Slice] | None = None
-    batch_id: int = 0
-    since: float = 0.0  # when the current batch was sent
+    retiring: bool = False  # being recycled: no more work once its batches are done
+    #: Batches sent to it and not yet done, oldest first (at most WORKER_CREDIT): it
+    #: computes them in this order, the first now.
+    held: deque[_Batch] = field(default_factory=deque)
+    #: When its first held batch started: when it was sent, to an idle worker, or when
+    #: the READY for the batch before it came (for -worker_timeout and the average).
+    started: float = 0.0
+    #: Moving average (s) of its batches' service time, from start to READY (0.0: none
+    #: timed yet; its first batch, which may include warming up, is not).
+    service: float = 0.0
+    #: Whether its first held batch followed the one before at once (PREFETCH_GAP_S):
+    #: only then may it get its next batch ahead (see _prefetch).
+    steady: bool = False
+    idle_since: float = 0.0  # when it last finished all it held
+    idle_turn: int = 0  # ... in which turn of the ventilator's loop
     batches: int = 0
     items: int = 0
+    done: int = 0  # batches it finished
+
+
+@dataclass(slots=True)
+class _DeadBatch:
+    """A dead worker's batch, until the sink says whether it answered it."""
+
+    slices: list[Slice]
+    death: str  # how the worker died
+    #: The key of the batch it held behind this one: if this one was not answered, that
+    #: one never started (the worker computes its batches in order).
+    behind: tuple[int, int, int] | None = None
+    #: False: it never started, so its items are retried without suspicion.
+    ran: bool = True
 
 
 #: The REQUEST options the server uses, with the type of each value.
@@ -147,7 +203,11 @@ class Ventilator(Role):
         self.queue = BatchQueue()
         self.idle: deque[bytes] = deque()  # identities of idle workers, in READY order
         self.workers: dict[bytes, _WorkerState] = {}
-        self.busy = 0
+        #: Workers computing a batch under steady load with credit for the next one (not
+        #: retiring), in the order they began it: candidates for a batch ahead.
+        self.open: dict[bytes, _WorkerState] = {}
+        self.busy = 0  # workers holding at least one batch
+        self.turn = 0  # turns of the loop so far
         self.batch_id = self.serial_base
         self.requests = 0
         self.items = 0
@@ -161,9 +221,9 @@ class Ventilator(Role):
         # predecessor's by the supervisor)
         self.history: dict[int, WorkerHistory] = dict(history or {})
         self.congested: set[bytes] = set()  # clients whose results wait unread in the sink
-        #: Batches of dead workers, until the sink says whether to retry them:
-        #: (worker index, pid, batch id) -> (their slices, how the worker died).
-        self.dead: dict[tuple[int, int, int], tuple[list[Slice], str]] = {}
+        #: Batches of dead workers, until the sink says whether to retry them, by
+        #: (worker index, pid, batch id).
+        self.dead: dict[tuple[int, int, int], _DeadBatch] = {}
         self.suspects: OrderedDict[bytes, bool] = OrderedDict()  # inputs at one death
         self.quarantine: OrderedDict[bytes, bool] = OrderedDict()  # ... at two
         self.retry_prints: dict[tuple[int, int], bytes] = {}  # (serial, item) of retries
@@ -242,7 +302,9 @@ class Ventilator(Role):
         timeout: float | None = None
         group_timeout = self.config.batch_group_timeout / 1000.0
         while True:
-            wait_ms = IDLE_POLL_MS if timeout is None else max(0, int(timeout * 1000) + 1)
+            self.turn += 1
+            # Rounded up (poll counts whole ms): never woken before what it waits for.
+            wait_ms = IDLE_POLL_MS if timeout is None else max(0, math.ceil(timeout * 1000))
             events = dict(poller.poll(wait_ms))
             if self.backend in events:
                 drain(self.backend, self._on_worker, MAX_DRAIN)
@@ -564,26 +626,52 @@ class Ventilator(Role):
             self.logger.info("%s (pid %d, %s, model epoch %d) is ready", ident.decode(),
                              message.pid, describe(message.device_id), message.epoch)
             self._report_workers()
-        elif worker.busy:  # its batch is done: it did not die of it
-            self._batch_survived(worker)
-            worker.busy = False
-            worker.batch = None
+            self.idle.append(ident)  # its full credit: it holds nothing of this ventilator's
+            return
+        done = M.parse_ready_done(frames)
+        if worker.held and done >= worker.held[0].batch_id:
+            self._batches_done(worker, done, time.monotonic())
+        # Else it ends no batch of ours: one an earlier ventilator sent, or none (said
+        # again after a REANNOUNCE): no credit comes back.
+
+    def _batches_done(self, worker: _WorkerState, done: int, now: float) -> None:
+        """Worker ``worker`` finished its held batches up to ``done`` (its READY): one
+        credit back for each; time them; the next one held starts now."""
+        held = worker.held
+        while held and held[0].batch_id <= done:
+            self._batch_survived(held.popleft().slices)  # it did not die of it
+            worker.done += 1
+        if worker.done > 1:
+            worker.service = service_average(worker.service, now - worker.started)
+        if held:
+            worker.started = now
+            worker.steady = True
+        else:
+            worker.idle_since = now
+            worker.idle_turn = self.turn
             self.busy -= 1
             if worker.retiring and not self._owes_share(worker):
                 self._retired(worker)
                 return
+            self.idle.append(worker.ident)
+        self._place(worker)
+
+    def _place(self, worker: _WorkerState) -> None:
+        """Keep :attr:`open` (workers that may get their next batch) up to date."""
+        if 0 < len(worker.held) < WORKER_CREDIT and worker.steady and not worker.retiring:
+            self.open[worker.ident] = worker
         else:
-            return  # already idle: a second READY (after a REANNOUNCE) adds no credit
-        self.idle.append(ident)
+            self.open.pop(worker.ident, None)
 
     def _on_retire(self, ident: bytes) -> None:
         """A worker being recycled asks for nothing more: it leaves at once if idle, or
-        after the batch already on its way (its next READY)."""
+        after the batches already on their way (the READY for its last)."""
         worker = self.workers.get(ident)
         if worker is None:
             self.backend.send_multipart([ident, M.retired()])
-        elif worker.busy or self._owes_share(worker):
+        elif worker.held or self._owes_share(worker):
             worker.retiring = True
+            self._place(worker)
         else:
             self._retired(worker)
 
@@ -597,6 +685,7 @@ class Ventilator(Role):
         """Stop dispatching to worker ``ident``; return its state (None: unknown)."""
         worker = self.workers.pop(ident, None)
         if worker is not None:
+            self.open.pop(ident, None)
             if ident in self.idle:
                 self.idle.remove(ident)
             left = self.epochs.get(worker.epoch, 0) - 1
@@ -619,29 +708,36 @@ class Ventilator(Role):
 
     def _lose_worker(self, ident: bytes, why: str, hung: bool = False) -> int:
         """Forget a dead worker; return how many items it held. A hung worker's batch
-        fails at once (WorkerDied); a dead one's is retried, unless the sink already had
-        its answer (it asks the sink, see :meth:`_on_dead_batch`)."""
+        fails at once (WorkerDied); a dead one's are retried, unless the sink already had
+        their answer (it is asked for each, oldest first, see :meth:`_on_dead_batch`).
+        A batch held behind a hung one, or behind one the sink had no answer to, never
+        started: it is retried too, its items not counted as suspects."""
         worker = self._forget(ident)
-        if worker is None or not worker.busy:
+        if worker is None or not worker.held:
             return 0
         self.busy -= 1
-        slices = worker.batch or []
         error = E.WorkerDied(f"worker {worker.index} (pid {worker.pid}) died while computing "
                              f"this request: it {why}")
-        if hung:
-            self._fail_batch(worker, slices, error)
-        else:
-            self.dead[(worker.index, worker.pid, worker.batch_id)] = (slices, error.message)
-            self._fail_batch(worker, slices, None)
-        return sum(count for _, _, count in slices)
+        before: _DeadBatch | None = None
+        for k, batch in enumerate(worker.held):
+            if hung and k == 0:
+                self._fail_batch(worker, batch, error)
+                continue
+            key = (worker.index, worker.pid, batch.batch_id)
+            dead = self.dead[key] = _DeadBatch(batch.slices, error.message, ran=not hung)
+            if before is not None:
+                before.behind = key
+            before = dead
+            self._fail_batch(worker, batch, None)
+        return sum(batch.items for batch in worker.held)
 
     def _check_hung(self, now: float) -> float:
         """Give up on batches running longer than ``-worker_timeout``: fail their requests
         and ask the supervisor to kill the worker. Returns seconds until the next check."""
         limit = self.config.worker_timeout
         next_in = limit
-        for worker in [w for w in self.workers.values() if w.busy]:
-            left = worker.since + limit - now
+        for worker in [w for w in self.workers.values() if w.held]:
+            left = worker.started + limit - now  # from when its current batch started
             if left > 0:
                 next_in = min(next_in, left)
                 continue
@@ -653,15 +749,16 @@ class Ventilator(Role):
             self.event(M.Event.WORKER_HUNG, {"index": worker.index, "pid": worker.pid})
         return next_in
 
-    def _fail_batch(self, worker: _WorkerState, slices: list[Slice],
+    def _fail_batch(self, worker: _WorkerState, batch: _Batch,
                     error: E.ServerError | None) -> None:
         """Tell the sink a worker's batch failed, in one message; it skips it if the
         worker's DONE for that batch already came (it died after answering). Without an
-        error, the sink answers whether the batch is to be retried."""
+        error, the sink answers whether the batch is to be retried. A worker's batches
+        are failed oldest first (the sink keeps the highest batch id settled)."""
         parts = [M.FailedPart(req.client, req.req_id, offset, req.total, count, req.t_recv,
-                              req.serial) for req, offset, count in slices]
+                              req.serial) for req, offset, count in batch.slices]
         self.sink.send(M.forward(b"", 0, M.Forward.FAILED, M.Failed(
-            worker.index, worker.pid, worker.batch_id, parts,
+            worker.index, worker.pid, batch.batch_id, parts,
             error.to_wire() if error is not None else None)))
 
     # -- inputs that kill workers -------------------------------------------------------
@@ -669,10 +766,19 @@ class Ventilator(Role):
     def _on_dead_batch(self, value: Any) -> None:
         """The sink's answer about a dead worker's batch: retry its items, each alone,
         unless the worker answered it before it died. An item present at two deaths is
-        quarantined: its request gets PoisonInput, now and whenever it comes again."""
-        slices, death = self.dead.pop((value["worker"], value["pid"], value["batch_id"]),
-                                      ([], ""))
-        if not value["retry"]:
+        quarantined: its request gets PoisonInput, now and whenever it comes again. The
+        items of a batch that never started are retried as they are."""
+        dead = self.dead.pop((value["worker"], value["pid"], value["batch_id"]), None)
+        if dead is None or not value["retry"]:
+            return
+        if dead.behind is not None and dead.behind in self.dead:
+            self.dead[dead.behind].ran = False  # not answered: the one behind never began
+        slices, death = dead.slices, dead.death
+        if not dead.ran:
+            for req, offset, count in slices:
+                for k in range(offset, offset + count):
+                    self.queue.retry((req, k, 1))
+                    self.retried += 1
             return
         items = [(req, k, self.retry_prints.pop((req.serial, k), b"")
                   or _fingerprint(req.metas[k], req.frames[k]))
@@ -695,11 +801,11 @@ class Ventilator(Role):
             self.retried += 1
         self.poisoned += len(poisoned)
 
-    def _batch_survived(self, worker: _WorkerState) -> None:
+    def _batch_survived(self, slices: list[Slice]) -> None:
         """A retried item was computed without killing its worker: no longer a suspect."""
-        if not self.retry_prints or not worker.batch:
+        if not self.retry_prints:
             return
-        for req, offset, count in worker.batch:
+        for req, offset, count in slices:
             for k in range(offset, offset + count):
                 fp = self.retry_prints.pop((req.serial, k), b"")
                 if fp:
@@ -721,10 +827,12 @@ class Ventilator(Role):
     # -- dispatch -----------------------------------------------------------------------
 
     def _dispatch(self, now: float, group_timeout: float) -> float | None:
-        """Send batches while workers are idle; return seconds until a wait expires."""
+        """Send batches: to idle workers first, then the next batch to workers computing
+        one (:meth:`_prefetch`). Return seconds until a wait expires (None: none)."""
+        if not self.queue.items or not (self.idle or self.open):
+            return None
         batch_size = self.config.batch_size
-        if self.idle and self.queue.items:
-            self._expire(now)
+        self._expire(now)
         passed: list[bytes] = []  # idle workers for which nothing queued is theirs
         wait = None
         while self.idle and self.queue.items:
@@ -740,16 +848,39 @@ class Ventilator(Role):
                 continue
             slices = self.queue.take(batch_size, worker.epoch, self.epochs, worker.retiring)
             if slices:
-                self._send_batch(worker, slices)
+                self._send_batch(worker, slices, now)
             elif worker.retiring:
                 self._retired(worker)  # its model's share is done
             else:  # all that is queued is the rest of requests another model began
                 passed.append(ident)
         if passed:
             self.idle.extendleft(reversed(passed))
+        if wait is None and self.open and self.queue.items:
+            # (While an idle worker waits for its batch to fill, none goes to a busy one.)
+            wait = self._prefetch(now, batch_size)
         return wait
 
-    def _send_batch(self, worker: _WorkerState, slices: list[Slice]) -> None:
+    def _prefetch(self, now: float, batch_size: int) -> float | None:
+        """Send workers that compute a batch their next one, when a full batch is queued
+        or the one they compute is about to end (:func:`should_prefetch`); return seconds
+        until the next of those times (None: none), so the loop wakes for it."""
+        wake: float | None = None
+        for worker in list(self.open.values()):  # in the order they began their batch
+            queue = self.queue
+            if not queue.items:
+                break
+            if should_prefetch(queue.items, queue.retries, now, worker.started,
+                               worker.service, batch_size):
+                slices = queue.take(batch_size, worker.epoch, self.epochs)
+                if slices:
+                    self._send_batch(worker, slices, now)
+                continue
+            due_in = prefetch_wait(now, worker.started, worker.service)
+            if due_in is not None:
+                wake = due_in if wake is None else min(wake, due_in)
+        return wake
+
+    def _send_batch(self, worker: _WorkerState, slices: list[Slice], now: float) -> None:
         segments: list[M.Segment] = []
         frames: list[Any] = []
         for req, offset, count in slices:  # options: for the log, and evaluate requests
@@ -759,26 +890,29 @@ class Ventilator(Role):
                                       req.serial, req.options))
             frames.extend(req.frames[offset:end])
         self.batch_id += 1
-        worker.batch_id = self.batch_id
         try:
             self.backend.send_multipart([worker.ident, M.batch(self.batch_id, segments),
                                          *frames], copy=False)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            # Never delivered: the items go back to the queue (as retries, ahead of it).
-            self._forget(worker.ident)
+            # Never delivered: the items go back to the queue (as retries, ahead of it),
+            # and the worker is gone, with whatever it held.
             for req, offset, count in slices:
                 for k in range(offset, offset + count):
                     self.queue.retry((req, k, 1))
+            self._lose_worker(worker.ident, "disconnected from the ventilator")
             return
-        worker.busy = True
-        worker.batch = slices
-        worker.since = time.monotonic()
+        if not worker.held:
+            worker.started = now
+            worker.steady = worker.done > 0 and (
+                worker.idle_turn == self.turn or now - worker.idle_since <= PREFETCH_GAP_S)
+            self.busy += 1
+        worker.held.append(_Batch(self.batch_id, slices, len(frames)))
         worker.batches += 1
         worker.items += len(frames)
-        self.busy += 1
         self.batch_sizes.add(len(frames))
+        self._place(worker)
 
     # -- control ------------------------------------------------------------------------
 
@@ -852,22 +986,21 @@ class Ventilator(Role):
         error = E.ShuttingDown("the server stopped before this request was computed")
         held = self.queue.items
         queued = self.queue.take_all()
-        for slices, _ in self.dead.values():
-            queued.extend(slices)
+        for dead in self.dead.values():
+            queued.extend(dead.slices)
         self.dead.clear()
         if queued:
             self._fail_parts(queued, error)
         for worker in self.workers.values():
-            if worker.busy:
-                self._fail_batch(worker, worker.batch or [], error)
+            for batch in worker.held:  # oldest first
+                self._fail_batch(worker, batch, error)
         if queued or self.busy:
             self.logger.warning("stopped with %d queued items and %d busy workers: their "
                                 "requests were answered ShuttingDown", held, self.busy)
 
     def _snapshot(self) -> VentilatorStatus:
-        in_flight = sum(count for w in self.workers.values() if w.batch
-                        for _, _, count in w.batch)
-        in_flight += sum(count for slices, _ in self.dead.values() for _, _, count in slices)
+        in_flight = sum(batch.items for w in self.workers.values() for batch in w.held)
+        in_flight += sum(count for dead in self.dead.values() for _, _, count in dead.slices)
         current = self.model["current"]
         return {
             "server_version": __version__,
@@ -921,7 +1054,7 @@ class Ventilator(Role):
                              **history})
                 continue
             rows.append({"index": index, "pid": w.pid, "device": describe(w.device_id),
-                         "state": "busy" if w.busy else "idle", "batches": w.batches,
+                         "state": "busy" if w.held else "idle", "batches": w.batches,
                          "items": w.items, "epoch": w.epoch,
                          "model_version": self.model["versions"].get(w.epoch), **history})
         return rows

@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from wkr_serving.server.batching import BatchQueue, Request, dispatch_wait, should_dispatch
+from wkr_serving.server.batching import (
+    PREFETCH_LATE_S,
+    PREFETCH_LEAD_S,
+    PREFETCH_MAX_SERVICE_S,
+    SERVICE_EWMA,
+    BatchQueue,
+    Request,
+    dispatch_wait,
+    prefetch_wait,
+    service_average,
+    should_dispatch,
+    should_prefetch,
+)
 
 
 def make_request(client: bytes, req_id: int, n: int, t: float = 0.0) -> Request:
@@ -148,3 +160,61 @@ def test_expire_keeps_requests_whose_deadline_is_ahead():
     q.push(deadline_request(1, 1, deadline=10.0))
     assert q.expire(now=9.999) == []
     assert len(q) == 1
+
+
+# -- the next batch of a busy worker (credit of two) -------------------------------------
+
+SERVICE = 0.002  # a worker whose batches take 2 ms on average
+
+
+def prefetch(queued: int, now: float, *, retries: int = 0, started: float = 10.0,
+             service: float = SERVICE, batch_size: int = 8) -> bool:
+    return should_prefetch(queued, retries, now, started, service, batch_size)
+
+
+def test_prefetch_a_full_batch_or_a_retry_at_once():
+    assert prefetch(8, now=10.0)
+    assert prefetch(9, now=10.0)
+    assert prefetch(1, now=10.0, retries=1)
+    assert not prefetch(7, now=10.0)  # a partial batch waits to be formed late
+    assert not prefetch(0, now=10.0 + SERVICE)
+
+
+def test_prefetch_a_partial_batch_from_just_before_the_expected_end():
+    due = 10.0 + SERVICE - PREFETCH_LEAD_S
+    assert not prefetch(3, now=due - 1e-6)
+    assert prefetch(3, now=due)
+    assert prefetch(3, now=10.0 + SERVICE)
+    assert prefetch_wait(10.0, 10.0, SERVICE) == pytest.approx(SERVICE - PREFETCH_LEAD_S)
+    assert prefetch_wait(due, 10.0, SERVICE) is None  # due now: nothing left to wait for
+    assert prefetch_wait(due + 1.0, 10.0, SERVICE) is None
+
+
+def test_no_prefetch_for_an_overdue_batch_even_when_full():
+    """A batch that runs well past its expected end may be stuck: what is queued waits
+    for whichever worker is free first."""
+    overdue = 10.0 + SERVICE + PREFETCH_LATE_S
+    assert prefetch(3, now=overdue)
+    assert not prefetch(3, now=overdue + 1e-6)
+    assert not prefetch(8, now=overdue + 1e-6)
+    assert not prefetch(1, now=overdue + 1.0, retries=1)
+
+
+def test_no_prefetch_before_the_worker_was_timed_or_when_its_batches_are_long():
+    for service in (0.0, PREFETCH_MAX_SERVICE_S * 1.01, 1.0):
+        assert not prefetch(8, now=10.0, service=service)
+        assert not prefetch(3, now=10.0 + service, service=service)
+        assert prefetch_wait(10.0, 10.0, service) is None
+    assert prefetch(8, now=10.0, service=PREFETCH_MAX_SERVICE_S)
+
+
+def test_service_average_starts_at_the_first_sample_and_damps_slow_ones():
+    assert service_average(0.0, 0.003) == 0.003
+    assert service_average(0.002, 0.002) == pytest.approx(0.002)
+    assert service_average(0.002, 0.001) == pytest.approx(0.002 - SERVICE_EWMA * 0.001)
+    # One batch stuck for a minute counts as twice the average, no more.
+    assert service_average(0.002, 60.0) == pytest.approx(0.002 * (1 + SERVICE_EWMA))
+    average = 0.002
+    for _ in range(100):  # bounded: a worker that really got slower is followed
+        average = service_average(average, 0.010)
+    assert average == pytest.approx(0.010)
