@@ -107,6 +107,8 @@ DEFAULT_LOADGEN = {1: "block:1x1x1", 8: "pipe:1x8x1", 64: "pipe:2x4x8"}
 #: The c=1 W1 numpy row is also measured with the client busy-polling for its reply.
 BUSY_POLL_US = 2000
 SPIN_LOADGEN = "spin:1x1x1"
+#: Server flags of the extra W1 numpy c=1 row: the sink and the ventilator busy-poll.
+SERVER_BUSY_POLL = ["-busy_poll_us", "300"]
 #: W1 numpy rows of 64 threads in one process calling blocking encode: sharing one
 #: client, and with a client each (the common web-app deployment).
 THREAD_LOADGENS = ["thr:1x1x64", "thr:1x64x1"]
@@ -1326,7 +1328,8 @@ def _time_calls(fn: Callable[[], Any], seconds: float) -> tuple[int, float]:
 
 
 def serve_and_measure(workload: str, protocol: str, settings: dict[str, Any],
-                      plan: list[tuple[int, str]]) -> list[dict[str, Any]]:
+                      plan: list[tuple[int, str]], server_extra: list[str] | None = None,
+                      ) -> list[dict[str, Any]]:
     """Start one server and run every (concurrency, loadgen) of ``plan`` against it; a
     ``wrk:`` loadgen is an HTTP row (the server then also runs the HTTP bridge)."""
     from wkr_serving.client import WKRClient
@@ -1337,7 +1340,8 @@ def serve_and_measure(workload: str, protocol: str, settings: dict[str, Any],
     http = any(spec.startswith("wrk:") for _, spec in plan)
     rows = []
     try:
-        args = _server_args(protocol, workdir, settings["http"]["server_flags"] if http else None)
+        args = _server_args(protocol, workdir, [
+            *(settings["http"]["server_flags"] if http else []), *(server_extra or [])])
         with WKRServer(args, module.Worker) as server:
             info = {"workload": workload, "protocol": protocol, "port": server.port,
                     "port_out": server.port_out,
@@ -1353,6 +1357,8 @@ def serve_and_measure(workload: str, protocol: str, settings: dict[str, Any],
                     # the repeat with the median throughput stands for the row
                     row = sorted(reps, key=lambda r: r["req_per_s"])[len(reps) // 2]
                     row["repeats"] = [{k: r[k] for k in REPEAT_KEYS if k in r} for r in reps]
+                    if server_extra:
+                        row["server_extra"] = " ".join(server_extra)
                     rows.append(row)
     except Exception:
         err = Path(workdir, "server.err")
@@ -1437,7 +1443,7 @@ def _layout(loadgen: str) -> str:
 
 
 def _table_cells(row: dict[str, Any]) -> list[str]:
-    return [row["label"], row["protocol"], _layout(row["loadgen"]), str(row["concurrency"]),
+    return [row["label"], row["protocol"], _layout_of(row), str(row["concurrency"]),
             f"{row['req_per_s']:,.0f}", f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}",
             f"{row['mean_ms']:.3f}", f"{row['mean_batch']:.2f}",
             _fmt_ratio(row.get("ratio_floor_b32")), _fmt(row.get("bridge_rss_mib"), ".0f"),
@@ -1448,9 +1454,17 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _layout_of(row: dict[str, Any]) -> str:
+    """A row's load generator, and the server flags it ran with beyond the standard ones."""
+    extra = row.get("server_extra")
+    return _layout(row["loadgen"]) + (f", server {extra}" if extra else "")
+
+
 def _row_name(row: dict[str, Any]) -> str:
     via = " HTTP" if row.get("via") == "http" else ""
     name = f"{row['label']} {row['protocol']}{via} c={row['concurrency']}"
+    if row.get("server_extra"):
+        name += f" ({row['server_extra']})"
     sc = row.get("slow_clients")
     if sc:
         name += f" + {sc['idle']:,} idle + {sc['slowloris']:,} slowloris"
@@ -1622,7 +1636,7 @@ def _caller_rows(report: dict[str, Any]) -> list[list[str]]:
         if row.get("via") != "zmq" or (row["workload"], row["protocol"]) != ("noop", "numpy") \
                 or parse_loadgen(row["loadgen"])[0] not in ("block", "spin", "thr"):
             continue
-        out.append([_layout(row["loadgen"]), str(row["concurrency"]),
+        out.append([_layout_of(row), str(row["concurrency"]),
                     _fmt(row.get("caller_cpu_us"), ".1f"), f"{row['p50_ms']:.3f}",
                     f"{row['req_per_s']:,.0f}"])
     return out
@@ -1721,6 +1735,10 @@ def check_targets(runs: list[dict[str, Any]], floors: dict[str, Any],
                     and r["protocol"] == "numpy"), None)
         add(f"W1 noop, {_layout(spec)}: >= 8,000 req/s", row, lambda r: r["req_per_s"],
             8_000, True, lambda v: f"{v:,.0f} req/s")
+    spinning = next((r for r in runs if r.get("server_extra")
+                     and r["workload"] == "noop" and r["concurrency"] == 1), None)
+    add(f"W1 noop c=1 p50 <= 0.45 ms, server {' '.join(SERVER_BUSY_POLL)}", spinning,
+        lambda r: r["p50_ms"], 0.45, False, lambda v: f"p50 = {v:.3f} ms")
     spin = next((r for r in runs if r["loadgen"] == SPIN_LOADGEN), None)
     add(f"W1 noop c=1 p50 <= 0.5 ms, client busy_poll_us={BUSY_POLL_US}", spin,
         lambda r: r["p50_ms"], 0.5, False, lambda v: f"p50 = {v:.3f} ms")
@@ -1950,6 +1968,12 @@ def main(argv: list[str] | None = None) -> int:
         if compare and (workload, protocol) == ("noop", "numpy"):
             plan += extra
         measured = serve_and_measure(workload, protocol, settings, plan)
+        if (workload, protocol) == ("noop", "numpy") and 1 in concurrency \
+                and args.only != "http":  # the same lone request on a spinning server
+            spinning = serve_and_measure(workload, protocol, settings, [(1, loadgens[1])],
+                                         SERVER_BUSY_POLL)
+            measured = measured[:headlines] + spinning + measured[headlines:]
+            headlines += len(spinning)
         f = floors[workload]
         for n, row in enumerate(measured):
             row["ratio_floor_b32"] = row["req_per_s"] / f["b32"]["items_per_s"]

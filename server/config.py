@@ -29,6 +29,8 @@ ENV_PREFIX = "WKR_"
 CORS_ON = "on"
 CORS_YES = ("on", "true", "yes", "1")
 CORS_OFF = ("", "off", "false", "no", "0", "none")
+#: Longest spin -busy_poll_us allows (one second).
+MAX_BUSY_POLL_US = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -101,6 +103,11 @@ class ServerConfig:
     worker_timeout: float = _opt(
         0.0, "seconds a batch may run in predict before its worker is killed and restarted "
         "and its requests get WorkerDied (0: no limit)", kind=float)
+    busy_poll_us: int = _opt(
+        0, "for latency-critical deployments with a core to spare: the sink and the "
+        "ventilator spin up to this many microseconds looking for their next message "
+        "before they block, so they are running when it comes (0: never spin; an idle "
+        "server spins only this long after its last message)", kind=int)
     max_requests: int = _opt(
         0, "recycle a worker after it answered about this many requests: a replacement "
         "loads the model, then the old worker finishes its batch and leaves, so no "
@@ -195,6 +202,9 @@ class ServerConfig:
             raise ConfigError("-http_read_timeout and -http_keepalive must be > 0 seconds")
         if self.worker_timeout < 0:
             raise ConfigError("-worker_timeout must be >= 0 seconds (0: no limit)")
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise ConfigError(f"-busy_poll_us must be 0..{MAX_BUSY_POLL_US} microseconds "
+                              "(0: never spin)")
         if min(self.max_requests, self.max_requests_jitter, self.max_worker_rss) < 0:
             raise ConfigError("-max_requests, -max_requests_jitter and -max_worker_rss "
                               "must be >= 0 (0: off)")

@@ -25,7 +25,7 @@ from . import messages as M
 from .config import ServerConfig
 from .jobs import Reassembler
 from .logs import LogThrottle
-from .process import MAX_DRAIN, Endpoints, Role, bind_internal, bind_port, drain
+from .process import MAX_DRAIN, Endpoints, Role, bind_internal, bind_port, drain, spin
 from .stats import RateMeter, Summary, Window
 from .status import LATENCY_BUCKETS_S, ServerStatus, VentilatorStatus, WorkerStats
 
@@ -108,7 +108,10 @@ class Sink(Role):
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
+        busy_poll_us = self.config.busy_poll_us
         while True:
+            if busy_poll_us:  # -busy_poll_us: running when the next message comes
+                spin((self.pull, self.router), busy_poll_us)
             events = dict(poller.poll(BACKLOG_RETRY_MS if self.backlog else None))
             if self.backlog:
                 self._flush_backlog()
