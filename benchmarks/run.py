@@ -107,7 +107,7 @@ DEFAULT_LOADGEN = {1: "block:1x1x1", 8: "pipe:1x8x1", 64: "pipe:2x4x8"}
 #: The c=1 W1 numpy row is also measured with the client busy-polling for its reply.
 BUSY_POLL_US = 2000
 SPIN_LOADGEN = "spin:1x1x1"
-#: Server flags of the extra W1 numpy c=1 row: the sink and the ventilator busy-poll.
+#: Server flags of the extra W1 numpy c=1 row: the sink busy-polls.
 SERVER_BUSY_POLL = ["-busy_poll_us", "300"]
 #: W1 numpy rows of 64 threads in one process calling blocking encode: sharing one
 #: client, and with a client each (the common web-app deployment).

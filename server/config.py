@@ -104,10 +104,10 @@ class ServerConfig:
         0.0, "seconds a batch may run in predict before its worker is killed and restarted "
         "and its requests get WorkerDied (0: no limit)", kind=float)
     busy_poll_us: int = _opt(
-        0, "for latency-critical deployments with a core to spare: the sink and the "
-        "ventilator spin up to this many microseconds looking for their next message "
-        "before they block, so they are running when it comes (0: never spin; an idle "
-        "server spins only this long after its last message)", kind=int)
+        0, "for latency-critical deployments with a core to spare: the sink spins up to "
+        "this many microseconds looking for its next message before it blocks, so it is "
+        "running when a result comes (0: never spin; an idle server spins only this long "
+        "after its last message)", kind=int)
     max_requests: int = _opt(
         0, "recycle a worker after it answered about this many requests: a replacement "
         "loads the model, then the old worker finishes its batch and leaves, so no "

@@ -66,7 +66,6 @@ from .process import (
     bind_internal,
     bind_port,
     drain,
-    spin,
 )
 from .stats import Histogram
 from .status import VentilatorStatus, WorkerHistory, WorkerRow
@@ -310,13 +309,10 @@ class Ventilator(Role):
         poller.register(self.feedback, zmq.POLLIN)
         timeout: float | None = None
         group_timeout = self.config.batch_group_timeout / 1000.0
-        busy_poll_us = self.config.busy_poll_us
         while True:
             self.turn += 1
             # Rounded up (poll counts whole ms): never woken before what it waits for.
             wait_ms = IDLE_POLL_MS if timeout is None else max(0, math.ceil(timeout * 1000))
-            if busy_poll_us and wait_ms:  # -busy_poll_us: running when the next one comes
-                spin((self.frontend, self.backend), min(busy_poll_us, wait_ms * 1000))
             events = dict(poller.poll(wait_ms))
             if self.backend in events:
                 drain(self.backend, self._on_worker, MAX_DRAIN)

@@ -1,5 +1,5 @@
-"""-busy_poll_us: the sink and the ventilator spin before they block, and only while
-messages flow: an idle server burns no CPU."""
+"""-busy_poll_us: the sink spins before it blocks, and only while messages flow: an idle
+server burns no CPU. The ventilator never spins."""
 
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ def test_busy_poll_out_of_range_is_refused(value):
 
 
 def test_spinning_server_answers_and_burns_nothing_once_idle(tmp_path):
-    """With a 20 ms spin, requests are answered as usual; after the last one the sink and
-    the ventilator spin at most 20 ms, then sleep: over the next second they use a few
-    percent of a core at most (a spinning role would use all of it)."""
+    """With a 20 ms spin, requests are answered as usual; after the last one the sink
+    spins at most 20 ms, then sleeps: over the next second the roles use a few percent
+    of a core at most (a spinning role would use all of it)."""
     args = server_args(str(tmp_path), "-protocol", "numpy", "-busy_poll_us", "20000",
                        "-cpu")
     with running_server(args, EchoWorker) as server, connect(server) as client:
@@ -50,19 +50,22 @@ def test_spinning_server_answers_and_burns_nothing_once_idle(tmp_path):
         assert used < 0.15 * IDLE_S, f"roles used {used:.3f} s of CPU in {IDLE_S} s idle"
 
 
-def test_the_roles_spin_after_a_message(tmp_path):
-    """With a 300 ms spin, the sink and the ventilator keep running after a request (the
-    spin is what makes them answer the next one without being woken): over the 200 ms
-    after it they use a good share of a core, where sleeping roles use almost none."""
+def test_the_sink_spins_after_a_message_and_the_ventilator_does_not(tmp_path):
+    """With a 300 ms spin, the sink keeps running after a request (the spin is what makes
+    it pass the next result on without being woken): over the 200 ms after it, it uses
+    a good share of a core, where the ventilator, which sleeps, uses almost none."""
     args = server_args(str(tmp_path), "-protocol", "numpy", "-busy_poll_us", "300000",
                        "-cpu")
     with running_server(args, EchoWorker) as server, connect(server) as client:
         status = client.server_status
-        pids = [status["ventilator_pid"], status["sink_pid"]]
+        sink, ventilator = [status["sink_pid"]], [status["ventilator_pid"]]
         threading.Event().wait(0.5)  # let the status request's own spin end
         x = np.zeros(4, dtype=np.float32)
-        before = _cpu_seconds(pids)
+        sink_before, ventilator_before = _cpu_seconds(sink), _cpu_seconds(ventilator)
         assert np.array_equal(client.encode(x), x)
         threading.Event().wait(0.2)  # the measured window itself, not a sync
-        used = _cpu_seconds(pids) - before
-        assert used > 0.1, f"roles used only {used:.3f} s of CPU in 0.2 s after a request"
+        sink_used = _cpu_seconds(sink) - sink_before
+        ventilator_used = _cpu_seconds(ventilator) - ventilator_before
+        assert sink_used > 0.1, f"the sink used only {sink_used:.3f} s of CPU in 0.2 s"
+        assert ventilator_used < 0.05, (f"the ventilator used {ventilator_used:.3f} s of "
+                                        "CPU in 0.2 s: it spins")
