@@ -132,13 +132,16 @@ def fresh_status(server: WKRServer) -> dict[str, Any]:
 
 # -- a worker dies ---------------------------------------------------------------------
 
+#: -batch_size of crash_server.
+CRASH_BATCH_SIZE = 64
+
 
 @pytest.fixture(scope="module")
 def crash_server(tmp_path_factory):
     """CrashWorker, protocol obj, 2 workers, batch_size 64. Tests here kill its workers
     and wait until both are back before they start; what they quarantine is their own."""
     args = server_args(tmp_path_factory.mktemp("crash_model"), "-num_worker", "2",
-                       "-batch_size", "64", "-cpu", "-graceful_timeout", "3")
+                       "-batch_size", str(CRASH_BATCH_SIZE), "-cpu", "-graceful_timeout", "3")
     with running_server(args, CrashWorker) as server:
         yield server
 
@@ -197,7 +200,9 @@ def test_kill_9_under_load_every_request_gets_its_own_result(crash_server, tmp_p
                 busy = {w["pid"] for w in status["workers"] if w["state"] == "busy"}
                 assert pid_a in busy and len(busy) == 2, busy
                 (pid_b,) = busy - {pid_a}
-                # Both workers are held in their gates: what they hold cannot change.
+                # Both workers are held in their gates: what they hold now stays theirs
+                # until they die, and with a credit of two batches each may still be
+                # given one more batch before it is killed.
                 killed_items = status["in_flight_items"]
 
                 # A dies holding gate A's request: it is retried on A's replacement (B is
@@ -262,7 +267,9 @@ def test_kill_9_under_load_every_request_gets_its_own_result(crash_server, tmp_p
         final = wait_idle(probe)
         assert final["num_results"] - base["num_results"] == total + 1 + 2
         assert final["num_errors"] == base["num_errors"], final["num_errors"]
-        assert final["num_retried_items"] - base["num_retried_items"] == killed_items
+        retried = final["num_retried_items"] - base["num_retried_items"]
+        assert killed_items <= retried <= killed_items + 2 * CRASH_BATCH_SIZE, (
+            retried, killed_items)
         assert final["num_poisoned"] == base["num_poisoned"]
         assert final["quarantined_inputs"] == base["quarantined_inputs"]
         assert final["pending_split_requests"] == 0
