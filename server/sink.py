@@ -25,7 +25,17 @@ from . import messages as M
 from .config import ServerConfig
 from .jobs import Reassembler
 from .logs import LogThrottle
-from .process import MAX_DRAIN, Endpoints, Role, bind_internal, bind_port, drain, spin
+from .process import (
+    MAX_DRAIN,
+    NOBLOCK,
+    Endpoints,
+    Role,
+    bind_internal,
+    bind_port,
+    drain,
+    send_frames,
+    spin,
+)
 from .stats import RateMeter, Summary, Window
 from .status import LATENCY_BUCKETS_S, ServerStatus, VentilatorStatus, WorkerStats
 
@@ -136,7 +146,7 @@ class Sink(Role):
             backlog.append(frames)
             return
         try:
-            self.router.send_multipart([client, *frames], flags=zmq.NOBLOCK, copy=False)
+            send_frames(self.router, [client, *frames], NOBLOCK, copy=False)
         except zmq.Again:  # this client's queue is full: it is not reading
             self.backlog[client] = deque([frames])
             self._congested(client, True)
@@ -156,8 +166,7 @@ class Sink(Role):
             backlog = self.backlog[client]
             while backlog:
                 try:
-                    self.router.send_multipart([client, *backlog[0]], flags=zmq.NOBLOCK,
-                                               copy=False)
+                    send_frames(self.router, [client, *backlog[0]], NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 except zmq.ZMQError as exc:

@@ -66,6 +66,8 @@ from .process import (
     bind_internal,
     bind_port,
     drain,
+    readable,
+    send_frames,
 )
 from .stats import Histogram
 from .status import VentilatorStatus, WorkerHistory, WorkerRow
@@ -342,7 +344,7 @@ class Ventilator(Role):
         the loop goes on with the workers and comes back for the rest."""
         frontend = self.frontend
         n = 0
-        while n < limit and frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
+        while n < limit and readable(frontend):
             if self.discarding:
                 if not self._discard(DISCARD_SLICE):
                     return
@@ -899,8 +901,8 @@ class Ventilator(Role):
             frames.extend(req.frames[offset:end])
         self.batch_id += 1
         try:
-            self.backend.send_multipart([worker.ident, M.batch(self.batch_id, segments),
-                                         *frames], copy=False)
+            send_frames(self.backend, [worker.ident, M.batch(self.batch_id, segments),
+                                       *frames], copy=False)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise

@@ -32,7 +32,7 @@ from .devices import describe, pin_device
 from .logs import set_logger
 from .messages import worker_identity
 from .predlog import Entry, PredictionLog, capture, log_path
-from .process import LINGER_MS, Endpoints, Role
+from .process import LINGER_MS, Endpoints, Role, readable, send_frames
 from .scratch import prepare_worker_dirs
 
 __all__ = ["WKRHardWorker", "WorkerProcess", "load_worker_class"]
@@ -282,7 +282,7 @@ class WorkerProcess(Role):
                     return
             else:
                 self._on_vent(frames)
-            while self.control.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[arg-type,operator,unused-ignore]
+            while readable(self.control):
                 name, value = self.read_control()
                 handler = self._control_handlers.get(name)
                 if handler is not None:
@@ -302,7 +302,7 @@ class WorkerProcess(Role):
         nothing). The ventilator may already have sent the next batch: it is read at once."""
         assert self.vent is not None
         if done:
-            self.vent.send_multipart([self._ready_frame, M.ready_done(done)])
+            send_frames(self.vent, [self._ready_frame, M.ready_done(done)])
         else:
             self.vent.send(self._ready_frame)
 
@@ -402,8 +402,8 @@ class WorkerProcess(Role):
         # DONE, then READY at once, then the rest: once the ventilator counts a batch
         # done, its results are already on their way to the sink (a dead worker's batches
         # still in its hands are retried unless the sink had their DONE).
-        self.sink.send_multipart([M.done(batch.batch_id, self.index, self.pid, parts,
-                                         stats, busy), *result_frames], copy=False)
+        send_frames(self.sink, [M.done(batch.batch_id, self.index, self.pid, parts, stats,
+                                       busy), *result_frames], copy=False)
         self._ready(batch.batch_id)
         if self.predlog is not None:
             self._log(batch.segments, payload, parts, result_frames)
