@@ -85,6 +85,20 @@ def test_under_load_a_worker_holds_its_next_batch_before_it_asks(tmp_path):
         assert status["num_errors"] == {} and status["num_retried_items"] == 0
 
 
+def _two_in_hand(client: Any, watcher: Any, gate: Gate, held: str,
+                 behind: list[str]) -> dict[str, Any]:
+    """Send WARM paced items, then ``gate``'s item ``held`` and the pid items ``behind``;
+    once the gate holds its batch, wait until the worker also holds the next one, and
+    return that status."""
+    stream = [paced(i) for i in range(WARM)]
+    stream += [gate.item(held), *(pid_item(name) for name in behind)]
+    for value in stream:
+        client.encode(value, blocking=False)
+    gate.wait_started(STATE_LIMIT_S)
+    return wait_until(lambda: in_flight(watcher, 2), STATE_LIMIT_S,
+                      "two batches in the worker's hands")
+
+
 def test_kill_9_of_a_worker_holding_two_batches_loses_nothing(tmp_path):
     """The worker computes a batch held in a gate with the next batch already in its
     hands when it is killed with SIGKILL: both batches are retried on its replacement
@@ -94,14 +108,8 @@ def test_kill_9_of_a_worker_holding_two_batches_loses_nothing(tmp_path):
     with running_server(one_worker(tmp_path), PacedWorker) as server, \
             connect(server) as client, connect(server) as watcher:
         before = wait_idle(watcher)
-        stream = [paced(i) for i in range(WARM)]
-        stream += [gate.item("g"), pid_item("n1"), pid_item("n2")]
-        for value in stream:
-            client.encode(value, blocking=False)
         try:
-            gate.wait_started(STATE_LIMIT_S)
-            status = wait_until(lambda: in_flight(watcher, 2), STATE_LIMIT_S,
-                                "two batches in the worker's hands")
+            status = _two_in_hand(client, watcher, gate, "g", ["n1", "n2"])
             assert status["busy_workers"] == 1 and status["queue_items"] == 1, status
             victim = status["workers"][0]["pid"]
             kill_and_wait(victim)
@@ -129,14 +137,8 @@ def test_a_hung_batch_fails_and_the_batch_behind_it_is_computed(tmp_path):
     with running_server(args, PacedWorker) as server, connect(server) as client, \
             connect(server) as watcher:
         before = wait_idle(watcher)
-        stream = [paced(i) for i in range(WARM)]
-        stream += [gate.item("hang"), pid_item("a"), pid_item("b")]
-        for value in stream:
-            client.encode(value, blocking=False)
         try:
-            gate.wait_started(STATE_LIMIT_S)
-            status = wait_until(lambda: in_flight(watcher, 2), STATE_LIMIT_S,
-                                "two batches in the worker's hands")
+            status = _two_in_hand(client, watcher, gate, "hang", ["a", "b"])
             hung = status["workers"][0]["pid"]
             results = client.fetch_all(on_error="return")
         finally:
