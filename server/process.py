@@ -240,7 +240,7 @@ def drain(socket: zmq.Socket, handler: Any, limit: int) -> int:
     costs more than the read itself on the per-request path.
     """
     n = 0
-    while n < limit and socket.get(_EVENTS) & _POLLIN:  # type: ignore[operator]
+    while n < limit and readable(socket):
         handler(socket.recv_multipart(copy=False))
         n += 1
     return n
@@ -255,7 +255,7 @@ def spin(sockets: tuple[zmq.Socket, ...], limit_us: int) -> bool:
     deadline = time.perf_counter() + limit_us / 1e6
     while True:
         for socket in sockets:
-            if socket.get(_EVENTS) & _POLLIN:  # type: ignore[operator]
+            if readable(socket):
                 return True
         if time.perf_counter() >= deadline:
             return False
