@@ -222,31 +222,26 @@ def _server_caller(port: int, port_out: int, calls: int, queue: Any) -> None:
 def served(calls: int, flags: list[str]) -> dict[str, Any]:
     """A wkr-serving row: the server as soak.py starts it, plus ``flags``; a caller process
     with a default WKRClient."""
-    saved = list(soak.SERVER_FLAGS)
-    soak.SERVER_FLAGS[:] = [*saved, *flags]
-    try:
-        with tempfile.TemporaryDirectory(prefix="wkr-chain-") as workdir:
-            server = soak.Server(workdir)
+    with tempfile.TemporaryDirectory(prefix="wkr-chain-") as workdir:
+        server = soak.Server(workdir, flags)
+        try:
+            server.connect().close()
+            ctx = mp.get_context("spawn")
+            queue = ctx.Queue()
+            caller = ctx.Process(target=_server_caller, daemon=True,
+                                 args=(server.port, server.port_out, calls, queue))
+            caller.start()
             try:
-                server.connect().close()
-                ctx = mp.get_context("spawn")
-                queue = ctx.Queue()
-                caller = ctx.Process(target=_server_caller, daemon=True,
-                                     args=(server.port, server.port_out, calls, queue))
-                caller.start()
-                try:
-                    result = queue.get(timeout=SPAWN_LIMIT_S + calls * RECV_LIMIT_MS / 1000)
-                finally:
-                    if caller.is_alive():
-                        caller.terminate()
-                        caller.join(5)
-                if isinstance(result, str):
-                    raise RuntimeError(f"wkr-serving caller failed:\n{result}")
-                return result
+                result = queue.get(timeout=SPAWN_LIMIT_S + calls * RECV_LIMIT_MS / 1000)
             finally:
-                server.stop()
-    finally:
-        soak.SERVER_FLAGS[:] = saved
+                if caller.is_alive():
+                    caller.terminate()
+                    caller.join(5)
+            if isinstance(result, str):
+                raise RuntimeError(f"wkr-serving caller failed:\n{result}")
+            return result
+        finally:
+            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ import time
 import traceback
 from array import array
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,21 +181,23 @@ def _load_process(index: int, cfg: dict[str, Any], queue: Any, go: Any, t_go: An
 READY_LINE = re.compile(r"\bready: port (\d+), port_out (\d+)")
 
 
-def _server_command(port: int, port_out: int, model_dir: str) -> list[str]:
+def _server_command(port: int, port_out: int, model_dir: str,
+                    extra: Sequence[str] = ()) -> list[str]:
     beside = Path(sys.executable).with_name("wkr-serving-start")
     exe = str(beside) if beside.exists() else shutil.which("wkr-serving-start")
     if not exe:
         raise RuntimeError("the wkr-serving-start entry point is not installed")
     return [exe, WORKER_SPEC, "-port", str(port), "-port_out", str(port_out), *SERVER_FLAGS,
-            "-model_dir", model_dir]
+            *extra, "-model_dir", model_dir]
 
 
 class Server:
-    """``wkr-serving-start`` as a subprocess; its output goes to a file (never a pipe)."""
+    """``wkr-serving-start`` as a subprocess (:data:`SERVER_FLAGS`, then ``extra``); its
+    output goes to a file (never a pipe)."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, extra: Sequence[str] = ()) -> None:
         self.port = self.port_out = 0  # bound by the server; read back in connect()
-        self.command = _server_command(0, 0, workdir)
+        self.command = _server_command(0, 0, workdir, extra)
         self.log_path = Path(workdir, "server.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(self.command, cwd=REPO, stdout=self._log,
